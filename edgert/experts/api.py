@@ -1,0 +1,174 @@
+"""The interface between the MoE engine and whatever holds expert weights.
+
+The engine asks a provider which experts to compute with (`route`), pins them for one
+layer's compute (`acquire` / `release`) and tells it early which experts an upcoming layer
+will probably want (`hint`). `ResidentExperts` is the simplest provider: every expert
+loaded once, exact. The expert cache (`edgert.experts.cache`) is the one that matters.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+import msgpack
+import numpy as np
+import torch
+
+from edgert.errors import BudgetExceeded, PackCorrupt
+
+ALIGN = 4096  # extents and slots are 4 KiB aligned so O_DIRECT reads land in place
+
+_TORCH_DTYPES = {
+    "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
+}
+_NP_STORAGE = {"float32": np.float32, "float16": np.float16, "bfloat16": np.uint16}
+
+
+@dataclass
+class ExpertWeights:
+    """One expert's SwiGLU weights, views over the bytes that hold it (slot or buffer)."""
+    gate: torch.Tensor  # [ffn, hidden]
+    up: torch.Tensor    # [ffn, hidden]
+    down: torch.Tensor  # [hidden, ffn]
+
+
+@runtime_checkable
+class ExpertProvider(Protocol):
+    def route(self, layer: int, probs: torch.Tensor, topk_idx: torch.Tensor) -> torch.Tensor:
+        """Expert ids [T, k] to compute with. Exact providers return `topk_idx` unchanged;
+        a substituted expert's output is weighted by the weight of the expert it replaces."""
+
+    def acquire(self, layer: int, expert_ids: list[int]) -> dict[int, ExpertWeights]:
+        """Weights of `expert_ids`, pinned until `release(layer, expert_ids)`."""
+
+    def release(self, layer: int, expert_ids: list[int]) -> None: ...
+
+    def hint(self, layer: int, probs: torch.Tensor) -> None:
+        """Predicted router probabilities [T, E] of an upcoming layer (for prefetch)."""
+
+    def stats(self) -> dict: ...
+
+
+@dataclass(frozen=True)
+class ExpertLayout:
+    """Where each expert lives in the pack and how its extent splits into gate|up|down.
+
+    Parsed from the pack's "experts" section (docs/internals.md, "MoE pack layout").
+    """
+    num_layers: int
+    num_experts: int
+    top_k: int
+    extent_bytes: int
+    tensors: dict            # name -> {"dtype", "shape", "offset"}
+    table: dict              # (layer, expert) -> block index
+    moe_layers: tuple        # layer indices that have experts, ascending
+
+    @classmethod
+    def from_reader(cls, reader) -> "ExpertLayout":
+        raw = reader.sections.get("experts")
+        if raw is None:
+            raise PackCorrupt("moe pack has no 'experts' section", path=getattr(reader, "path", None))
+        try:
+            sec = msgpack.unpackb(raw, raw=False, strict_map_key=False) if isinstance(raw, (bytes, bytearray)) else raw
+            table = {(int(l), int(e)): int(b) for l, e, b in sec["table"]}
+            tensors = {k: dict(sec["tensors"][k]) for k in ("gate", "up", "down")}
+            layout = cls(int(sec["num_layers"]), int(sec["num_experts"]), int(sec["top_k"]),
+                         int(sec["extent_bytes"]), tensors, table,
+                         tuple(sorted({l for l, _ in table})))
+        except (KeyError, TypeError, ValueError, msgpack.UnpackException) as e:
+            raise PackCorrupt(f"malformed 'experts' section: {e!r}", path=getattr(reader, "path", None)) from e
+        for name, t in tensors.items():
+            if t["dtype"] not in _TORCH_DTYPES:
+                raise PackCorrupt(f"expert tensor {name} has unsupported dtype {t['dtype']!r}")
+            end = t["offset"] + int(np.prod(t["shape"])) * np.dtype(_NP_STORAGE[t["dtype"]]).itemsize
+            if end > layout.extent_bytes:
+                raise PackCorrupt(f"expert tensor {name} ends at {end}, past the extent ({layout.extent_bytes} B)")
+        return layout
+
+    @property
+    def slot_bytes(self) -> int:
+        """Bytes of one expert slot: the extent rounded up to 4 KiB."""
+        return -(-self.extent_bytes // ALIGN) * ALIGN
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return _TORCH_DTYPES[self.tensors["gate"]["dtype"]]
+
+    def block(self, layer: int, expert: int) -> int:
+        return self.table[(layer, expert)]
+
+    def views(self, buf: np.ndarray) -> ExpertWeights:
+        """Zero-copy torch views of gate/up/down over `buf` (uint8, at least extent_bytes)."""
+        assert buf.dtype == np.uint8 and buf.nbytes >= self.extent_bytes, (buf.dtype, buf.nbytes)
+        out = {}
+        for name, t in self.tensors.items():
+            np_dt = np.dtype(_NP_STORAGE[t["dtype"]])
+            n = int(np.prod(t["shape"]))
+            arr = buf[t["offset"]: t["offset"] + n * np_dt.itemsize].view(np_dt).reshape(t["shape"])
+            ten = torch.from_numpy(arr)
+            if t["dtype"] == "bfloat16":
+                ten = ten.view(torch.bfloat16)
+            out[name] = ten
+        return ExpertWeights(**out)
+
+
+class ResidentExperts:
+    """Every expert loaded once and kept: the exact, 100%-budget provider.
+
+    With `pool` (the arena's "experts" pool) the experts live in arena slots and count
+    against the budget; `BudgetExceeded` is raised before anything is read when they do
+    not all fit. Without a pool they live in host buffers (tests only).
+    """
+
+    def __init__(self, reader, pool=None):
+        self.layout = ExpertLayout.from_reader(reader)
+        keys = sorted(self.layout.table)
+        self._pool, self._slots = pool, []
+        if pool is not None:
+            _carve(pool, self.layout.slot_bytes)
+            if pool.free_count < len(keys):
+                raise BudgetExceeded("all experts resident", len(keys) * pool.slot_size,
+                                     pool.free_count * pool.slot_size)
+            self._slots = pool.alloc(len(keys))
+        self._weights: dict[tuple[int, int], ExpertWeights] = {}
+        self.bytes_read = 0
+        for i, key in enumerate(keys):
+            data = reader.read_block(self.layout.block(*key))  # verified; PackCorrupt otherwise
+            if pool is not None:
+                buf = pool.view(self._slots[i])
+                buf[: len(data)] = np.frombuffer(data, np.uint8)
+            else:
+                buf = np.frombuffer(bytearray(data), np.uint8)
+            self.bytes_read += len(data)
+            self._weights[key] = self.layout.views(buf)
+        self.acquires = 0
+
+    def route(self, layer, probs, topk_idx):
+        return topk_idx
+
+    def acquire(self, layer, expert_ids):
+        self.acquires += len(expert_ids)
+        return {e: self._weights[(layer, e)] for e in expert_ids}
+
+    def release(self, layer, expert_ids):
+        pass
+
+    def hint(self, layer, probs):
+        pass
+
+    def stats(self) -> dict:
+        return {"provider": "resident", "experts": len(self._weights), "hits": self.acquires,
+                "misses": 0, "bytes_read": self.bytes_read, "exact_hit_rate": 1.0,
+                "effective_hit_rate": 1.0}
+
+    def close(self) -> None:
+        self._weights.clear()
+        if self._pool is not None and self._slots:
+            self._pool.free(self._slots)
+            self._slots = []
+
+
+def _carve(pool, slot_bytes: int) -> None:
+    """Cut `pool` into `slot_bytes` slots unless it already is."""
+    if getattr(pool, "slot_size", None) != slot_bytes:
+        pool.carve(slot_bytes)
