@@ -1,0 +1,26 @@
+"""`edgert pack hf MODEL_DIR -o OUT.edgepack` (wired by edgert.pack.cli)."""
+from __future__ import annotations
+
+from .format import DEFAULT_BLOCK_SIZE
+
+
+def add_hf_parser(pack_subparsers) -> None:
+    p = pack_subparsers.add_parser(
+        "hf", help="pack a Hugging Face MoE checkpoint (Mixtral, Qwen2-MoE)",
+        description="Pack a Hugging Face checkpoint directory (config.json, safetensors "
+                    "shards, tokenizer.json) into one .edgepack with one extent per expert.")
+    p.add_argument("model_dir", metavar="MODEL_DIR")
+    p.add_argument("-o", "--out", required=True, metavar="OUT.edgepack")
+    p.add_argument("--block-size", type=int, default=DEFAULT_BLOCK_SIZE,
+                   help="bytes per block of non-expert tensors (multiple of 4096)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_run_hf)
+
+
+def _run_hf(args) -> int:
+    from .hf_import import pack_hf
+    s = pack_hf(args.model_dir, args.out, block_size=args.block_size, progress=not args.quiet)
+    print(f"{args.out}: {s['family']}, {s['experts']} experts "
+          f"({s['expert_bytes'] / 2**20:.1f} MiB), {s['tensors']} other tensors "
+          f"({s['tensor_bytes'] / 2**20:.1f} MiB)")
+    return 0
