@@ -1,0 +1,1 @@
+"""MoE experts in arena slots: the expert cache mechanism and its pluggable policies."""

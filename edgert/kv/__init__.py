@@ -1,0 +1,1 @@
+"""Paged KV cache: pages from the arena's KV pool, block tables per sequence."""

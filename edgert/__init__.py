@@ -1,0 +1,15 @@
+"""edgert: an inference runtime for Jetson-class edge devices.
+
+    import edgert
+    rt = edgert.Runtime("device_configs/cpu-dev.yaml")
+    m = rt.load("tasks.edgepack")
+"""
+from .config import DeviceConfig
+from .errors import (BudgetExceeded, ConfigError, EdgertError, IncompatibleModels, InputMismatch,
+                     PackCorrupt, UnknownTask, UnsupportedModel)
+from .runtime import Runtime
+
+__version__ = "0.1.0"
+__all__ = ["Runtime", "DeviceConfig", "EdgertError", "BudgetExceeded", "ConfigError",
+           "IncompatibleModels", "InputMismatch", "PackCorrupt", "UnknownTask",
+           "UnsupportedModel", "__version__"]

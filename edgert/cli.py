@@ -1,0 +1,50 @@
+"""The `edgert` command. Each feature module adds its subcommands with register()."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from .errors import EdgertError
+
+# module -> registers these top-level commands
+COMMAND_MODULES = (
+    "edgert.pack.cli",      # pack, verify, inspect
+    "edgert.weights.cli",   # run, demo
+    "edgert.engines.cli",   # generate
+    "edgert.bench",         # bench switch | moe
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="edgert", description="edgert: an inference runtime "
+                                     "for Jetson-class edge devices")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            if e.name != name:
+                raise
+            continue
+        module.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.func(args) or 0)
+    except EdgertError as e:
+        print(f"edgert {args.command}: {type(e).__name__}: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

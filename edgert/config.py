@@ -1,0 +1,145 @@
+"""DeviceConfig: one YAML file per device class (device_configs/), loaded and validated."""
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from .errors import ConfigError
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "device_configs"
+DEFAULT_CONFIG = CONFIG_DIR / "cpu-dev.yaml"
+PROVIDERS = ("tensorrt", "cuda", "cpu")
+DTYPES = ("float32", "float16", "bfloat16")
+READ_MODES = ("direct", "buffered")
+_UNITS = {"": 1, "B": 1, "KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30, "TiB": 1 << 40,
+          "KB": 10**3, "MB": 10**6, "GB": 10**9}
+
+
+def parse_bytes(value, key: str) -> int:
+    """'1.5 GiB', '512MiB', 4096 -> bytes."""
+    if isinstance(value, bool):
+        raise ConfigError(f"{key}: expected a size, got {value!r}")
+    if isinstance(value, int):
+        n = value
+    else:
+        m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([KMGT]i?B|B)?\s*", str(value))
+        if not m:
+            raise ConfigError(f"{key}: cannot read {value!r} as a size (e.g. '512 MiB')")
+        n = int(float(m.group(1)) * _UNITS[m.group(2) or ""])
+    if n < 0:
+        raise ConfigError(f"{key}: size must not be negative, got {value!r}")
+    return n
+
+
+@dataclass(frozen=True)
+class Budget:
+    """Bytes the runtime may hold. weights + experts + kv <= total."""
+    total: int
+    weights: int
+    experts: int
+    kv: int
+
+
+@dataclass(frozen=True)
+class Storage:
+    read_mode: str = "direct"     # O_DIRECT where the filesystem allows, else buffered
+    scratch_dir: str = ""         # where packs and disk tiers live ("" = current directory)
+
+
+@dataclass(frozen=True)
+class DeviceConfig:
+    name: str
+    budget: Budget
+    storage: Storage = field(default_factory=Storage)
+    providers: tuple[str, ...] = ("cpu",)
+    device: str = "cpu"
+    threads: int = 2
+    dtype: str = "float32"
+    server: str = ""
+    source: str = ""              # file it was read from
+
+    @staticmethod
+    def load(path=None) -> "DeviceConfig":
+        p = Path(path) if path is not None else DEFAULT_CONFIG
+        try:
+            text = p.read_text()
+        except OSError as e:
+            raise ConfigError(f"cannot read device config {p}: {e.strerror}") from None
+        try:
+            doc = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{p}: not valid YAML: {e}") from None
+        return DeviceConfig.from_dict(doc, source=str(p))
+
+    @staticmethod
+    def from_dict(doc, source: str = "<dict>") -> "DeviceConfig":
+        try:
+            return _build(doc, source)
+        except ConfigError as e:
+            raise ConfigError(f"{source}: {e}") from None
+
+
+def _check_keys(doc, allowed: set[str], where: str) -> dict:
+    if not isinstance(doc, dict):
+        raise ConfigError(f"{where or 'config'}: expected a mapping, got {type(doc).__name__}")
+    for k in doc:
+        if k not in allowed:
+            raise ConfigError(f"unknown key {where + '.' if where else ''}{k} "
+                              f"(known: {', '.join(sorted(allowed))})")
+    return doc
+
+
+def _build(doc, source: str) -> DeviceConfig:
+    top = {"name", "memory", "storage", "providers", "device", "threads", "dtype", "server"}
+    doc = _check_keys(doc, top, "")
+    for key in ("name", "memory"):
+        if key not in doc:
+            raise ConfigError(f"missing key {key}")
+    mem = _check_keys(doc["memory"], {"total", "weights", "experts", "kv"}, "memory")
+    if "total" not in mem:
+        raise ConfigError("missing key memory.total")
+    total = parse_bytes(mem["total"], "memory.total")
+    parts = {k: parse_bytes(mem.get(k, 0), f"memory.{k}") for k in ("weights", "experts", "kv")}
+    if total <= 0:
+        raise ConfigError(f"memory.total must be positive, got {mem['total']!r}")
+    if sum(parts.values()) > total:
+        raise ConfigError(f"memory.weights + memory.experts + memory.kv = {sum(parts.values())} "
+                          f"bytes exceeds memory.total = {total} bytes")
+    st = _check_keys(doc.get("storage", {}) or {}, {"read_mode", "scratch_dir"}, "storage")
+    read_mode = st.get("read_mode", "direct")
+    if read_mode not in READ_MODES:
+        raise ConfigError(f"storage.read_mode must be one of {READ_MODES}, got {read_mode!r}")
+    providers = doc.get("providers", ["cpu"])
+    if not isinstance(providers, list) or not providers or \
+            any(p not in PROVIDERS for p in providers):
+        raise ConfigError(f"providers must be a non-empty list of {PROVIDERS}, got {providers!r}")
+    device = doc.get("device", "cpu")
+    if device not in ("cpu", "cuda"):
+        raise ConfigError(f"device must be 'cpu' or 'cuda', got {device!r}")
+    threads = doc.get("threads", os.cpu_count() or 1)
+    if not isinstance(threads, int) or isinstance(threads, bool) or threads < 1:
+        raise ConfigError(f"threads must be a positive integer, got {threads!r}")
+    dtype = doc.get("dtype", "float32")
+    if dtype not in DTYPES:
+        raise ConfigError(f"dtype must be one of {DTYPES}, got {dtype!r}")
+    name, server = doc["name"], doc.get("server", "") or ""
+    if not isinstance(name, str) or not isinstance(server, str):
+        raise ConfigError("name and server must be strings")
+    return DeviceConfig(name=name, budget=Budget(total, **parts),
+                        storage=Storage(read_mode, str(st.get("scratch_dir", "") or "")),
+                        providers=tuple(providers), device=device, threads=threads,
+                        dtype=dtype, server=server, source=source)
+
+
+def resolve(cfg=None) -> DeviceConfig:
+    """A DeviceConfig from a DeviceConfig, a path, or None (the embedded default)."""
+    if isinstance(cfg, DeviceConfig):
+        return cfg
+    return DeviceConfig.load(cfg)
+
+
+__all__ = ["DeviceConfig", "Budget", "Storage", "resolve", "parse_bytes", "DEFAULT_CONFIG"]

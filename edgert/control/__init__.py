@@ -1,0 +1,1 @@
+"""ZeroMQ control plane (edgert serve, edgert.Client)."""

@@ -1,0 +1,117 @@
+"""`edgert pack onnx|hf`, `edgert verify`, `edgert inspect`."""
+from __future__ import annotations
+
+import json
+import sys
+
+from ..errors import PackCorrupt
+from .format import DEFAULT_BLOCK_SIZE
+
+
+def register(sub) -> None:
+    p = sub.add_parser("pack", help="build a pack file from task models or an MoE checkpoint")
+    psub = p.add_subparsers(dest="pack_kind", required=True)
+    o = psub.add_parser("onnx", help="pack fine-tuned ONNX variants of one backbone",
+                        description="Pack task models that share one graph into one pack.")
+    o.add_argument("--base", required=True, metavar="BASE.onnx")
+    o.add_argument("--task", action="append", required=True, metavar="NAME=FILE.onnx")
+    o.add_argument("-o", "--out", required=True, metavar="OUT.edgepack")
+    o.add_argument("--block-size", type=int, default=DEFAULT_BLOCK_SIZE,
+                   help="bytes per block, a multiple of 4096 (default 65536)")
+    o.add_argument("--align-tol", type=float, default=0.0,
+                   help="snap task blocks within this max abs difference to the base "
+                        "(lossy; 0 = lossless, the default)")
+    o.set_defaults(func=_run_onnx)
+    from .hf_cli import add_hf_parser
+    add_hf_parser(psub)
+
+    v = sub.add_parser("verify", help="check every block of a pack against its hash")
+    v.add_argument("pack")
+    v.set_defaults(func=_run_verify)
+
+    i = sub.add_parser("inspect", help="tasks, blocks, sharing and switch costs of a pack")
+    i.add_argument("pack")
+    i.add_argument("--json", action="store_true", help="machine-readable output")
+    i.set_defaults(func=_run_inspect)
+
+
+def parse_tasks(items: list[str]) -> dict[str, str]:
+    tasks = {}
+    for item in items:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise SystemExit(f"--task expects NAME=FILE.onnx, got {item!r}")
+        if name in tasks:
+            raise SystemExit(f"--task {name} given twice")
+        tasks[name] = path
+    return tasks
+
+
+def _run_onnx(args) -> int:
+    from .onnx_import import pack_onnx
+    rep = pack_onnx(args.base, parse_tasks(args.task), args.out, block_size=args.block_size,
+                    align_tol=args.align_tol)
+    print(f"wrote {args.out}: {len(rep.tasks)} tasks, {rep.blocks_stored} distinct blocks")
+    for t in rep.tasks:
+        line = f"  {t.name}: {t.blocks} blocks"
+        if args.align_tol > 0:
+            line += (f", {t.snapped} snapped to the base (tol {args.align_tol:g}), "
+                     f"max output error {t.max_output_error:.3g} on {t.outputs_checked} "
+                     f"random inputs")
+        print(line)
+    return 0
+
+
+def _run_verify(args) -> int:
+    from .reader import PackReader
+    try:
+        with PackReader(args.pack) as r:
+            problems = r.verify()
+            n = len(r.blocks)
+    except (PackCorrupt, OSError) as e:
+        print(f"FAIL {args.pack}: {e}", file=sys.stderr)
+        return 1
+    if problems:
+        print(f"FAIL {args.pack}: {len(problems)} problem(s); first: {problems[0]}",
+              file=sys.stderr)
+        return 1
+    print(f"OK {args.pack}: {n} blocks verified")
+    return 0
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.2f} MiB"
+
+
+def _run_inspect(args) -> int:
+    from .reader import PackReader
+    from .stats import summary
+    try:
+        with PackReader(args.pack) as r:
+            s = summary(r)
+    except (PackCorrupt, OSError) as e:
+        print(f"FAIL {args.pack}: {e}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(s, indent=2))
+        return 0
+    print(f"{s['path']}: kind {s['kind']}, generation {s['generation']}, "
+          f"block size {s['block_size']} B")
+    print(f"  blocks: {s['blocks']}   stored: {_mib(s['bytes_stored'])}   "
+          f"dense (every task on its own): {_mib(s['bytes_dense'])}   "
+          f"file: {_mib(s['bytes_file'])}")
+    for t in s["tasks"]:
+        print(f"  task {t}: {_mib(s['task_bytes'][t])} dense")
+    tasks = s["tasks"]
+    if len(tasks) > 1:
+        w = max(len(t) for t in tasks) + 2
+        print("  bytes a switch must move (row -> column), MiB:")
+        print("  " + " " * w + "".join(f"{t:>{w}}" for t in tasks))
+        for a in tasks:
+            row = "".join(f"{'-':>{w}}" if a == b else
+                          f"{s['switch_bytes'][f'{a}->{b}'] / 2**20:>{w}.2f}" for b in tasks)
+            print(f"  {a:<{w}}{row}")
+        print("  bytes shared by each pair, MiB:")
+        for pair, n in s["shared_bytes"].items():
+            print(f"    {pair}: {n / 2**20:.2f}")
+    return 0

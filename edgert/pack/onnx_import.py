@@ -1,0 +1,173 @@
+"""`edgert pack onnx`: task models that share one graph -> one pack.
+
+Every initializer of every task becomes a tensor of that task; identical blocks are
+stored once. The graph itself, with initializer data removed, is stored once as the
+section ``onnx_skeleton``. With ``align_tol > 0`` a task block within ``align_tol``
+(max abs difference) of the base model's block at the same position is replaced by the
+base block: lossy, opt-in, and reported per task with the output error it causes.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from ..errors import IncompatibleModels
+from .format import DEFAULT_BLOCK_SIZE
+from .writer import PackWriter
+
+log = logging.getLogger(__name__)
+SKELETON = "onnx_skeleton"
+_FLOAT_KINDS = "f"
+
+
+@dataclass
+class TaskReport:
+    name: str
+    blocks: int = 0
+    snapped: int = 0
+    max_output_error: float = 0.0
+    outputs_checked: int = 0
+
+
+@dataclass
+class PackReport:
+    tasks: list[TaskReport] = field(default_factory=list)
+    blocks_stored: int = 0
+
+
+def load_model(path) -> onnx.ModelProto:
+    try:
+        return onnx.load(str(path))
+    except Exception as e:
+        raise IncompatibleModels(f"cannot read ONNX model {path}: {e}") from None
+
+
+def skeleton_of(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The model with initializer data removed (names, dtypes and shapes live in the pack)."""
+    sk = onnx.ModelProto()
+    sk.CopyFrom(model)
+    del sk.graph.initializer[:]
+    return sk
+
+
+def initializers(model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    return {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+
+
+def check_compatible(base: onnx.ModelProto, other: onnx.ModelProto, name: str) -> None:
+    """Raise IncompatibleModels naming the first node or initializer that differs."""
+    gb, go = base.graph, other.graph
+    for what, a, b in (("input", gb.input, go.input), ("output", gb.output, go.output)):
+        if [x.SerializeToString() for x in a] != [x.SerializeToString() for x in b]:
+            raise IncompatibleModels(f"task {name}: graph {what}s differ from the base model")
+    for i in range(max(len(gb.node), len(go.node))):
+        if i >= len(gb.node) or i >= len(go.node):
+            raise IncompatibleModels(f"task {name}: graph has {len(go.node)} nodes, "
+                                     f"the base has {len(gb.node)} (first extra node at {i})")
+        nb, no = gb.node[i], go.node[i]
+        if nb.SerializeToString() != no.SerializeToString():
+            raise IncompatibleModels(f"task {name}: node {i} ({no.name or no.op_type}) differs "
+                                     f"from the base node {nb.name or nb.op_type}")
+    ib = {t.name: (t.data_type, tuple(t.dims)) for t in gb.initializer}
+    io = {t.name: (t.data_type, tuple(t.dims)) for t in go.initializer}
+    for n in sorted(set(ib) | set(io)):
+        if ib.get(n) != io.get(n):
+            side = "missing from the task" if n not in io else \
+                "not in the base" if n not in ib else \
+                f"dtype/shape {io[n]} vs base {ib[n]}"
+            raise IncompatibleModels(f"task {name}: initializer {n} differs: {side}")
+
+
+def align_to_base(arr: np.ndarray, base: np.ndarray, block_size: int, tol: float) -> tuple[np.ndarray, int]:
+    """Replace each block of ``arr`` within ``tol`` of the base block by the base block."""
+    if tol <= 0 or arr.dtype.kind not in _FLOAT_KINDS or arr.size == 0:
+        return arr, 0
+    per = max(1, block_size // arr.dtype.itemsize)
+    flat, bflat = arr.reshape(-1).copy(), base.reshape(-1)
+    snapped = 0
+    for i in range(0, flat.size, per):
+        a, b = flat[i:i + per], bflat[i:i + per]
+        if not np.array_equal(a, b) and float(np.max(np.abs(a.astype(np.float64) - b))) <= tol:
+            flat[i:i + per] = b
+            snapped += 1
+    return flat.reshape(arr.shape), snapped
+
+
+def random_inputs(model: onnx.ModelProto, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    init = {t.name for t in model.graph.initializer}
+    feeds = {}
+    for vi in model.graph.input:
+        if vi.name in init:
+            continue
+        tt = vi.type.tensor_type
+        shape = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else 1
+                 for d in tt.shape.dim]
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type)
+        if np.dtype(dtype).kind == "f":
+            feeds[vi.name] = rng.standard_normal(shape).astype(dtype)
+        else:
+            feeds[vi.name] = rng.integers(0, 2, size=shape).astype(dtype)
+    return feeds
+
+
+def output_error(original: onnx.ModelProto, weights: dict[str, np.ndarray], trials: int = 3) -> float:
+    """Max abs output difference between the original model and one with ``weights``."""
+    import onnxruntime as ort
+    changed = onnx.ModelProto()
+    changed.CopyFrom(original)
+    for t in changed.graph.initializer:
+        t.CopyFrom(numpy_helper.from_array(weights[t.name], t.name))
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    sa = ort.InferenceSession(original.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    sb = ort.InferenceSession(changed.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(0)
+    err = 0.0
+    for _ in range(trials):
+        feeds = random_inputs(original, rng)
+        for x, y in zip(sa.run(None, feeds), sb.run(None, feeds)):
+            if np.asarray(x).size:
+                err = max(err, float(np.max(np.abs(np.asarray(x, np.float64) - y))))
+    return err
+
+
+def pack_onnx(base_path, tasks: dict[str, str | Path], out_path, *,
+              block_size: int = DEFAULT_BLOCK_SIZE, align_tol: float = 0.0) -> PackReport:
+    if not tasks:
+        raise ValueError("at least one --task NAME=FILE is needed")
+    base = load_model(base_path)
+    base_w = initializers(base)
+    report = PackReport()
+    with PackWriter(out_path, kind="onnx-tasks", block_size=block_size) as w:
+        for name, path in tasks.items():
+            model = base if Path(path).resolve() == Path(base_path).resolve() else load_model(path)
+            check_compatible(base, model, name)
+            rep = TaskReport(name)
+            weights, specs = {}, {}
+            for tname, arr in initializers(model).items():
+                arr, snapped = align_to_base(arr, base_w[tname], block_size, align_tol)
+                rep.snapped += snapped
+                weights[tname] = arr
+                specs[tname] = w.add_tensor(arr)
+                rep.blocks += len(specs[tname].blocks)
+            if rep.snapped:
+                rep.max_output_error = output_error(model, weights)
+                rep.outputs_checked = 3
+            w.add_task(name, specs)
+            report.tasks.append(rep)
+            log.info("task %s: %d blocks, %d snapped to the base", name, rep.blocks, rep.snapped)
+        w.sections[SKELETON] = skeleton_of(base).SerializeToString()
+        w.config = {"base": Path(base_path).name, "align_tol": float(align_tol),
+                    "inputs": [vi.name for vi in base.graph.input
+                               if vi.name not in base_w],
+                    "outputs": [vi.name for vi in base.graph.output],
+                    "alignment": {r.name: {"snapped_blocks": r.snapped,
+                                           "max_output_error": r.max_output_error}
+                                  for r in report.tasks}}
+        report.blocks_stored = len(w._m.blocks)
+    return report

@@ -1,0 +1,61 @@
+"""Sharing figures of a pack: stored vs dense bytes, bytes shared and moved per task pair."""
+from __future__ import annotations
+
+from .reader import PackReader
+
+
+def task_blocks(reader: PackReader, task: str) -> list[tuple[str, int, int]]:
+    """(tensor, position, block index) for every block position of a task."""
+    return [(name, pos, b) for name, spec in reader.task(task).items()
+            for pos, b in enumerate(spec.blocks)]
+
+
+def switch_bytes(reader: PackReader, a: str, b: str) -> int:
+    """Bytes a switch A -> B writes: every block position of B whose block differs from A's.
+
+    This is what the task switcher moves into the active task's memory, whether the block
+    then comes from the spare-slot cache or from storage.
+    """
+    spec_a, moved = reader.task(a), 0
+    for name, spec in reader.task(b).items():
+        old = spec_a.get(name)
+        for pos, blk in enumerate(spec.blocks):
+            if old is None or pos >= len(old.blocks) or reader.blocks[old.blocks[pos]].hash != \
+                    reader.blocks[blk].hash:
+                moved += reader.blocks[blk].length
+    return moved
+
+
+def shared_bytes(reader: PackReader, a: str, b: str) -> int:
+    """Bytes of distinct blocks both tasks use (stored once in the pack)."""
+    ha = {reader.blocks[i].hash for s in reader.task(a).values() for i in s.blocks}
+    seen, total = set(), 0
+    for s in reader.task(b).values():
+        for i in s.blocks:
+            h = reader.blocks[i].hash
+            if h in ha and h not in seen:
+                seen.add(h)
+                total += reader.blocks[i].length
+    return total
+
+
+def summary(reader: PackReader) -> dict:
+    tasks = reader.tasks
+    dense = {t: sum(s.nbytes for s in reader.task(t).values()) for t in tasks}
+    return {
+        "path": reader.path,
+        "kind": reader.kind,
+        "generation": reader.generation,
+        "block_size": reader.block_size,
+        "tasks": tasks,
+        "blocks": len(reader.blocks),
+        "bytes_stored": sum(b.length for b in reader.blocks),
+        "bytes_file": reader.file_size,
+        "bytes_dense": sum(dense.values()),
+        "task_bytes": dense,
+        "sections": {k: len(v) for k, v in reader.sections.items()},
+        "shared_bytes": {f"{a}<->{b}": shared_bytes(reader, a, b)
+                         for i, a in enumerate(tasks) for b in tasks[i + 1:]},
+        "switch_bytes": {f"{a}->{b}": switch_bytes(reader, a, b)
+                         for a in tasks for b in tasks if a != b},
+    }

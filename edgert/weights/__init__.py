@@ -1,0 +1,1 @@
+"""Task weights held as blocks in the arena: block cache, task switcher, prewarm."""

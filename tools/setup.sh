@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Create .venv with everything edgert and its tests need. Idempotent: a second run only
+# checks. Used by the README's commands and by .ci/run.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+VENV=.venv
+stamp="$VENV/.edgert-setup"
+want="$(cat pyproject.toml tools/setup.sh | sha256sum | cut -c1-16)"
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then exit 0; fi
+
+[ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
+pip="$VENV/bin/python -m pip"
+$pip install -q --upgrade pip >/dev/null
+
+# torch first, so the project's `torch>=2.4` is already met and pip pulls no multi-GB build.
+if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
+  if [ -f /etc/nv_tegra_release ]; then
+    echo "Jetson detected: install NVIDIA's JetPack torch wheel into $VENV first (see README)." >&2
+    exit 1
+  elif command -v nvidia-smi >/dev/null 2>&1; then
+    $pip install -q "torch==2.13.0"
+  else
+    # No GPU: the CPU build (on the dev and CI machines pip finds it on local disk).
+    $pip install -q "torch==2.13.0"
+  fi
+fi
+# ONNX Runtime on aarch64 that is not a Jetson: the CPU package (x86_64 gets onnxruntime-gpu
+# from pyproject; Jetson gets NVIDIA's wheel by hand). Never both in one environment.
+if [ "$(uname -m)" = "aarch64" ] && ! "$VENV/bin/python" -c "import onnxruntime" 2>/dev/null; then
+  [ -f /etc/nv_tegra_release ] || $pip install -q onnxruntime
+fi
+$pip install -q -e ".[test,plot]"
+echo "$want" > "$stamp"
