@@ -1,0 +1,315 @@
+"""MoeLM: a Mixtral-family decoder over arena memory, experts from an ExpertProvider.
+
+Where the bytes live (one budget):
+- non-expert weights: one contiguous run of the arena's "weights" pool, converted once
+  to the device config's dtype and used through zero-copy torch views;
+- experts: the provider's slots in the "experts" pool (the expert cache, or every
+  expert resident);
+- K/V: 16-token pages of the "kv" pool (edgert.kv.paged).
+
+Per layer: attention over the paged cache; then, before the MoE block, the next sparse
+layer's router is applied to the current hidden state and handed to `provider.hint` so
+its experts can be prefetched while this layer computes.
+"""
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from edgert.errors import BudgetExceeded, EdgertError, UnsupportedModel
+from edgert.experts.api import ExpertLayout, ResidentExperts
+from edgert.kv.paged import PagedKV, PagePool
+
+from .moe_layers import MoeConfig, Rotary, apply_rope, attention, causal_mask, rms_norm, route, swiglu
+from .sampling import sample
+from .tokenizer import tokenizer_for
+
+_TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_ALIGN = 64  # byte alignment of each weight inside the run (keeps torch views aligned)
+
+
+class MoeLM:
+    """Mixtral / Qwen2-MoE language model. See docs/internals.md for the pack layout.
+
+    expert_budget: None = the device config's expert pool; a float in (0, 1] = that
+    fraction of all experts; an int = bytes. lossy_alpha > 0 lets the expert cache
+    substitute a resident expert for a missing one inside the gate-score band.
+    """
+
+    def __init__(self, rt, reader, expert_budget=None, lossy_alpha: float = 0.0, policy=None,
+                 provider=None):
+        self.rt, self.reader = rt, reader
+        self.cfg = MoeConfig.from_hf(reader.config)
+        self.dtype = _TORCH_DTYPES[rt.config.dtype]
+        if not getattr(rt, "_torch_threads_set", True):
+            torch.set_num_threads(rt.config.threads)
+            rt._torch_threads_set = True
+        self._run = None
+        self._own_provider = provider is None
+        self.provider = None
+        self.pages = None
+        try:
+            self._load_weights()
+            self.layout = ExpertLayout.from_reader(reader)
+            self.provider = provider or self._make_provider(expert_budget, lossy_alpha, policy)
+            self.pages = PagePool(rt.arena.pool("kv"), self.cfg.num_layers, self.cfg.num_kv_heads,
+                                  self.cfg.head_dim, self.dtype)
+        except BaseException:
+            self.close()
+            raise
+        self.kv = PagedKV(self.pages)
+        self.rotary = Rotary(self.cfg.head_dim, self.cfg.rope_theta)
+        self.tokenizer = tokenizer_for(reader.sections, reader.config)
+        self._next_moe = {l: next((m for m in self.cfg.moe_layers if m > l), None)
+                          for l in range(self.cfg.num_layers)}
+        self.counters = {"prefill_tokens": 0, "decode_tokens": 0, "prefill_s": 0.0, "decode_s": 0.0}
+
+    # --- loading --------------------------------------------------------------------------
+    def _load_weights(self) -> None:
+        """Every non-expert tensor into one run of the weights pool, in the compute dtype."""
+        specs = self.reader.task("model")
+        pool = self.rt.arena.pool("weights")
+        if not pool.slot_size:
+            pool.carve(self.reader.block_size)
+        item = torch.empty((), dtype=self.dtype).element_size()
+        offsets, pos = {}, 0
+        for name, spec in specs.items():
+            offsets[name] = pos
+            pos += -(-math.prod(spec.shape) * item // _ALIGN) * _ALIGN
+        n = max(1, -(-pos // pool.slot_size))
+        self._run = (pool, pool.alloc_run(n), n)  # BudgetExceeded before anything is read
+        mem = pool.view_run(self._run[1], n)
+        self.w: dict[str, torch.Tensor] = {}
+        for name, spec in specs.items():
+            raw = torch.from_numpy(self.reader.read_tensor("model", name))
+            if spec.dtype == "bfloat16":
+                raw = raw.view(torch.bfloat16)
+            if raw.dtype not in _TORCH_DTYPES.values():
+                raise UnsupportedModel(f"tensor {name} has dtype {spec.dtype}")
+            nb = math.prod(spec.shape) * item
+            dst = _as_tensor(mem[offsets[name]: offsets[name] + nb], self.dtype).view(spec.shape)
+            dst.copy_(raw)
+            self.w[name] = dst
+        if "lm_head.weight" not in self.w:  # tie_word_embeddings (checked at pack time)
+            self.w["lm_head.weight"] = self.w["model.embed_tokens.weight"]
+        self._weight_bytes = n * pool.slot_size
+
+    def _make_provider(self, expert_budget, lossy_alpha, policy):
+        pool = self.rt.arena.pool("experts")
+        total = len(self.layout.table)
+        slots = expert_slots(expert_budget, total, self.layout.slot_bytes, pool.bytes)
+        try:
+            from edgert.experts.cache import ExpertCache
+        except ImportError:
+            ExpertCache = None
+        if ExpertCache is None:
+            if slots < total:
+                raise EdgertError(f"an expert budget of {slots} of {total} experts needs "
+                                  "edgert.experts.cache, which is not installed")
+            return ResidentExperts(self.reader, pool)
+        storage = self.rt.open_storage(self.reader.path)
+        return ExpertCache(self.reader, storage, pool, slots, policy=policy or "gate",
+                           lossy_alpha=lossy_alpha, prefetch=True)
+
+    # --- the forward pass -----------------------------------------------------------------
+    @torch.inference_mode()
+    def _forward(self, seq, ids: list[int], rows: slice | None = None) -> torch.Tensor:
+        """Run `ids` after what `seq` holds; logits [T', vocab] of the `rows` asked for."""
+        c, w = self.cfg, self.w
+        T = len(ids)
+        self.kv.reserve(seq, T)                           # BudgetExceeded before any write
+        start = seq.length
+        pos = torch.arange(start, start + T)
+        cos, sin = self.rotary.cos_sin(pos, self.dtype)
+        h = F.embedding(torch.tensor(ids, dtype=torch.long), w["model.embed_tokens.weight"])
+        for l in range(c.num_layers):
+            p = f"model.layers.{l}."
+            a = rms_norm(h, w[p + "input_layernorm.weight"], c.rms_eps)
+            q = self._proj(a, p + "self_attn.q_proj").view(T, c.num_heads, c.head_dim).transpose(0, 1)
+            k = self._proj(a, p + "self_attn.k_proj").view(T, c.num_kv_heads, c.head_dim).transpose(0, 1)
+            v = self._proj(a, p + "self_attn.v_proj").view(T, c.num_kv_heads, c.head_dim).transpose(0, 1)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            self.kv.write(seq, l, k, v)
+            K, V = self.kv.gather(seq, l, start + T)
+            o = attention(q, K, V, causal_mask(pos, start + T, c.sliding_windows[l]))
+            h = h + F.linear(o, w[p + "self_attn.o_proj.weight"])
+            nxt = self._next_moe[l]
+            if nxt is not None:  # prefetch hint: next sparse layer's router on this state
+                self.provider.hint(nxt, self._router_probs(nxt, h))
+            a = rms_norm(h, w[p + "post_attention_layernorm.weight"], c.rms_eps)
+            if l in c.moe_layers:
+                h = h + self._moe(l, a)
+            else:
+                h = h + swiglu(a, w[p + "mlp.gate_proj.weight"], w[p + "mlp.up_proj.weight"],
+                               w[p + "mlp.down_proj.weight"])
+        self.kv.advance(seq, T)
+        h = h if rows is None else h[rows]
+        h = rms_norm(h, w["model.norm.weight"], c.rms_eps)
+        return F.linear(h, w["lm_head.weight"])
+
+    def _proj(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        return F.linear(x, self.w[name + ".weight"], self.w.get(name + ".bias"))
+
+    def _router_probs(self, layer: int, h: torch.Tensor) -> torch.Tensor:
+        p = f"model.layers.{layer}."
+        a = rms_norm(h, self.w[p + "post_attention_layernorm.weight"], self.cfg.rms_eps)
+        return F.softmax(F.linear(a, self.w[p + self.cfg.moe_prefix + ".gate.weight"]).float(), dim=-1)
+
+    def _moe(self, layer: int, x: torch.Tensor) -> torch.Tensor:
+        """Sparse MoE block on x [T, hidden] (after post-attention norm)."""
+        c, w = self.cfg, self.w
+        p = f"model.layers.{layer}.{c.moe_prefix}."
+        probs, weights, topk = route(c, F.linear(x, w[p + "gate.weight"]))
+        use = self.provider.route(layer, probs, topk)                  # [T, k] ids to compute with
+        out = torch.zeros_like(x)
+        experts = sorted(set(use.flatten().tolist()))
+        group = max(1, int(getattr(self.provider, "max_acquire", None) or len(experts)))
+        # NOTE: experts are summed in ascending id order whatever the grouping, so the
+        # result does not depend on the budget or the cache state (exact mode is exact).
+        for i in range(0, len(experts), group):
+            ids = experts[i:i + group]
+            held = self.provider.acquire(layer, ids)
+            try:
+                for e in ids:
+                    tok, slot = torch.where(use == e)
+                    ew = held[e]
+                    y = swiglu(x[tok], ew.gate.to(x.dtype), ew.up.to(x.dtype), ew.down.to(x.dtype))
+                    out.index_add_(0, tok, y * weights[tok, slot, None])
+            finally:
+                self.provider.release(layer, ids)
+        if c.shared_expert:
+            s = swiglu(x, w[p + "shared_expert.gate_proj.weight"], w[p + "shared_expert.up_proj.weight"],
+                       w[p + "shared_expert.down_proj.weight"])
+            out = out + torch.sigmoid(F.linear(x, w[p + "shared_expert_gate.weight"])) * s
+        return out
+
+    # --- public surface -------------------------------------------------------------------
+    def logits(self, token_ids) -> np.ndarray:
+        """Logits [len, vocab] (float32) of a full prefill through the paged-cache path."""
+        ids = self._ids(token_ids)
+        seq = self.kv.new_sequence()
+        t0 = time.perf_counter()
+        try:
+            out = self._forward(seq, ids)
+        finally:
+            self.kv.release(seq)
+        self.counters["prefill_tokens"] += len(ids)
+        self.counters["prefill_s"] += time.perf_counter() - t0
+        return out.float().numpy()
+
+    def generate(self, token_ids_or_text, max_new_tokens: int = 64, temperature: float = 0.0,
+                 top_p: float = 1.0, seed: int = 0, stream: bool = False):
+        """Continue a prompt. Text in -> text out; ids in -> list of new ids.
+
+        stream=True returns an iterator of text pieces (text prompt) or ids.
+        Stops after max_new_tokens or at the config's EOS (which is included).
+        """
+        as_text = isinstance(token_ids_or_text, str)
+        it = self._generate_ids(self._ids(token_ids_or_text), max_new_tokens, temperature, top_p, seed)
+        if as_text:
+            it = self._text_pieces(it)
+        if stream:
+            return it
+        out = list(it)
+        return "".join(out) if as_text else out
+
+    def _generate_ids(self, ids, max_new, temperature, top_p, seed) -> Iterator[int]:
+        gen = torch.Generator().manual_seed(seed)
+        seq = self.kv.new_sequence()
+        try:
+            t0 = time.perf_counter()
+            logits = self._forward(seq, ids, rows=slice(-1, None))[0]
+            self.counters["prefill_tokens"] += len(ids)
+            self.counters["prefill_s"] += time.perf_counter() - t0
+            for i in range(max_new):
+                tok = sample(logits, temperature, top_p, gen)
+                yield tok
+                if tok in self.cfg.eos_token_ids or i == max_new - 1:
+                    break
+                t0 = time.perf_counter()
+                logits = self._forward(seq, [tok])[0]
+                self.counters["decode_tokens"] += 1
+                self.counters["decode_s"] += time.perf_counter() - t0
+        finally:
+            self.kv.release(seq)
+
+    def _text_pieces(self, ids: Iterator[int]) -> Iterator[str]:
+        st = self.tokenizer.stream()
+        for t in ids:
+            piece = st.push(t)
+            if piece:
+                yield piece
+        tail = st.flush()
+        if tail:
+            yield tail
+
+    def _ids(self, x) -> list[int]:
+        if isinstance(x, str):
+            if self.tokenizer is None:
+                raise EdgertError("this pack has no tokenizer; pass token ids")
+            ids = self.tokenizer.encode(x)
+        else:
+            ids = [int(t) for t in np.asarray(x).reshape(-1)]
+        if not ids:
+            raise ValueError("empty prompt")
+        bad = [t for t in ids if not 0 <= t < self.cfg.vocab_size]
+        if bad:
+            raise ValueError(f"token ids out of range [0, {self.cfg.vocab_size}): {bad[:5]}")
+        return ids
+
+    def stats(self) -> dict:
+        c = self.counters
+        return {"experts": self.provider.stats(), "kv": self.pages.stats(),
+                "weights_bytes": self._weight_bytes, **c,
+                "decode_tokens_per_s": c["decode_tokens"] / c["decode_s"] if c["decode_s"] else 0.0}
+
+    def close(self) -> None:
+        """Give the arena back: KV pages, expert slots, the weights run."""
+        if self.pages is not None:
+            self.pages.close()
+            self.pages = None
+        if self._own_provider and self.provider is not None and hasattr(self.provider, "close"):
+            self.provider.close()
+        self.provider = None
+        if self._run is not None:
+            pool, first, n = self._run
+            pool.free_run(first, n)
+            self._run = None
+            self.w = {}
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def expert_slots(budget, total: int, slot_bytes: int, pool_bytes: int) -> int:
+    """Expert slots for a budget: None = the pool, float in (0, 1] = fraction of all, int = bytes."""
+    if budget is None:
+        n = pool_bytes // slot_bytes
+    elif isinstance(budget, float):
+        if not 0.0 < budget <= 1.0:
+            raise ValueError(f"expert_budget fraction must be in (0, 1], got {budget}")
+        n = math.ceil(budget * total)
+    elif isinstance(budget, int) and not isinstance(budget, bool):
+        n = budget // slot_bytes
+    else:
+        raise TypeError(f"expert_budget must be None, a float fraction or int bytes, got {budget!r}")
+    n = min(n, total)
+    if n < 1:
+        raise BudgetExceeded("one expert slot", slot_bytes, pool_bytes if budget is None else int(budget))
+    if n * slot_bytes > pool_bytes:
+        raise BudgetExceeded(f"{n} expert slots", n * slot_bytes, pool_bytes)
+    return n
+
+
+def _as_tensor(u8: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
+    if dtype == torch.bfloat16:
+        return torch.from_numpy(u8.view(np.uint16)).view(torch.bfloat16)
+    return torch.from_numpy(u8.view({torch.float32: np.float32, torch.float16: np.float16}[dtype]))
