@@ -1,0 +1,52 @@
+"""`edgert generate PACK --prompt TEXT`: stream a continuation from an MoE pack."""
+from __future__ import annotations
+
+import json
+import sys
+
+
+def register(sub) -> None:
+    g = sub.add_parser("generate", help="generate text with an MoE pack (streams to stdout)",
+                       description="Continue a prompt with an MoE language model pack.")
+    g.add_argument("pack", metavar="PACK")
+    g.add_argument("--prompt", required=True, metavar="TEXT")
+    g.add_argument("--max-new-tokens", type=int, default=64, metavar="N")
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--expert-budget", type=_budget, default=None, metavar="FRAC|BYTES",
+                   help="expert slots: a fraction of all experts (0.5) or bytes (268435456); "
+                        "default: the device config's expert pool")
+    g.add_argument("--lossy-alpha", type=float, default=0.0, metavar="A",
+                   help="allow substituting a resident expert within the gate-score band "
+                        "(lossy; 0 = exact, the default)")
+    g.add_argument("--config", default=None, metavar="CFG", help="device config YAML")
+    g.add_argument("--stats", action="store_true", help="print expert-cache figures to stderr")
+    g.set_defaults(func=_run_generate)
+
+
+def _budget(text: str):
+    value = float(text)
+    return value if value <= 1.0 else int(value)
+
+
+def _run_generate(args) -> int:
+    from edgert.runtime import Runtime
+    rt = Runtime(args.config)
+    lm = rt.load(args.pack, expert_budget=args.expert_budget, lossy_alpha=args.lossy_alpha)
+    try:
+        if lm.tokenizer is None:
+            print(f"edgert generate: {args.pack} carries no tokenizer; use the Python API "
+                  "with token ids", file=sys.stderr)
+            return 2
+        for piece in lm.generate(args.prompt, max_new_tokens=args.max_new_tokens,
+                                 temperature=args.temperature, top_p=args.top_p,
+                                 seed=args.seed, stream=True):
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        if args.stats:
+            print(json.dumps(lm.stats(), indent=1, default=str), file=sys.stderr)
+    finally:
+        lm.close()
+    return 0

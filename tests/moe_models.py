@@ -1,0 +1,91 @@
+"""Tiny Mixtral / Qwen2-MoE checkpoints for tests, made with transformers (test-only).
+
+Weights are random but with a large init scale so routing and next tokens vary: with the
+default 0.02 every token routes alike and greedy decoding repeats one token, which would
+make "32 identical tokens" a weak check.
+"""
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import torch
+
+import edgert
+from edgert.config import DeviceConfig
+
+VOCAB = 96
+HAS_CACHE = importlib.util.find_spec("edgert.experts.cache") is not None
+
+
+def device_config(experts: str = "8 MiB", kv: str = "4 MiB", weights: str = "8 MiB",
+                  dtype: str = "float32") -> DeviceConfig:
+    return DeviceConfig.from_dict({
+        "name": "test", "threads": 1, "dtype": dtype,
+        "memory": {"total": "64 MiB", "weights": weights, "experts": experts, "kv": kv},
+        "storage": {"read_mode": "buffered"}})
+
+
+def runtime(**kw) -> edgert.Runtime:
+    return edgert.Runtime(device_config(**kw))
+
+
+def mixtral_config(**over):
+    from transformers import MixtralConfig
+    kw = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+              num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
+              num_experts_per_tok=2, initializer_range=0.3, rms_norm_eps=1e-5,
+              max_position_embeddings=512, bos_token_id=None, eos_token_id=None,
+              pad_token_id=None, rope_parameters={"rope_type": "default", "rope_theta": 500.0})
+    kw.update(over)
+    return MixtralConfig(**kw)
+
+
+def qwen_config(**over):
+    from transformers import Qwen2MoeConfig
+    kw = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=40, moe_intermediate_size=24,
+              shared_expert_intermediate_size=36, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, num_experts=6, num_experts_per_tok=2,
+              initializer_range=0.3, max_position_embeddings=512, bos_token_id=None,
+              eos_token_id=None, pad_token_id=None,
+              rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+    kw.update(over)
+    return Qwen2MoeConfig(**kw)
+
+
+def save(config, out: Path, seed: int = 0, dtype=torch.float32, **save_kw) -> Path:
+    """Build a random model from `config`, save it with save_pretrained; its directory."""
+    from transformers import MixtralForCausalLM, Qwen2MoeForCausalLM
+    cls = {"mixtral": MixtralForCausalLM, "qwen2_moe": Qwen2MoeForCausalLM}[config.model_type]
+    torch.manual_seed(seed)
+    model = cls(config)
+    with torch.no_grad():  # the routers start at zero in Qwen2-MoE: give them a real spread
+        for name, p in model.named_parameters():
+            if name.endswith("gate.weight") or name.endswith("layernorm.weight"):
+                p.normal_(1.0 if "layernorm" in name else 0.0, 0.5)
+    model.to(dtype).save_pretrained(out, **save_kw)
+    return Path(out)
+
+
+def reference(model_dir: Path):
+    """The transformers model in float32 with eager attention: the reference."""
+    from transformers import AutoModelForCausalLM
+    return AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation="eager",
+                                                dtype=torch.float32).eval()
+
+
+def ref_logits(model, ids: list[int]):
+    with torch.no_grad():
+        return model(torch.tensor([ids])).logits[0].numpy()
+
+
+def ref_greedy(model, ids: list[int], n: int) -> list[int]:
+    with torch.no_grad():
+        out = model.generate(torch.tensor([ids]), max_new_tokens=n, min_new_tokens=n,
+                             do_sample=False, pad_token_id=0)
+    return out[0, len(ids):].tolist()
+
+
+def prompt(n: int, seed: int = 1) -> list[int]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, VOCAB, (n,), generator=g).tolist()

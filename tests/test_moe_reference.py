@@ -1,0 +1,163 @@
+"""MoeLM equals Hugging Face transformers on tiny Mixtral and Qwen2-MoE checkpoints."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+from edgert.errors import BudgetExceeded
+from edgert.experts.api import ExpertLayout, ExpertWeights
+from edgert.pack.hf_import import pack_hf
+from moe_models import (HAS_CACHE, mixtral_config, prompt, qwen_config, ref_greedy, ref_logits,
+                        reference, runtime, save)
+
+torch.set_num_threads(1)
+
+MODELS = {
+    "mixtral": lambda: mixtral_config(),
+    "qwen2_moe": lambda: qwen_config(),
+    # dense first layer, renormalised top-k, sparse every layer after it
+    "qwen2_moe_dense0": lambda: qwen_config(num_hidden_layers=3, mlp_only_layers=[0],
+                                            norm_topk_prob=True, num_experts=4),
+    # sliding-window attention shorter than the prompt, tied embeddings, no GQA
+    "mixtral_window_tied": lambda: mixtral_config(sliding_window=8, tie_word_embeddings=True,
+                                                  num_key_value_heads=4),
+}
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    out = {}
+    for name, make in MODELS.items():
+        d = save(make(), tmp_path_factory.mktemp(name) / "ckpt")
+        pack = d.parent / "model.edgepack"
+        pack_hf(d, pack, progress=False)
+        out[name] = (pack, reference(d))
+    return out
+
+
+def budgets():
+    """Expert budgets from one slot per layer to all experts (partial ones need the cache)."""
+    partial = pytest.mark.skipif(not HAS_CACHE, reason="edgert.experts.cache not present yet")
+    return [pytest.param("one_per_layer", marks=partial), pytest.param(0.5, marks=partial), 1.0]
+
+
+def _budget(lm_pack, b):
+    from edgert.pack import PackReader
+    with PackReader(lm_pack) as r:
+        lay = ExpertLayout.from_reader(r)
+    return len(lay.moe_layers) / len(lay.table) if b == "one_per_layer" else b
+
+
+@pytest.mark.parametrize("budget", budgets())
+@pytest.mark.parametrize("name", list(MODELS))
+def test_logits_and_greedy_equal_transformers(models, name, budget):
+    pack, ref = models[name]
+    lm = runtime().load(pack, expert_budget=_budget(pack, budget))
+    p = prompt(40)  # crosses two 16-token page boundaries
+    np.testing.assert_allclose(lm.logits(p), ref_logits(ref, p), atol=1e-4, rtol=0)
+    assert lm.generate(p[:5], max_new_tokens=32) == ref_greedy(ref, p[:5], 32)
+    assert lm.stats()["kv"]["in_use"] == 0
+    lm.close()
+
+
+class OnDemandExperts:
+    """A provider with no cache: reads each expert through the reader on every acquire and
+    lets the engine pin one expert at a time (the tightest grouping the engine supports)."""
+    max_acquire = 1
+
+    def __init__(self, reader):
+        self.reader, self.layout = reader, ExpertLayout.from_reader(reader)
+        self.pinned, self.hints, self.acquired = set(), [], []
+
+    def route(self, layer, probs, topk_idx):
+        return topk_idx
+
+    def acquire(self, layer, ids) -> dict[int, ExpertWeights]:
+        assert len(ids) <= self.max_acquire and not self.pinned
+        out = {}
+        for e in ids:
+            buf = np.frombuffer(bytearray(self.reader.read_block(self.layout.block(layer, e))), np.uint8)
+            out[e] = self.layout.views(buf)
+            self.pinned.add((layer, e))
+            self.acquired.append((layer, e))
+        return out
+
+    def release(self, layer, ids):
+        for e in ids:
+            self.pinned.remove((layer, e))
+
+    def hint(self, layer, probs):
+        self.hints.append((layer, tuple(probs.shape)))
+
+    def stats(self):
+        return {"provider": "on-demand", "acquired": len(self.acquired)}
+
+
+@pytest.mark.parametrize("name", ["mixtral", "qwen2_moe_dense0"])
+def test_exact_mode_is_bitwise_equal_to_all_resident(models, name):
+    pack, _ = models[name]
+    resident = runtime().load(pack, expert_budget=1.0)
+    p = prompt(24, seed=3)
+    want = resident.logits(p)
+    want_gen = resident.generate(p[:4], max_new_tokens=12)
+    rt = runtime()
+    from edgert.pack import PackReader
+    prov = OnDemandExperts(PackReader(pack))
+    lm = rt.load(pack, provider=prov)
+    assert np.array_equal(lm.logits(p), want)
+    assert lm.generate(p[:4], max_new_tokens=12) == want_gen
+    assert not prov.pinned
+    moe = lm.cfg.moe_layers
+    # the next sparse layer is hinted after every layer that precedes one, with probs [T, E]
+    assert {l for l, _ in prov.hints} == set(moe[1:] if moe[0] == 0 else moe)
+    assert all(s[1] == lm.cfg.num_experts for _, s in prov.hints)
+    if HAS_CACHE:
+        for frac in (_budget(pack, "one_per_layer"), 0.5, 0.75):
+            small = runtime().load(pack, expert_budget=frac)
+            assert np.array_equal(small.logits(p), want), frac
+            assert small.generate(p[:4], max_new_tokens=12) == want_gen, frac
+
+
+def test_stream_and_sampling(models):
+    pack, _ = models["mixtral"]
+    lm = runtime().load(pack, expert_budget=1.0)
+    p = prompt(7, seed=5)
+    assert list(lm.generate(p, max_new_tokens=10, stream=True)) == lm.generate(p, max_new_tokens=10)
+    a = lm.generate(p, max_new_tokens=10, temperature=0.8, top_p=0.9, seed=7)
+    b = lm.generate(p, max_new_tokens=10, temperature=0.8, top_p=0.9, seed=7)
+    assert a == b and len(a) == 10
+    assert lm.stats()["decode_tokens"] > 0
+
+
+def test_eos_stops_generation(tmp_path):
+    d = save(mixtral_config(eos_token_id=None), tmp_path / "m")
+    pack = tmp_path / "m.edgepack"
+    pack_hf(d, pack, progress=False)
+    first = runtime().load(pack, expert_budget=1.0).generate(prompt(5), max_new_tokens=8)
+    # make the third generated token the EOS: generation must stop right after it
+    import json
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["eos_token_id"] = first[2]
+    (d / "config.json").write_text(json.dumps(cfg))
+    pack_hf(d, pack, progress=False)
+    out = runtime().load(pack, expert_budget=1.0).generate(prompt(5), max_new_tokens=8)
+    assert out == first[:first.index(first[2]) + 1]
+
+
+def test_weights_count_against_the_budget(models):
+    pack, _ = models["mixtral"]
+    rt = runtime()
+    lm = rt.load(pack, expert_budget=1.0)
+    st = rt.arena.stats()["pools"]
+    assert st["weights"]["in_use_bytes"] >= sum(t.numel() * 4 for k, t in lm.w.items()
+                                                if k != "lm_head.weight" or not lm.cfg.tie_word_embeddings) - 1
+    assert st["experts"]["in_use_bytes"] >= lm.layout.extent_bytes * len(lm.layout.table)
+    lm.close()
+    assert rt.arena.in_use_bytes() == 0
+    with pytest.raises(BudgetExceeded):
+        runtime(weights="16 KiB").load(pack, expert_budget=1.0)
+    with pytest.raises(BudgetExceeded):
+        runtime(experts="16 KiB").load(pack, expert_budget=1.0)
