@@ -1,0 +1,175 @@
+"""OnnxEngine: one ONNX Runtime session whose weights are bound from arena memory.
+
+The pack stores the graph without initializer data (section ``onnx_skeleton``). The
+engine turns every weight into a graph input, builds the session once, and binds each
+input to an OrtValue over the arena view (IOBinding, zero copy on the CPU provider).
+A task switch rewrites those bytes in place, so the session never changes.
+
+Bound weights cost speed on the CPU provider: ORT pre-packs constant MatMul/Conv
+weights at session build, and cannot for inputs. ``build_prepacked()`` makes a second
+session with the current weights as constant initializers (ORT copies and pre-packs
+them); the task model swaps it in once a task keeps running, and charges its memory to
+the arena budget.
+"""
+from __future__ import annotations
+
+import logging
+import time
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import helper
+
+from ..errors import InputMismatch
+
+log = logging.getLogger(__name__)
+ORT_PROVIDERS = {"tensorrt": "TensorrtExecutionProvider", "cuda": "CUDAExecutionProvider",
+                 "cpu": "CPUExecutionProvider"}
+PLACEHOLDER = "edgert-arena"  # external-data location of initializers supplied from memory
+
+
+def choose_providers(wanted) -> list[str]:
+    """Config provider names (tensorrt, cuda, cpu) -> ORT providers present in this build."""
+    have, out = set(ort.get_available_providers()), []
+    for p in wanted:
+        name = ORT_PROVIDERS[p]
+        if name in have:
+            out.append(name)
+        else:
+            log.warning("provider %s skipped: not in this onnxruntime build (%s)", p,
+                        ", ".join(sorted(have)))
+    if ORT_PROVIDERS["cpu"] not in out:
+        out.append(ORT_PROVIDERS["cpu"])
+    return out
+
+
+def session_options(threads: int) -> ort.SessionOptions:
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.log_severity_level = 3
+    return opts
+
+
+class OnnxEngine:
+    """Runs one graph with weights bound from ``weights`` (name -> arena view).
+
+    ``weights`` must stay valid (and at the same address) for the engine's life; their
+    contents may change between runs (that is a task switch).
+    """
+
+    def __init__(self, skeleton: bytes, weights: dict[str, np.ndarray], *,
+                 providers=("cpu",), threads: int = 2):
+        self.skeleton = onnx.ModelProto.FromString(skeleton)
+        self.weights = weights
+        self.threads = threads
+        self.providers = choose_providers(providers)
+        graph = self.skeleton.graph
+        known = {vi.name for vi in graph.input}
+        self.inputs = {vi.name: _spec(vi) for vi in graph.input if vi.name not in weights}
+        self.outputs = [vi.name for vi in graph.output]
+        model = onnx.ModelProto()
+        model.CopyFrom(self.skeleton)
+        for name, arr in weights.items():
+            if name not in known:
+                model.graph.input.append(helper.make_tensor_value_info(
+                    name, helper.np_dtype_to_tensor_dtype(arr.dtype), arr.shape))
+        t0 = time.perf_counter()
+        self.session = ort.InferenceSession(model.SerializeToString(), session_options(threads),
+                                            providers=self.providers)
+        self.build_seconds = time.perf_counter() - t0
+        self._report_fallback(self.session)
+        self._binding = self.session.io_binding()
+        self._weight_values = {n: ort.OrtValue.ortvalue_from_numpy(a) for n, a in weights.items()}
+        for n, v in self._weight_values.items():   # NOTE: bound once; switches rewrite the bytes
+            self._binding.bind_ortvalue_input(n, v)
+
+    def _report_fallback(self, session: ort.InferenceSession) -> None:
+        got = session.get_providers()
+        lost = [p for p in self.providers if p not in got]
+        if lost:
+            log.warning("providers %s failed to initialise (no device or libraries); running on %s",
+                        ", ".join(lost), ", ".join(got))
+
+    @property
+    def active_providers(self) -> list[str]:
+        return self.session.get_providers()
+
+    # --- inputs --------------------------------------------------------------------------
+    def check_inputs(self, feeds: dict) -> dict[str, np.ndarray]:
+        """Validated, C-contiguous inputs; InputMismatch names the first bad input."""
+        if not isinstance(feeds, dict):
+            raise InputMismatch(f"inputs must be a dict name -> array, got {type(feeds).__name__}")
+        for name in feeds:
+            if name not in self.inputs:
+                raise InputMismatch(f"unknown input {name!r}; the graph takes "
+                                    f"{', '.join(_fmt(n, s) for n, s in self.inputs.items())}")
+        out = {}
+        for name, (dtype, shape) in self.inputs.items():
+            if name not in feeds:
+                raise InputMismatch(f"missing input {_fmt(name, (dtype, shape))}")
+            arr = np.asarray(feeds[name])
+            if arr.dtype != dtype:
+                raise InputMismatch(f"input {name!r} has dtype {arr.dtype}, expected {dtype}")
+            if arr.ndim != len(shape) or any(isinstance(d, int) and d != a
+                                             for d, a in zip(shape, arr.shape)):
+                raise InputMismatch(f"input {name!r} has shape {tuple(arr.shape)}, expected "
+                                    f"[{', '.join(str(d) for d in shape)}]")
+            out[name] = np.ascontiguousarray(arr)
+        return out
+
+    # --- running -------------------------------------------------------------------------
+    def run(self, feeds: dict) -> dict[str, np.ndarray]:
+        """Run with the bound (arena) weights."""
+        feeds = self.check_inputs(feeds)
+        for name, arr in feeds.items():
+            self._binding.bind_cpu_input(name, arr)
+        for name in self.outputs:
+            self._binding.bind_output(name)
+        self.session.run_with_iobinding(self._binding)
+        return dict(zip(self.outputs, self._binding.copy_outputs_to_cpu()))
+
+    def build_prepacked(self) -> "PrepackedSession":
+        """A session with the current weights as constant initializers (ORT copies them).
+        The weights must not change while this runs; the caller discards the result if
+        they did."""
+        return PrepackedSession(self)
+
+
+class PrepackedSession:
+    """A full-speed session of one task's weights, built from the skeleton and the arena."""
+
+    def __init__(self, engine: OnnxEngine):
+        model = onnx.ModelProto()
+        model.CopyFrom(engine.skeleton)
+        for name, arr in engine.weights.items():
+            t = model.graph.initializer.add()
+            t.name, t.data_type = name, helper.np_dtype_to_tensor_dtype(arr.dtype)
+            t.dims.extend(arr.shape)
+            t.data_location = onnx.TensorProto.EXTERNAL
+            t.external_data.add(key="location", value=PLACEHOLDER)
+        opts = session_options(engine.threads)
+        names = list(engine.weights)
+        opts.add_external_initializers(names, [engine._weight_values[n] for n in names])
+        t0 = time.perf_counter()
+        self.session = ort.InferenceSession(model.SerializeToString(), opts,
+                                            providers=engine.providers)
+        self.build_seconds = time.perf_counter() - t0
+        self.outputs = engine.outputs
+
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """``feeds`` already checked by the engine."""
+        return dict(zip(self.outputs, self.session.run(self.outputs, feeds)))
+
+
+def _spec(vi: onnx.ValueInfoProto) -> tuple[np.dtype, tuple]:
+    t = vi.type.tensor_type
+    dims = tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or "?")
+                 for d in t.shape.dim)
+    return np.dtype(helper.tensor_dtype_to_np_dtype(t.elem_type)), dims
+
+
+def _fmt(name: str, spec) -> str:
+    dtype, shape = spec
+    return f"{name!r} ({dtype}[{', '.join(str(d) for d in shape)}])"

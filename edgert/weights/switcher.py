@@ -1,0 +1,272 @@
+"""TaskSwitcher: the active task's tensors as dense views over one run of weight slots.
+
+Every task of an ``onnx-tasks`` pack has the same tensors (names, dtypes, shapes), so
+one layout serves all of them: each tensor starts 4 KiB-aligned inside a contiguous run
+of weight-pool slots, and block k of a tensor always lands at the same byte offset (a
+*position*). A switch A -> B rewrites only the positions whose block hash differs,
+copying from the spare-slot BlockCache when the block is resident and reading from
+storage (coalesced, verified) otherwise. The slots outside the run are the cache.
+
+NOTE: a switch is all-or-nothing. Displaced blocks are kept in the cache where a slot
+is free or evictable; if a storage block fails its checksum, the positions already
+written are restored (from the cache, else from storage) and the previous task stays
+active and runnable.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..errors import BudgetExceeded, IncompatibleModels, PackCorrupt
+from ..memory import SlotPool, Storage
+from ..pack import PackReader
+from .block_cache import BlockCache
+
+log = logging.getLogger(__name__)
+ALIGN = 4096
+MAX_EXTENT = 4 << 20  # coalesce adjacent block reads up to 4 MiB: few syscalls, deep enough for O_DIRECT
+
+
+def _align_up(n: int) -> int:
+    return (n + ALIGN - 1) // ALIGN * ALIGN
+
+
+@dataclass
+class SwitchResult:
+    task: str
+    seconds: float = 0.0
+    blocks_moved: int = 0
+    bytes_moved: int = 0       # bytes written into the active task's positions
+    from_cache: int = 0        # blocks copied from spare slots
+    from_storage: int = 0      # blocks read from the pack
+    bytes_read: int = 0        # bytes read from storage for this switch
+    kept: int = 0              # displaced blocks kept in spare slots
+
+
+@dataclass(frozen=True)
+class Slot:
+    """Where one tensor lives inside the run."""
+    offset: int
+    nbytes: int
+    dtype: np.dtype
+    shape: tuple[int, ...]
+
+
+class TaskSwitcher:
+    def __init__(self, reader: PackReader, pool: SlotPool, storage: Storage, *,
+                 cache: BlockCache | None = None, keep_displaced: bool = True):
+        self.reader, self.pool, self.storage = reader, pool, storage
+        self.cache = cache if cache is not None else BlockCache(pool, storage, reader)
+        self.keep_displaced = keep_displaced
+        self.layout = _layout(reader)
+        self.run_bytes = _align_up(max((s.offset + s.nbytes for s in self.layout.values()),
+                                       default=0))
+        n = -(-self.run_bytes // pool.slot_size)
+        if n > pool.free_count + self.cache.evictable:
+            raise BudgetExceeded(f"dense weights of a task of {reader.path}", n * pool.slot_size,
+                                 (pool.free_count + self.cache.evictable) * pool.slot_size)
+        if pool.free_count < n:      # make room: spare blocks are only a cache
+            self.cache.clear()
+        self.first_slot, self.n_slots = pool.alloc_run(n), n
+        self.run = pool.view_run(self.first_slot, n)            # uint8 [n * slot_size]
+        self._positions(reader)
+        self.active: str | None = None
+        self._cur = np.full(len(self.pos_off), -1, np.int64)    # hash id per position, -1 = empty
+        self._cur_blk = np.full(len(self.pos_off), -1, np.int64)
+        self.history: list[SwitchResult] = []
+
+    # --- layout --------------------------------------------------------------------------
+    def _positions(self, reader: PackReader) -> None:
+        bs, off, lens = reader.block_size, [], []
+        for s in self.layout.values():
+            for k in range(-(-s.nbytes // bs)):
+                off.append(s.offset + k * bs)
+                lens.append(min(bs, s.nbytes - k * bs))
+        self.pos_off, self.pos_len = np.array(off, np.int64), np.array(lens, np.int64)
+        hid: dict[bytes, int] = {}
+        self.block_hid = np.array([hid.setdefault(b.hash, len(hid)) for b in reader.blocks],
+                                  np.int64)
+        self._task_blk: dict[str, np.ndarray] = {}
+        for t in reader.tasks:
+            blk = np.array([b for name in self.layout for b in reader.task(t)[name].blocks],
+                           np.int64)
+            if len(blk) != len(off) or np.any(
+                    np.array([reader.blocks[b].length for b in blk], np.int64) != self.pos_len):
+                raise IncompatibleModels(f"task {t!r}: block lengths do not match its tensors")
+            self._task_blk[t] = blk
+
+    def tensors(self) -> dict[str, np.ndarray]:
+        """Dense views of the active task's tensors; fixed for the switcher's life."""
+        out = {}
+        for name, s in self.layout.items():
+            out[name] = self.run[s.offset:s.offset + s.nbytes].view(s.dtype).reshape(s.shape)
+        return out
+
+    def task_blocks(self, task: str) -> np.ndarray:
+        if task not in self._task_blk:
+            self.reader.task(task)  # raises UnknownTask listing the tasks
+        return self._task_blk[task]
+
+    def changed_positions(self, task: str) -> np.ndarray:
+        return np.flatnonzero(self.block_hid[self.task_blocks(task)] != self._cur)
+
+    # --- switching -----------------------------------------------------------------------
+    def switch(self, task: str) -> SwitchResult:
+        blk = self.task_blocks(task)
+        t0 = time.perf_counter()
+        res = SwitchResult(task)
+        diff = np.flatnonzero(self.block_hid[blk] != self._cur)
+        hashes = [self.reader.blocks[b].hash for b in blk[diff]]
+        hit = np.array([self.cache.contains(h) for h in hashes], bool)
+        for p, b in zip(diff[hit], blk[diff[hit]]):
+            self.cache.get(int(b), pin=True)          # NOTE: pinned so keeping displaced blocks cannot evict them
+        try:
+            if self.keep_displaced and self.active is not None:
+                res.kept = self._keep(diff)
+            written: list[int] = []
+            try:
+                res.bytes_read = self._read(diff[~hit], blk, written)
+            except (PackCorrupt, OSError):
+                self._restore(written)
+                raise
+            for p, b in zip(diff[hit], blk[diff[hit]]):
+                o, n = self.pos_off[p], self.pos_len[p]
+                self.run[o:o + n] = self.cache.peek(self.reader.blocks[b].hash)[:n]
+        finally:
+            for h in (hashes[i] for i in np.flatnonzero(hit)):
+                self.cache.unpin(h)
+        self._cur[diff] = self.block_hid[blk[diff]]
+        self._cur_blk[diff] = blk[diff]
+        self.active = str(task)
+        res.blocks_moved, res.bytes_moved = len(diff), int(self.pos_len[diff].sum())
+        res.from_cache, res.from_storage = int(hit.sum()), int((~hit).sum())
+        res.seconds = time.perf_counter() - t0
+        self.history.append(res)
+        return res
+
+    def _keep(self, diff: np.ndarray) -> int:
+        kept = 0
+        for p in diff:
+            b = int(self._cur_blk[p])
+            if b < 0 or self.cache.contains(self.reader.blocks[b].hash):
+                continue
+            o = self.pos_off[p]
+            if self.cache.put(b, self.run[o:o + self.pos_len[p]]) is None:
+                break                                   # no free or evictable slot left
+            kept += 1
+        return kept
+
+    def _extents(self, positions: np.ndarray, blk: np.ndarray):
+        """Group positions whose blocks are adjacent both in the file and in the run."""
+        group: list[int] = []
+        for p in positions:
+            if group:
+                q = group[-1]
+                ent_q, ent_p = self.reader.blocks[blk[q]], self.reader.blocks[blk[p]]
+                gap = _align_up(int(self.pos_len[q]))
+                if (ent_p.offset - ent_q.offset != gap or self.pos_off[p] - self.pos_off[q] != gap
+                        or ent_p.offset + ent_p.length - self.reader.blocks[blk[group[0]]].offset
+                        > MAX_EXTENT):
+                    yield group
+                    group = []
+            group.append(int(p))
+        if group:
+            yield group
+
+    def _read(self, positions: np.ndarray, blk: np.ndarray, written: list[int]) -> int:
+        """Read the blocks at ``positions`` from storage straight into the run; verify each."""
+        total = 0
+        for group in self._extents(positions, blk):
+            first, last = self.reader.blocks[blk[group[0]]], self.reader.blocks[blk[group[-1]]]
+            length = last.offset + last.length - first.offset
+            o = int(self.pos_off[group[0]])
+            written.extend(group)
+            self.storage.read_into(first.offset, length, self.run[o:o + _align_up(length)])
+            for p in group:
+                o, n = self.pos_off[p], self.pos_len[p]
+                self.reader.check_block(int(blk[p]), self.run[o:o + n])
+            total += length
+        return total
+
+    def _restore(self, positions: list[int]) -> None:
+        """Put the active task's blocks back at ``positions`` after a failed switch."""
+        try:
+            for p in positions:
+                b = int(self._cur_blk[p])
+                if b < 0:
+                    continue
+                o, n = self.pos_off[p], self.pos_len[p]
+                src = self.cache.peek(self.reader.blocks[b].hash)
+                if src is not None:
+                    self.run[o:o + n] = src[:n]
+                else:
+                    self.storage.read_into(self.reader.blocks[b].offset, n,
+                                           self.run[o:o + _align_up(n)])
+                    self.reader.check_block(b, self.run[o:o + n])
+        except (PackCorrupt, OSError):
+            log.error("cannot restore task %s after a failed switch; no task is active",
+                      self.active)
+            self.active = None
+            self._cur[:] = -1
+            self._cur_blk[:] = -1
+            raise
+
+    # --- prewarm -------------------------------------------------------------------------
+    def prewarm(self, tasks: list[str]) -> dict:
+        """Fill spare slots with blocks the named tasks need and the active task lacks,
+        blocks needed by more of them first. Returns counts of what was loaded."""
+        need: dict[int, int] = {}          # block index -> how many named tasks need it
+        first_seen: dict[int, int] = {}
+        for rank, t in enumerate(tasks):
+            blk = self.task_blocks(t)
+            for b in set(blk[self.block_hid[blk] != self._cur].tolist()):
+                need[b] = need.get(b, 0) + 1
+                first_seen.setdefault(b, rank)
+        order = sorted(need, key=lambda b: (-need[b], first_seen[b], b))
+        room = self.pool.free_count + self.cache.evictable
+        wanted = order[:room]
+        hits = self.cache.counters.hits
+        before = self.cache.counters.bytes_read
+        for b in reversed(wanted):          # most-shared last, so LRU evicts it last
+            self.cache.prefetch(b)
+        self.cache.counters.hits = hits     # NOTE: prewarm touches are not cache hits of a switch
+        return {"wanted": len(need), "resident": len(wanted),
+                "bytes_read": self.cache.counters.bytes_read - before}
+
+    def close(self) -> None:
+        self.cache.clear()
+        self.pool.free_run(self.first_slot, self.n_slots)
+        self.active = None
+
+    def stats(self) -> dict:
+        h = self.history
+        return {"active": self.active, "switches": len(h),
+                "bytes_moved": sum(r.bytes_moved for r in h),
+                "bytes_read": sum(r.bytes_read for r in h),
+                "blocks_from_cache": sum(r.from_cache for r in h),
+                "blocks_from_storage": sum(r.from_storage for r in h),
+                "run_bytes": self.n_slots * self.pool.slot_size,
+                "spare_slots": self.pool.capacity - self.n_slots,
+                "cache": self.cache.stats()}
+
+
+def _layout(reader: PackReader) -> dict[str, Slot]:
+    """One layout for every task: tensors in manifest order, each starting 4 KiB-aligned."""
+    tasks = reader.tasks
+    if not tasks:
+        raise IncompatibleModels(f"{reader.path}: the pack holds no task")
+    ref = reader.task(tasks[0])
+    for t in tasks[1:]:
+        other = reader.task(t)
+        for name in ref.keys() | other.keys():
+            a, b = ref.get(name), other.get(name)
+            if a is None or b is None or (a.dtype, a.shape) != (b.dtype, b.shape):
+                raise IncompatibleModels(f"tasks {tasks[0]!r} and {t!r} differ at tensor {name!r}")
+    out, pos = {}, 0
+    for name, s in ref.items():
+        out[name] = Slot(pos, s.nbytes, s.np_dtype, tuple(s.shape))
+        pos = _align_up(pos + s.nbytes)
+    return out

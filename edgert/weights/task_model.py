@@ -1,0 +1,198 @@
+"""TaskModel: what ``Runtime.load()`` returns for an ``onnx-tasks`` pack.
+
+    m = rt.load("tasks.edgepack")
+    m.switch("lane")                 # moves only the blocks that differ
+    out = m.run({"image": x})        # dict in, dict out; m.run(x, task="sign") switches first
+    m.prewarm(["sign", "parking"])   # fill spare slots, most-shared blocks first
+    m.stats()
+
+Policy lives here, mechanism below: the TaskSwitcher moves blocks, the OnnxEngine runs
+the bound session. Once a task keeps running (``PREPACK_AFTER_RUNS`` runs since its
+switch) a pre-packed session of it is built in the background, its memory charged to
+the arena's engine allowance, and swapped in; any switch drops it first.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+
+import numpy as np
+
+from ..engines.onnx_engine import OnnxEngine, PrepackedSession
+from ..errors import BudgetExceeded, UnsupportedModel
+from .switcher import SwitchResult, TaskSwitcher
+
+log = logging.getLogger(__name__)
+SKELETON = "onnx_skeleton"
+PREPACK_AFTER_RUNS = 3   # runs of one task before it counts as "keeps running"
+PREPACK_FACTOR = 1.75    # ORT memory of a pre-packed session / dense weight bytes; measured on
+                         # the demo ViT: +79.5 MB RSS for 46.5 MB of weights (copy + packed B)
+PREPACK_MODES = ("auto", "sync", "off")
+HISTORY = 1024           # switch and run timings kept for stats()
+
+
+class TaskModel:
+    def __init__(self, rt, reader, *, task: str | None = None, prepack: str = "auto",
+                 keep_displaced: bool = True):
+        if prepack not in PREPACK_MODES:
+            raise ValueError(f"prepack={prepack!r}; choose one of {', '.join(PREPACK_MODES)}")
+        if SKELETON not in reader.sections:
+            raise UnsupportedModel(f"{reader.path}: no {SKELETON!r} section; pack it with "
+                                   "`edgert pack onnx`")
+        self.rt, self.reader, self.prepack = rt, reader, prepack
+        self.storage = rt.open_storage(reader.path)
+        self.switcher = TaskSwitcher(reader, rt.arena.pool("weights"), self.storage,
+                                     keep_displaced=keep_displaced)
+        cfg = rt.config
+        self.engine = OnnxEngine(reader.sections[SKELETON], self.switcher.tensors(),
+                                 providers=cfg.providers, threads=cfg.threads)
+        self._lock = threading.RLock()
+        self._gen = 0                       # bumped by every switch that changes weights
+        self._fast: PrepackedSession | None = None
+        self._building: threading.Thread | None = None
+        self._charge = f"onnx pre-packed session ({reader.path})"
+        self._runs_since_switch = 0
+        self._run_ms: deque[float] = deque(maxlen=HISTORY)
+        self._prepack_builds: list[float] = []
+        self._prepack_skipped = ""
+        self.dense_bytes = sum(a.nbytes for a in self.switcher.tensors().values())
+        self.switch(task if task is not None else reader.tasks[0])
+
+    @property
+    def active(self) -> str | None:
+        return self.switcher.active
+
+    @property
+    def tasks(self) -> list[str]:
+        return self.reader.tasks
+
+    # --- switching -----------------------------------------------------------------------
+    def switch(self, task: str) -> SwitchResult:
+        """Make ``task`` active. UnknownTask, PackCorrupt or BudgetExceeded leave the
+        previous task active and runnable."""
+        with self._lock:
+            if len(self.switcher.changed_positions(task)):
+                self._drop_fast()           # NOTE: before any weight byte changes
+            res = self.switcher.switch(task)
+            self._runs_since_switch = 0
+            self._prepack_skipped = ""
+            if self.prepack == "sync":
+                self._start_prepack(wait=True)
+            return res
+
+    def prewarm(self, tasks: list[str]) -> dict:
+        with self._lock:
+            return self.switcher.prewarm(list(tasks))
+
+    # --- running -------------------------------------------------------------------------
+    def run(self, inputs: dict, task: str | None = None) -> dict[str, np.ndarray]:
+        with self._lock:
+            if task is not None and task != self.active:
+                self.switch(task)
+            if self.active is None:
+                raise RuntimeError("no task is active (a failed switch could not restore it); "
+                                   "call switch()")
+            t0 = time.perf_counter()
+            feeds = self.engine.check_inputs(inputs)
+            out = self._fast.run(feeds) if self._fast is not None else self.engine.run(feeds)
+            self._run_ms.append(1e3 * (time.perf_counter() - t0))
+            self._runs_since_switch += 1
+            if self.prepack == "auto" and self._runs_since_switch >= PREPACK_AFTER_RUNS:
+                self._start_prepack(wait=False)
+            return out
+
+    # --- pre-packed session --------------------------------------------------------------
+    @property
+    def prepacked(self) -> bool:
+        return self._fast is not None
+
+    def wait_prepacked(self, timeout: float | None = None) -> bool:
+        t = self._building
+        if t is not None:
+            t.join(timeout)
+        return self._fast is not None
+
+    def _start_prepack(self, wait: bool) -> None:
+        if self._fast is not None or self._building is not None or self._prepack_skipped:
+            return
+        need = int(PREPACK_FACTOR * self.dense_bytes)
+        try:
+            self.rt.arena.charge(self._charge, need)
+        except BudgetExceeded as e:
+            self._prepack_skipped = str(e)
+            log.info("running %s on bound weights only: %s", self.active, e)
+            return
+        gen = self._gen
+        if wait:
+            self._build(gen)
+            return
+        self._building = threading.Thread(target=self._build, args=(gen,), daemon=True,
+                                          name="edgert-prepack")
+        self._building.start()
+
+    def _build(self, gen: int) -> None:
+        try:
+            sess = self.engine.build_prepacked()
+        except Exception as e:  # ORT refused: keep running on bound weights
+            log.warning("pre-packed session build failed: %s", e)
+            sess = None
+        with self._lock:
+            if threading.current_thread() is self._building:
+                self._building = None
+            if sess is not None and gen == self._gen:
+                self._fast = sess
+                self._prepack_builds.append(sess.build_seconds)
+            elif self._fast is None and self._building is None:
+                self.rt.arena.discharge(self._charge)
+                if sess is None:
+                    self._prepack_skipped = "build failed"
+
+    def _drop_fast(self) -> None:
+        self._gen += 1
+        self._fast = None
+        if self._building is None:
+            self.rt.arena.discharge(self._charge)
+        # NOTE: a build still running copies weights that are about to change; _build sees
+        # the generation moved on, throws the session away and discharges.
+
+    # --- accounting ----------------------------------------------------------------------
+    def stats(self) -> dict:
+        with self._lock:
+            sw = self.switcher.stats()
+            hist = self.switcher.history
+            runs = list(self._run_ms)
+            return {**sw,
+                    "tasks": self.tasks,
+                    "last_switch": vars(hist[-1]) if hist else None,
+                    "switch_ms": _summary([1e3 * r.seconds for r in hist]),
+                    "run_ms": _summary(runs), "runs": len(runs),
+                    "storage": self.storage.stats(),
+                    "engine": {"providers": self.engine.active_providers,
+                               "session_build_s": self.engine.build_seconds,
+                               "prepacked": self._fast is not None,
+                               "prepack_mode": self.prepack,
+                               "prepack_builds_s": list(self._prepack_builds),
+                               "prepack_skipped": self._prepack_skipped},
+                    "memory": {"dense_task_bytes": self.dense_bytes,
+                               "weights_pool": self.switcher.pool.stats(),
+                               "engine_extra": self.rt.arena.stats()["extra"]}}
+
+    def close(self) -> None:
+        with self._lock:
+            self._drop_fast()
+            building = self._building
+        if building is not None:
+            building.join()
+        with self._lock:
+            self.switcher.close()
+            self.storage.close()
+
+
+def _summary(xs: list[float]) -> dict:
+    if not xs:
+        return {}
+    a = np.asarray(xs)
+    return {"n": len(a), "p50": float(np.median(a)), "p99": float(np.percentile(a, 99)),
+            "min": float(a.min()), "max": float(a.max())}

@@ -1,0 +1,1 @@
+"""Demo task models: one small-ViT backbone and sparse fine-tuned task variants."""

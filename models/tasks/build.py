@@ -1,0 +1,228 @@
+"""Build the demo task models: a small ViT backbone plus sparse "fine-tuned" variants.
+
+    python -m models.tasks.build --out models/out/tasks [--preset demo|tiny]
+
+Deterministic (fixed seeds, numpy only, graphs written with onnx.helper). Each task
+variant re-initialises its heads and perturbs a block-aligned subset of the late
+layers' weights, so 5-20% of the 64 KiB blocks differ from the base, the way a
+fine-tune that froze most of the backbone would.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+OPSET = 17
+BLOCK_BYTES = 65536  # the pack's default block size; variants perturb whole blocks of it
+
+
+@dataclass(frozen=True)
+class ViTSpec:
+    image: int = 112
+    patch: int = 16
+    dim: int = 384
+    depth: int = 6
+    heads: int = 6
+    mlp: int = 1536
+    head_hidden: int = 1024
+    classes: int = 256
+    block_bytes: int = BLOCK_BYTES
+    # task -> (seed, number of late layers touched, fraction of their blocks changed)
+    tasks: dict = field(default_factory=lambda: {
+        "detect": (11, 1, 0.55), "lane": (12, 2, 0.30), "sign": (13, 1, 0.25), "parking": (14, 2, 0.40)})
+
+    @staticmethod
+    def from_name(name: str) -> "ViTSpec":
+        if name == "demo":
+            return ViTSpec()
+        if name == "tiny":  # for tests: ~0.3 MB, pack it with 4 KiB blocks
+            return ViTSpec(image=32, patch=8, dim=64, depth=2, heads=2, mlp=128, head_hidden=64,
+                           classes=16, block_bytes=4096)
+        raise ValueError(f"unknown preset {name!r} (demo, tiny)")
+
+    @property
+    def tokens(self) -> int:
+        return (self.image // self.patch) ** 2
+
+
+def base_weights(spec: ViTSpec, seed: int = 0) -> dict[str, np.ndarray]:
+    """Randomly initialised backbone + heads, name -> float32 array (insertion order = graph order)."""
+    rng = np.random.default_rng(seed)
+    d, p = spec.dim, spec.patch
+
+    def lin(n_in, n_out):
+        return (rng.standard_normal((n_in, n_out), dtype=np.float32) / np.sqrt(n_in)).astype(np.float32)
+
+    def bias(n):
+        return (0.02 * rng.standard_normal(n, dtype=np.float32)).astype(np.float32)
+
+    w = {"patch.w": (rng.standard_normal((d, 3, p, p), dtype=np.float32) / np.sqrt(3 * p * p)).astype(np.float32),
+         "patch.b": bias(d),
+         "pos": (0.02 * rng.standard_normal((1, spec.tokens, d), dtype=np.float32)).astype(np.float32)}
+    for i in range(spec.depth):
+        w[f"l{i}.ln1.g"] = np.ones(d, np.float32)
+        w[f"l{i}.ln1.b"] = np.zeros(d, np.float32)
+        for n in "qkvo":
+            w[f"l{i}.attn.{n}.w"] = lin(d, d)
+            w[f"l{i}.attn.{n}.b"] = bias(d)
+        w[f"l{i}.ln2.g"] = np.ones(d, np.float32)
+        w[f"l{i}.ln2.b"] = np.zeros(d, np.float32)
+        w[f"l{i}.mlp.fc1.w"] = lin(d, spec.mlp)
+        w[f"l{i}.mlp.fc1.b"] = bias(spec.mlp)
+        w[f"l{i}.mlp.fc2.w"] = lin(spec.mlp, d)
+        w[f"l{i}.mlp.fc2.b"] = bias(d)
+    w["norm.g"] = np.ones(d, np.float32)
+    w["norm.b"] = np.zeros(d, np.float32)
+    w["head.fc1.w"] = lin(d, spec.head_hidden)
+    w["head.fc1.b"] = bias(spec.head_hidden)
+    w["head.fc2.w"] = lin(spec.head_hidden, spec.classes)
+    w["head.fc2.b"] = bias(spec.classes)
+    return w
+
+
+def task_weights(base: dict[str, np.ndarray], spec: ViTSpec, seed: int, layers: int,
+                 frac: float) -> dict[str, np.ndarray]:
+    """A fine-tune of `base`: new heads, final norm, and `frac` of the blocks of the last `layers` layers."""
+    rng = np.random.default_rng(seed)
+    per_block = spec.block_bytes // 4
+    late = tuple(f"l{i}." for i in range(spec.depth - layers, spec.depth))
+    out = {}
+    for name, arr in base.items():
+        if name.startswith(("head.", "norm.")):
+            out[name] = arr + (0.05 * rng.standard_normal(arr.shape, dtype=np.float32)).astype(np.float32)
+        elif name.startswith(late):
+            flat = arr.reshape(-1).copy()
+            n_blocks = -(-flat.size // per_block)
+            picked = rng.choice(n_blocks, size=max(1, round(frac * n_blocks)), replace=False)
+            for b in picked:
+                seg = flat[b * per_block:(b + 1) * per_block]
+                seg += (0.01 * rng.standard_normal(seg.size, dtype=np.float32)).astype(np.float32)
+            out[name] = flat.reshape(arr.shape)
+        else:
+            out[name] = arr
+    return out
+
+
+def changed_blocks(a: dict[str, np.ndarray], b: dict[str, np.ndarray], block_bytes: int) -> tuple[int, int]:
+    """(blocks that differ, total blocks), cutting each tensor's bytes as the pack does."""
+    diff = total = 0
+    for name, x in a.items():
+        xa, xb = x.tobytes(), b[name].tobytes()
+        for off in range(0, len(xa), block_bytes):
+            total += 1
+            diff += xa[off:off + block_bytes] != xb[off:off + block_bytes]
+    return diff, total
+
+
+def vit_graph(spec: ViTSpec, weights: dict[str, np.ndarray]) -> onnx.ModelProto:
+    d, h = spec.dim, spec.heads
+    nodes: list[onnx.NodeProto] = []
+    counter = iter(range(1 << 30))
+
+    def op(kind, inputs, **attrs):
+        out = f"{kind.lower()}_{next(counter)}"
+        nodes.append(helper.make_node(kind, inputs, [out], **attrs))
+        return out
+
+    def const(values, dtype=np.int64):
+        out = f"const_{next(counter)}"
+        nodes.append(helper.make_node("Constant", [], [out],
+                                      value=numpy_helper.from_array(np.asarray(values, dtype=dtype))))
+        return out
+
+    def linear(x, prefix):
+        return op("Add", [op("MatMul", [x, prefix + ".w"]), prefix + ".b"])
+
+    def layernorm(x, prefix):
+        return op("LayerNormalization", [x, prefix + ".g", prefix + ".b"], axis=-1, epsilon=1e-5)
+
+    x = op("Conv", ["image", "patch.w", "patch.b"], kernel_shape=[spec.patch] * 2, strides=[spec.patch] * 2)
+    x = op("Transpose", [op("Reshape", [x, const([0, d, -1])])], perm=[0, 2, 1])     # [N, T, D]
+    x = op("Add", [x, "pos"])
+    heads_shape, merge_shape = const([0, 0, h, d // h]), const([0, 0, d])
+    scale = const(1.0 / np.sqrt(d // h), np.float32)
+    half, one, rsqrt2 = const(0.5, np.float32), const(1.0, np.float32), const(1 / np.sqrt(2), np.float32)
+    for i in range(spec.depth):
+        y = layernorm(x, f"l{i}.ln1")
+        q = op("Transpose", [op("Reshape", [linear(y, f"l{i}.attn.q"), heads_shape])], perm=[0, 2, 1, 3])
+        k = op("Transpose", [op("Reshape", [linear(y, f"l{i}.attn.k"), heads_shape])], perm=[0, 2, 3, 1])
+        v = op("Transpose", [op("Reshape", [linear(y, f"l{i}.attn.v"), heads_shape])], perm=[0, 2, 1, 3])
+        att = op("Softmax", [op("Mul", [op("MatMul", [q, k]), scale])], axis=-1)         # [N, H, T, T]
+        ctx = op("Reshape", [op("Transpose", [op("MatMul", [att, v])], perm=[0, 2, 1, 3]), merge_shape])
+        x = op("Add", [x, linear(ctx, f"l{i}.attn.o")])
+        y = linear(layernorm(x, f"l{i}.ln2"), f"l{i}.mlp.fc1")
+        gelu = op("Mul", [op("Mul", [y, half]), op("Add", [one, op("Erf", [op("Mul", [y, rsqrt2])])])])
+        x = op("Add", [x, linear(gelu, f"l{i}.mlp.fc2")])
+    pooled = op("ReduceMean", [layernorm(x, "norm")], axes=[1], keepdims=0)              # [N, D]
+    logits = linear(op("Relu", [linear(pooled, "head.fc1")]), "head.fc2")
+    nodes.append(helper.make_node("Identity", [logits], ["logits"]))
+    graph = helper.make_graph(
+        nodes, "edgert_demo_vit",
+        [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["N", 3, spec.image, spec.image])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", spec.classes])],
+        [numpy_helper.from_array(a, name) for name, a in weights.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)],
+                              producer_name="edgert.models.tasks")
+    model.ir_version = 8
+    return model
+
+
+def build(out_dir: str, preset: str = "demo") -> dict[str, str]:
+    """Write base.onnx and one ONNX file per task into out_dir; returns {name: path}."""
+    spec = ViTSpec.from_name(preset)
+    os.makedirs(out_dir, exist_ok=True)
+    base = base_weights(spec)
+    paths, report = {}, {"preset": preset, "spec": asdict(spec), "tasks": {}}
+    for name, params in [("base", None), *spec.tasks.items()]:
+        w = base if params is None else task_weights(base, spec, *params)
+        path = os.path.join(out_dir, f"{name}.onnx")
+        with open(path + ".tmp", "wb") as f:
+            f.write(vit_graph(spec, w).SerializeToString())
+        os.replace(path + ".tmp", path)
+        paths[name] = path
+        if params is not None:
+            diff, total = changed_blocks(base, w, spec.block_bytes)
+            report["tasks"][name] = {"changed_blocks": diff, "blocks": total, "changed_frac": diff / total}
+    report["weight_bytes"] = sum(a.nbytes for a in base.values())
+    with open(os.path.join(out_dir, "models.json"), "w") as f:
+        json.dump(report, f, indent=1)
+    return paths
+
+
+def ensure_built(out_dir: str, preset: str = "demo") -> dict[str, str]:
+    """Build unless out_dir already holds this preset's models."""
+    spec = ViTSpec.from_name(preset)
+    names = ["base", *spec.tasks]
+    try:
+        with open(os.path.join(out_dir, "models.json")) as f:
+            same = json.load(f).get("spec") == json.loads(json.dumps(asdict(spec)))
+    except (OSError, ValueError):
+        same = False
+    paths = {n: os.path.join(out_dir, f"{n}.onnx") for n in names}
+    if same and all(os.path.exists(p) for p in paths.values()):
+        return paths
+    return build(out_dir, preset)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", default="models/out/tasks")
+    ap.add_argument("--preset", default="demo", choices=["demo", "tiny"])
+    args = ap.parse_args(argv)
+    paths = build(args.out, args.preset)
+    with open(os.path.join(args.out, "models.json")) as f:
+        report = json.load(f)
+    print(f"backbone weights: {report['weight_bytes'] / 1e6:.1f} MB float32 -> {args.out}")
+    for name, r in report["tasks"].items():
+        print(f"  {name:8s} {r['changed_blocks']:4d}/{r['blocks']} blocks differ from base "
+              f"({100 * r['changed_frac']:.1f}%)  {paths[name]}")
+
+
+if __name__ == "__main__":
+    main()
