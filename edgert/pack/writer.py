@@ -99,7 +99,9 @@ class PackWriter:
 
         ``dtype`` overrides the name stored (``"bfloat16"`` for raw uint16 bf16 bits).
         """
-        arr = np.ascontiguousarray(array)
+        arr = np.asarray(array)
+        if not arr.flags.c_contiguous:  # (ascontiguousarray would turn a scalar into [1])
+            arr = arr.copy(order="C")
         name = dtype or arr.dtype.name
         if name not in DTYPES or np.dtype(DTYPES[name]).itemsize != arr.dtype.itemsize:
             raise ValueError(f"dtype {name!r} cannot be stored (array dtype {arr.dtype})")

@@ -1,0 +1,70 @@
+from pathlib import Path
+
+import pytest
+
+from edgert import ConfigError, DeviceConfig
+from edgert.config import DEFAULT_CONFIG, parse_bytes, resolve
+
+CONFIGS = sorted((Path(__file__).parent.parent / "device_configs").glob("*.yaml"))
+
+
+def test_shipped_configs_load_and_fit():
+    names = {p.stem for p in CONFIGS}
+    assert {"cpu-dev", "jetson-orin-nano-8gb", "jetson-orin-nx-16gb", "jetson-agx-orin-64gb",
+            "desktop-rtx4090"} <= names
+    for p in CONFIGS:
+        cfg = DeviceConfig.load(p)
+        b = cfg.budget
+        assert b.weights + b.experts + b.kv <= b.total
+        assert cfg.name == p.stem
+
+
+def test_default_is_cpu_dev():
+    cfg = resolve(None)
+    assert cfg.source == str(DEFAULT_CONFIG) and cfg.device == "cpu"
+    assert cfg.providers == ("cpu",)
+    assert resolve(cfg) is cfg
+
+
+def _doc(**over):
+    doc = {"name": "x", "memory": {"total": "1 GiB", "weights": "256 MiB"}}
+    doc.update(over)
+    return doc
+
+
+@pytest.mark.parametrize("doc,needle", [
+    (_doc(colour="blue"), "colour"),
+    (_doc(memory={"total": "1 GiB", "wieghts": 5}), "memory.wieghts"),
+    (_doc(storage={"read_mode": "direct", "speed": 1}), "storage.speed"),
+    (_doc(memory={"total": "1 GiB", "weights": "1 GiB", "kv": "1 MiB"}), "exceeds memory.total"),
+    (_doc(memory={"total": 0}), "memory.total"),
+    (_doc(memory={"total": "lots"}), "memory.total"),
+    (_doc(providers=["cuda", "metal"]), "providers"),
+    (_doc(storage={"read_mode": "mmap"}), "read_mode"),
+    (_doc(threads=0), "threads"),
+    (_doc(dtype="int4"), "dtype"),
+    ({"memory": {"total": 1}}, "name"),
+    ([1, 2], "mapping"),
+])
+def test_bad_configs_name_the_key(doc, needle):
+    with pytest.raises(ConfigError, match=needle):
+        DeviceConfig.from_dict(doc)
+
+
+def test_bad_yaml_and_missing_file(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("name: [unclosed\n")
+    with pytest.raises(ConfigError, match="YAML"):
+        DeviceConfig.load(p)
+    with pytest.raises(ConfigError, match="cannot read"):
+        DeviceConfig.load(tmp_path / "missing.yaml")
+
+
+def test_parse_bytes():
+    assert parse_bytes("1.5 GiB", "k") == 3 << 29
+    assert parse_bytes("512MiB", "k") == 512 << 20
+    assert parse_bytes(4096, "k") == 4096
+    assert parse_bytes("2 GB", "k") == 2 * 10**9
+    for bad in ("-1", "1 XB", True, "1 GiBs"):
+        with pytest.raises(ConfigError):
+            parse_bytes(bad, "k")
