@@ -9,10 +9,12 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
+import numpy as np
 import torch
 
 import edgert
 from edgert.config import DeviceConfig
+from edgert.experts.api import ExpertLayout, ExpertWeights
 
 VOCAB = 96
 HAS_CACHE = importlib.util.find_spec("edgert.experts.cache") is not None
@@ -89,3 +91,36 @@ def ref_greedy(model, ids: list[int], n: int) -> list[int]:
 def prompt(n: int, seed: int = 1) -> list[int]:
     g = torch.Generator().manual_seed(seed)
     return torch.randint(0, VOCAB, (n,), generator=g).tolist()
+
+
+class OnDemandExperts:
+    """A provider with no cache: reads each expert through the reader on every acquire and
+    lets the engine pin one expert at a time (the tightest grouping the engine supports)."""
+    max_acquire = 1
+
+    def __init__(self, reader):
+        self.reader, self.layout = reader, ExpertLayout.from_reader(reader)
+        self.pinned, self.hints, self.acquired = set(), [], []
+
+    def route(self, layer, probs, topk_idx):
+        return topk_idx
+
+    def acquire(self, layer, ids) -> dict[int, ExpertWeights]:
+        assert len(ids) <= self.max_acquire and not self.pinned
+        out = {}
+        for e in ids:
+            buf = np.frombuffer(bytearray(self.reader.read_block(self.layout.block(layer, e))), np.uint8)
+            out[e] = self.layout.views(buf)
+            self.pinned.add((layer, e))
+            self.acquired.append((layer, e))
+        return out
+
+    def release(self, layer, ids):
+        for e in ids:
+            self.pinned.remove((layer, e))
+
+    def hint(self, layer, probs):
+        self.hints.append((layer, tuple(probs.shape)))
+
+    def stats(self):
+        return {"provider": "on-demand", "acquired": len(self.acquired)}

@@ -8,9 +8,9 @@ import torch
 pytest.importorskip("transformers")
 
 from edgert.errors import BudgetExceeded
-from edgert.experts.api import ExpertLayout, ExpertWeights
+from edgert.experts.api import ExpertLayout
 from edgert.pack.hf_import import pack_hf
-from moe_models import (HAS_CACHE, mixtral_config, prompt, qwen_config, ref_greedy, ref_logits,
+from moe_models import (HAS_CACHE, OnDemandExperts, mixtral_config, prompt, qwen_config, ref_greedy, ref_logits,
                         reference, runtime, save)
 
 torch.set_num_threads(1)
@@ -61,39 +61,6 @@ def test_logits_and_greedy_equal_transformers(models, name, budget):
     assert lm.generate(p[:5], max_new_tokens=32) == ref_greedy(ref, p[:5], 32)
     assert lm.stats()["kv"]["in_use"] == 0
     lm.close()
-
-
-class OnDemandExperts:
-    """A provider with no cache: reads each expert through the reader on every acquire and
-    lets the engine pin one expert at a time (the tightest grouping the engine supports)."""
-    max_acquire = 1
-
-    def __init__(self, reader):
-        self.reader, self.layout = reader, ExpertLayout.from_reader(reader)
-        self.pinned, self.hints, self.acquired = set(), [], []
-
-    def route(self, layer, probs, topk_idx):
-        return topk_idx
-
-    def acquire(self, layer, ids) -> dict[int, ExpertWeights]:
-        assert len(ids) <= self.max_acquire and not self.pinned
-        out = {}
-        for e in ids:
-            buf = np.frombuffer(bytearray(self.reader.read_block(self.layout.block(layer, e))), np.uint8)
-            out[e] = self.layout.views(buf)
-            self.pinned.add((layer, e))
-            self.acquired.append((layer, e))
-        return out
-
-    def release(self, layer, ids):
-        for e in ids:
-            self.pinned.remove((layer, e))
-
-    def hint(self, layer, probs):
-        self.hints.append((layer, tuple(probs.shape)))
-
-    def stats(self):
-        return {"provider": "on-demand", "acquired": len(self.acquired)}
 
 
 @pytest.mark.parametrize("name", ["mixtral", "qwen2_moe_dense0"])
