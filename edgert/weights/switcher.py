@@ -117,7 +117,7 @@ class TaskSwitcher:
     def switch(self, task: str) -> SwitchResult:
         blk = self.task_blocks(task)
         t0 = time.perf_counter()
-        res = SwitchResult(task)
+        res = SwitchResult(str(task))
         diff = np.flatnonzero(self.block_hid[blk] != self._cur)
         hashes = [self.reader.blocks[b].hash for b in blk[diff]]
         hit = np.array([self.cache.contains(h) for h in hashes], bool)

@@ -1,0 +1,139 @@
+"""TaskSwitcher: bytes moved, dense views, prewarm, budget and corruption handling."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from edgert.errors import BudgetExceeded, PackCorrupt, UnknownTask
+from edgert.memory import Arena, Storage
+from edgert.pack import PackReader
+from edgert.pack.stats import switch_bytes
+from edgert.weights.switcher import TaskSwitcher
+from task_packs import BLOCK, config, tiny  # noqa: F401  (tiny is a fixture)
+
+
+def make(pack, weights="4 MiB", **kw):
+    reader = PackReader(pack)
+    arena = Arena(config(weights))
+    pool = arena.pool("weights")
+    pool.carve(BLOCK)
+    storage = Storage(pack, "direct")
+    return TaskSwitcher(reader, pool, storage, **kw), reader, storage
+
+
+def assert_views_are(sw, reader, task):
+    views = sw.tensors()
+    for name in reader.task(task):
+        np.testing.assert_array_equal(views[name], reader.read_tensor(task, name), err_msg=name)
+
+
+def run_bytes(tiny):
+    sw, _, _ = make(tiny.pack)
+    return sw.n_slots * BLOCK
+
+
+def test_cold_switch_moves_switch_bytes(tiny):
+    sw, reader, storage = make(tiny.pack, keep_displaced=False)
+    for a in tiny.names:
+        for b in tiny.names:
+            if a == b:
+                continue
+            sw.switch(a)
+            sw.cache.clear()
+            res = sw.switch(b)
+            assert res.bytes_moved == switch_bytes(reader, a, b)
+            assert res.from_cache == 0 and res.from_storage == res.blocks_moved
+            assert_views_are(sw, reader, b)
+
+
+def test_switch_to_self_moves_nothing(tiny):
+    sw, reader, storage = make(tiny.pack)
+    sw.switch(tiny.names[0])
+    read = storage.bytes_read
+    res = sw.switch(tiny.names[0])
+    assert (res.bytes_moved, res.blocks_moved) == (0, 0)
+    assert storage.bytes_read == read
+
+
+@pytest.mark.parametrize("spare", ["roomy", "none"])
+def test_random_sequences_keep_views_exact(tiny, spare):
+    weights = "4 MiB" if spare == "roomy" else run_bytes(tiny)
+    sw, reader, _ = make(tiny.pack, weights=weights)
+    if spare == "none":
+        assert sw.pool.capacity == sw.n_slots
+    rng = np.random.default_rng(7)
+    seq = list(rng.choice(tiny.names, size=14)) + [tiny.names[0]] * 2
+    for t in seq:
+        sw.switch(str(t))
+        assert sw.active == t
+        assert_views_are(sw, reader, str(t))
+    if spare == "roomy":
+        assert sw.cache.counters.hits > 0
+
+
+def test_warm_switch_reads_nothing_after_prewarm(tiny):
+    a, b, c = tiny.names[:3]
+    sw, reader, storage = make(tiny.pack)
+    sw.switch(a)
+    info = sw.prewarm([b, c])
+    assert info["resident"] == info["wanted"] > 0
+    read = storage.bytes_read
+    for t in (b, c, a):
+        res = sw.switch(t)
+        assert res.from_storage == 0 and res.bytes_read == 0
+        assert_views_are(sw, reader, t)
+    assert storage.bytes_read == read
+
+
+def test_prewarm_prefers_blocks_shared_by_more_tasks(tiny):
+    a, *others = tiny.names
+    sw, reader, _ = make(tiny.pack)
+    sw.switch(a)
+    sw.cache.clear()
+    count: dict[int, int] = {}
+    for t in others:
+        for p in sw.changed_positions(t):
+            b = int(sw.task_blocks(t)[p])
+            count[b] = count.get(b, 0) + 1
+    assert max(count.values()) > 1, "fixture should have blocks shared by several tasks"
+    free = sw.pool.free_count
+    sw.pool.alloc(free - 10)                  # leave room for 10 blocks only
+    sw.prewarm(others)
+    resident = [b for b in count if sw.cache.contains(reader.blocks[b].hash)]
+    assert len(resident) == 10
+    assert min(count[b] for b in resident) >= sorted(count.values(), reverse=True)[9]
+
+
+def test_unknown_task_changes_nothing(tiny):
+    sw, reader, _ = make(tiny.pack)
+    sw.switch(tiny.names[1])
+    with pytest.raises(UnknownTask) as e:
+        sw.switch("nope")
+    assert tiny.names[0] in str(e.value)
+    assert sw.active == tiny.names[1]
+    assert_views_are(sw, reader, tiny.names[1])
+
+
+def test_task_larger_than_budget(tiny):
+    need = run_bytes(tiny)
+    with pytest.raises(BudgetExceeded) as e:
+        make(tiny.pack, weights=need - BLOCK)
+    assert e.value.needed == need and e.value.available == need - BLOCK
+
+
+@pytest.mark.parametrize("spare", ["roomy", "none"])
+def test_corrupt_block_leaves_previous_task(tiny, tmp_path, spare):
+    a, b = tiny.names[:2]
+    pack = tiny.copy_pack(tmp_path)
+    idx = tiny.corrupt_block_of(pack, b, not_in=a)
+    sw, reader, _ = make(pack, weights="4 MiB" if spare == "roomy" else run_bytes(tiny))
+    sw.switch(a)
+    before = {n: v.copy() for n, v in sw.tensors().items()}
+    with pytest.raises(PackCorrupt) as e:
+        sw.switch(b)
+    assert e.value.block == idx
+    assert sw.active == a
+    for n, v in sw.tensors().items():
+        np.testing.assert_array_equal(v, before[n], err_msg=n)
+    sw.switch(tiny.names[2])                   # still usable
+    assert_views_are(sw, reader, tiny.names[2])
