@@ -109,7 +109,8 @@ class OnDemandExperts:
         assert len(ids) <= self.max_acquire and not self.pinned
         out = {}
         for e in ids:
-            buf = np.frombuffer(bytearray(self.reader.read_block(self.layout.block(layer, e))), np.uint8)
+            data = self.reader.read_block(self.layout.block(layer, e))
+            buf = np.frombuffer(bytearray(data), np.uint8)
             out[e] = self.layout.views(buf)
             self.pinned.add((layer, e))
             self.acquired.append((layer, e))

@@ -69,7 +69,8 @@ class MoeConfig:
             rms_eps=float(c.get("rms_norm_eps", 1e-6)), rope_theta=theta,
             num_experts=int(c[fam.num_experts_key]), top_k=int(c["num_experts_per_tok"]),
             norm_topk_prob=norm_topk, moe_layers=tuple(moe_layers(c, fam)),
-            shared_expert=fam.name == "qwen2_moe" and int(c.get("shared_expert_intermediate_size") or 0) > 0,
+            shared_expert=fam.name == "qwen2_moe"
+            and int(c.get("shared_expert_intermediate_size") or 0) > 0,
             sliding_windows=windows, tie_word_embeddings=bool(c.get("tie_word_embeddings", False)),
             eos_token_ids=eos)
 
@@ -85,7 +86,8 @@ class Rotary:
     """Default RoPE: cos/sin per position from inv_freq = theta^(-2i/D)."""
 
     def __init__(self, head_dim: int, theta: float):
-        self.inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim))
+        exponents = torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim
+        self.inv_freq = 1.0 / (theta ** exponents)
 
     def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype):
         freqs = positions[:, None].float() * self.inv_freq   # [T, D/2]
@@ -113,7 +115,8 @@ def causal_mask(q_pos: torch.Tensor, S: int, window: int | None) -> torch.Tensor
     return ok
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+              mask: torch.Tensor) -> torch.Tensor:
     """q [H, T, D], k/v [Hk, S, D], mask [T, S] -> [T, H*D]."""
     H, T, D = q.shape
     rep = H // k.shape[0]
@@ -140,6 +143,7 @@ def route(cfg: MoeConfig, router_logits: torch.Tensor):
     return probs, weights.to(router_logits.dtype), idx
 
 
-def swiglu(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+def swiglu(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor,
+           down: torch.Tensor) -> torch.Tensor:
     """down(silu(gate x) * up x). x [T, hidden]; gate/up [ffn, hidden]; down [hidden, ffn]."""
     return F.linear(F.silu(F.linear(x, gate)) * F.linear(x, up), down)

@@ -25,7 +25,8 @@ from edgert.errors import BudgetExceeded, EdgertError, UnsupportedModel
 from edgert.experts.api import ExpertLayout, ResidentExperts
 from edgert.kv.paged import PagedKV, PagePool
 
-from .moe_layers import MoeConfig, Rotary, apply_rope, attention, causal_mask, rms_norm, route, swiglu
+from .moe_layers import (MoeConfig, Rotary, apply_rope, attention, causal_mask, rms_norm, route,
+                         swiglu)
 from .sampling import sample
 from .tokenizer import tokenizer_for
 
@@ -130,9 +131,9 @@ class MoeLM:
         for l in range(c.num_layers):
             p = f"model.layers.{l}."
             a = rms_norm(h, w[p + "input_layernorm.weight"], c.rms_eps)
-            q = self._proj(a, p + "self_attn.q_proj").view(T, c.num_heads, c.head_dim).transpose(0, 1)
-            k = self._proj(a, p + "self_attn.k_proj").view(T, c.num_kv_heads, c.head_dim).transpose(0, 1)
-            v = self._proj(a, p + "self_attn.v_proj").view(T, c.num_kv_heads, c.head_dim).transpose(0, 1)
+            q = self._heads(a, p + "self_attn.q_proj", c.num_heads)      # [H, T, D]
+            k = self._heads(a, p + "self_attn.k_proj", c.num_kv_heads)   # [Hk, T, D]
+            v = self._heads(a, p + "self_attn.v_proj", c.num_kv_heads)
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
             self.kv.write(seq, l, k, v)
             K, V = self.kv.gather(seq, l, start + T)
@@ -152,13 +153,15 @@ class MoeLM:
         h = rms_norm(h, w["model.norm.weight"], c.rms_eps)
         return F.linear(h, w["lm_head.weight"])
 
-    def _proj(self, x: torch.Tensor, name: str) -> torch.Tensor:
-        return F.linear(x, self.w[name + ".weight"], self.w.get(name + ".bias"))
+    def _heads(self, x: torch.Tensor, name: str, n_heads: int) -> torch.Tensor:
+        y = F.linear(x, self.w[name + ".weight"], self.w.get(name + ".bias"))
+        return y.view(x.shape[0], n_heads, self.cfg.head_dim).transpose(0, 1)
 
     def _router_probs(self, layer: int, h: torch.Tensor) -> torch.Tensor:
         p = f"model.layers.{layer}."
         a = rms_norm(h, self.w[p + "post_attention_layernorm.weight"], self.cfg.rms_eps)
-        return F.softmax(F.linear(a, self.w[p + self.cfg.moe_prefix + ".gate.weight"]).float(), dim=-1)
+        logits = F.linear(a, self.w[p + self.cfg.moe_prefix + ".gate.weight"])
+        return F.softmax(logits.float(), dim=-1)
 
     def _moe(self, layer: int, x: torch.Tensor) -> torch.Tensor:
         """Sparse MoE block on x [T, hidden] (after post-attention norm)."""
@@ -168,9 +171,11 @@ class MoeLM:
         use = self.provider.route(layer, probs, topk)                  # [T, k] ids to compute with
         out = torch.zeros_like(x)
         experts = sorted(set(use.flatten().tolist()))
-        group = max(1, int(getattr(self.provider, "max_acquire", None) or len(experts)))
-        # NOTE: experts are summed in ascending id order whatever the grouping, so the
-        # result does not depend on the budget or the cache state (exact mode is exact).
+        # NOTE: a provider pins at most `max_acquire` experts at once (None = any number;
+        # absent = 1, which any cache with two slots can serve even while a prefetch holds
+        # one). Experts are summed in ascending id order whatever the grouping, so the
+        # result depends neither on the budget nor on the cache state: exact mode is exact.
+        group = getattr(self.provider, "max_acquire", 1) or len(experts)
         for i in range(0, len(experts), group):
             ids = experts[i:i + group]
             held = self.provider.acquire(layer, ids)
@@ -183,8 +188,8 @@ class MoeLM:
             finally:
                 self.provider.release(layer, ids)
         if c.shared_expert:
-            s = swiglu(x, w[p + "shared_expert.gate_proj.weight"], w[p + "shared_expert.up_proj.weight"],
-                       w[p + "shared_expert.down_proj.weight"])
+            s = swiglu(x, w[p + "shared_expert.gate_proj.weight"],
+                       w[p + "shared_expert.up_proj.weight"], w[p + "shared_expert.down_proj.weight"])
             out = out + torch.sigmoid(F.linear(x, w[p + "shared_expert_gate.weight"])) * s
         return out
 
@@ -210,7 +215,8 @@ class MoeLM:
         Stops after max_new_tokens or at the config's EOS (which is included).
         """
         as_text = isinstance(token_ids_or_text, str)
-        it = self._generate_ids(self._ids(token_ids_or_text), max_new_tokens, temperature, top_p, seed)
+        ids = self._ids(token_ids_or_text)
+        it = self._generate_ids(ids, max_new_tokens, temperature, top_p, seed)
         if as_text:
             it = self._text_pieces(it)
         if stream:
@@ -290,7 +296,8 @@ class MoeLM:
 
 
 def expert_slots(budget, total: int, slot_bytes: int, pool_bytes: int) -> int:
-    """Expert slots for a budget: None = the pool, float in (0, 1] = fraction of all, int = bytes."""
+    """Expert slots for a budget: None = the whole pool, float in (0, 1] = that fraction of
+    all experts, int = bytes."""
     if budget is None:
         n = pool_bytes // slot_bytes
     elif isinstance(budget, float):
@@ -300,10 +307,12 @@ def expert_slots(budget, total: int, slot_bytes: int, pool_bytes: int) -> int:
     elif isinstance(budget, int) and not isinstance(budget, bool):
         n = budget // slot_bytes
     else:
-        raise TypeError(f"expert_budget must be None, a float fraction or int bytes, got {budget!r}")
+        raise TypeError(f"expert_budget must be None, a float fraction or int bytes, "
+                        f"got {budget!r}")
     n = min(n, total)
     if n < 1:
-        raise BudgetExceeded("one expert slot", slot_bytes, pool_bytes if budget is None else int(budget))
+        have = pool_bytes if budget is None else int(budget)
+        raise BudgetExceeded("one expert slot", slot_bytes, have)
     if n * slot_bytes > pool_bytes:
         raise BudgetExceeded(f"{n} expert slots", n * slot_bytes, pool_bytes)
     return n

@@ -88,6 +88,7 @@ def tokenizer_for(sections: dict, config: dict):
             pass
         except Exception as e:  # tokenizers raises its own exception type
             raise EdgertError(f"the pack's tokenizer.json cannot be loaded: {e}") from None
-    if config.get("edgert_tokenizer") == "bytes" or BYTE_VOCAB <= int(config.get("vocab_size", 0)) <= MAX_BYTE_VOCAB:
+    vocab = int(config.get("vocab_size", 0))
+    if config.get("edgert_tokenizer") == "bytes" or BYTE_VOCAB <= vocab <= MAX_BYTE_VOCAB:
         return ByteTokenizer()
     return None

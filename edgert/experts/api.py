@@ -48,6 +48,9 @@ class ExpertProvider(Protocol):
 
     def stats(self) -> dict: ...
 
+    # Optional attribute `max_acquire: int | None`: how many experts one `acquire` may pin
+    # (None = any number). The engine pins one at a time when a provider does not say.
+
 
 @dataclass(frozen=True)
 class ExpertLayout:
@@ -66,23 +69,26 @@ class ExpertLayout:
     @classmethod
     def from_reader(cls, reader) -> "ExpertLayout":
         raw = reader.sections.get("experts")
+        path = getattr(reader, "path", None)
         if raw is None:
-            raise PackCorrupt("moe pack has no 'experts' section", path=getattr(reader, "path", None))
+            raise PackCorrupt("moe pack has no 'experts' section", path=path)
         try:
-            sec = msgpack.unpackb(raw, raw=False, strict_map_key=False) if isinstance(raw, (bytes, bytearray)) else raw
+            sec = msgpack.unpackb(raw, raw=False, strict_map_key=False)
             table = {(int(l), int(e)): int(b) for l, e, b in sec["table"]}
             tensors = {k: dict(sec["tensors"][k]) for k in ("gate", "up", "down")}
             layout = cls(int(sec["num_layers"]), int(sec["num_experts"]), int(sec["top_k"]),
                          int(sec["extent_bytes"]), tensors, table,
                          tuple(sorted({l for l, _ in table})))
         except (KeyError, TypeError, ValueError, msgpack.UnpackException) as e:
-            raise PackCorrupt(f"malformed 'experts' section: {e!r}", path=getattr(reader, "path", None)) from e
+            raise PackCorrupt(f"malformed 'experts' section: {e!r}", path=path) from e
         for name, t in tensors.items():
             if t["dtype"] not in _TORCH_DTYPES:
                 raise PackCorrupt(f"expert tensor {name} has unsupported dtype {t['dtype']!r}")
-            end = t["offset"] + int(np.prod(t["shape"])) * np.dtype(_NP_STORAGE[t["dtype"]]).itemsize
+            item = np.dtype(_NP_STORAGE[t["dtype"]]).itemsize
+            end = t["offset"] + int(np.prod(t["shape"])) * item
             if end > layout.extent_bytes:
-                raise PackCorrupt(f"expert tensor {name} ends at {end}, past the extent ({layout.extent_bytes} B)")
+                raise PackCorrupt(f"expert tensor {name} ends at {end}, past the extent "
+                                  f"({layout.extent_bytes} B)", path=path)
         return layout
 
     @property
@@ -119,6 +125,8 @@ class ResidentExperts:
     against the budget; `BudgetExceeded` is raised before anything is read when they do
     not all fit. Without a pool they live in host buffers (tests only).
     """
+
+    max_acquire = None  # everything is resident: a layer may pin all its experts at once
 
     def __init__(self, reader, pool=None):
         self.layout = ExpertLayout.from_reader(reader)

@@ -83,12 +83,14 @@ class _Checkpoint:
                 try:
                     wm = json.load(f)["weight_map"]
                 except (ValueError, KeyError) as e:
-                    raise CheckpointIncomplete(f"unreadable shard index: {e!r}", path=index) from None
+                    raise CheckpointIncomplete(f"unreadable shard index: {e!r}",
+                                               path=index) from None
             self.where = dict(wm)
             for shard in sorted(set(wm.values())):
                 p = os.path.join(model_dir, shard)
                 if not os.path.exists(p):
-                    raise CheckpointIncomplete(f"shard {shard} named by the index is missing", path=p)
+                    raise CheckpointIncomplete(f"shard {shard} named by the index is missing",
+                                               path=p)
         elif os.path.exists(single):
             from safetensors import safe_open
             with safe_open(single, framework="np") as f:
@@ -120,7 +122,8 @@ class _Checkpoint:
         """(array of the raw element bytes, dtype name); bf16 comes back as uint16 bits."""
         shard = self.where.get(name)
         if shard is None:
-            raise CheckpointIncomplete("tensor missing from the checkpoint", path=self.dir, tensor=name)
+            raise CheckpointIncomplete("tensor missing from the checkpoint", path=self.dir,
+                                       tensor=name)
         f = self._file(shard)
         try:
             sl = f.get_slice(name)
@@ -144,7 +147,8 @@ class _Checkpoint:
 _EXPERT_RE = re.compile(r"^model\.layers\.(\d+)\.(\w+)\.experts\.(\d+)\.(\w+)\.weight$")
 
 
-def pack_hf(model_dir, out_path, block_size: int = DEFAULT_BLOCK_SIZE, progress: bool = True) -> dict:
+def pack_hf(model_dir, out_path, block_size: int = DEFAULT_BLOCK_SIZE,
+            progress: bool = True) -> dict:
     """Pack a Mixtral / Qwen2-MoE checkpoint directory into `out_path`. Returns a summary."""
     model_dir = os.fspath(model_dir)
     cfg_path = os.path.join(model_dir, "config.json")
@@ -175,7 +179,8 @@ def pack_hf(model_dir, out_path, block_size: int = DEFAULT_BLOCK_SIZE, progress:
         raise CheckpointIncomplete("lm_head.weight missing and tie_word_embeddings is false",
                                    path=model_dir, tensor="lm_head.weight")
 
-    bar = _progress(len(others) + len(expert_names), progress, os.path.basename(model_dir.rstrip("/")))
+    bar = _progress(len(others) + len(expert_names), progress,
+                    os.path.basename(model_dir.rstrip("/")))
     summary = {"family": fam.name, "experts": len(expert_names), "tensors": len(others),
                "expert_bytes": 0, "tensor_bytes": 0}
     w = PackWriter(out_path, kind="moe", block_size=block_size)
