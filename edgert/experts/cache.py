@@ -1,0 +1,408 @@
+"""ExpertCache: experts in arena slots, loaded on demand or ahead of time, evicted by a policy.
+
+Mechanism only. The cache owns `num_slots` slots of the arena's "experts" pool (one expert
+extent each), a map (layer, expert) -> slot, pin counts, one prefetch worker thread and the
+counters in `stats.py`. Which expert leaves is the policy's choice (`policies.py`).
+
+Slots are partitioned per layer (see policies.py for why): layer l owns a quota of
+`num_slots // L` (the first `num_slots % L` layers one more). A load into layer l evicts one of
+l's own unpinned experts once l holds its quota. When l must pin more experts at once than its
+quota (a prefill step; a budget of one slot per layer with top-2 routing) it borrows: a free
+slot, else a victim from the layer furthest over its quota, else from any layer with an
+unpinned expert. Borrowed slots flow back because an over-quota layer always evicts its own.
+`BudgetExceeded` only when every slot is pinned.
+
+Thread model: the engine calls route/acquire/release/hint from one thread; the prefetch
+worker reads on its own. `_cv` (a Condition) guards all state; reads and hash checks run
+outside it. NOTE: a slot being read has `ready=False`; such slots are never eviction
+candidates, and a demand for an expert in flight waits for that read instead of starting a
+second one.
+"""
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from edgert.errors import BudgetExceeded, PackCorrupt
+from edgert.experts.api import ExpertLayout, ExpertWeights, _carve
+from edgert.experts.policies import EvictionPolicy, make_policy
+from edgert.experts.stats import LayerCounters, summarize
+from edgert.pack.format import block_hash
+
+SLOT_ALIGN = 4096
+
+
+def slots_for_budget(budget: float | int, total_experts: int, extent_bytes: int,
+                     pool_capacity: int) -> int:
+    """Expert slots for `budget`: a float in (0, 1] is a fraction of all experts (rounded, at
+    least 1); an int is bytes (whole slots that fit). `pool_capacity` is the bytes of the arena's
+    experts pool; asking for more slots than it holds raises BudgetExceeded. Never more slots
+    than experts."""
+    slot = -(-extent_bytes // SLOT_ALIGN) * SLOT_ALIGN
+    if isinstance(budget, bool) or not isinstance(budget, (int, float)) or budget <= 0:
+        raise ValueError(f"expert budget must be a fraction in (0, 1] or a byte count, got {budget!r}")
+    if isinstance(budget, float):
+        if budget > 1.0:
+            raise ValueError(f"expert budget fraction {budget} is above 1 (pass bytes as an int)")
+        n = max(1, round(budget * total_experts))
+    else:
+        n = budget // slot
+        if n < 1:
+            raise BudgetExceeded("expert budget: one expert slot", slot, budget)
+    n = min(n, total_experts)
+    if n * slot > pool_capacity:
+        raise BudgetExceeded(f"{n} expert slots", n * slot, pool_capacity)
+    return n
+
+
+@dataclass
+class _Slot:
+    layer: int
+    expert: int
+    ready: bool = False
+    failed: bool = False
+    pins: int = 0
+    by_prefetch: bool = False
+    used: bool = False
+
+
+class ExpertCache:
+    """An `ExpertProvider` (edgert/experts/api.py) over a fixed number of arena slots.
+
+    `policy`: "lru" | "lfu" | "gate" | "belady" or an EvictionPolicy; `policy_options` go to
+    make_policy (`decay=`, `future=`). `lossy_alpha > 0` enables substitution (`route`).
+    `prefetch` enables `hint()` loads on the worker thread.
+    """
+
+    def __init__(self, reader, storage, pool, num_slots: int, policy="gate", lossy_alpha: float = 0.0,
+                 prefetch: bool = True, prefetch_width: int | None = None, record_trace: bool = False,
+                 policy_options: dict | None = None):
+        self.layout = lay = ExpertLayout.from_reader(reader)
+        self.reader, self.storage, self.pool = reader, storage, pool
+        if lossy_alpha < 0:
+            raise ValueError(f"lossy_alpha must be >= 0, got {lossy_alpha}")
+        self.alpha = float(lossy_alpha)
+        self.layers = lay.moe_layers
+        total = len(lay.table)
+        num_slots = min(int(num_slots), total)
+        if num_slots < lay.top_k:
+            raise BudgetExceeded(f"expert cache: top-{lay.top_k} routing needs {lay.top_k} slots",
+                                 lay.top_k * lay.slot_bytes, num_slots * lay.slot_bytes)
+        _carve(pool, lay.slot_bytes)
+        if pool.free_count < num_slots:
+            raise BudgetExceeded(f"{num_slots} expert slots", num_slots * pool.slot_size,
+                                 pool.free_count * pool.slot_size)
+        self._slots = pool.alloc(num_slots)
+        self.num_slots = num_slots
+        # Weights views per slot, made once: a slot's bytes change in place on reload.
+        self._views = {s: lay.views(pool.view(s)) for s in self._slots}
+        base, extra = divmod(num_slots, len(self.layers))
+        self.quota = {l: base + (i < extra) for i, l in enumerate(self.layers)}
+        self.policy: EvictionPolicy = policy if isinstance(policy, EvictionPolicy) else \
+            make_policy(policy, lay.num_layers, lay.num_experts, **(policy_options or {}))
+        self._cv = threading.Condition()
+        self._free = list(self._slots)
+        self._info: dict[int, _Slot] = {}                 # slot -> what it holds
+        self._where: dict[tuple[int, int], int] = {}      # (layer, expert) -> slot
+        self._count = {l: 0 for l in self.layers}          # slots held (loaded or loading)
+        self._protected = {l: frozenset() for l in self.layers}  # routed this step: prefetch keeps them
+        self._epoch = {l: 0 for l in self.layers}          # bumped by route(); stale hints skip
+        self._hinted: dict[int, set[int]] = {}
+        self.counters = {l: LayerCounters() for l in self.layers}
+        self._trace: dict[int, list[int]] | None = {l: [] for l in self.layers} if record_trace else None
+        self.prefetch = bool(prefetch)
+        self.prefetch_width = prefetch_width or lay.top_k
+        self._jobs: queue.Queue = queue.Queue()
+        self._worker = None
+        if self.prefetch:
+            self._worker = threading.Thread(target=self._prefetch_loop, name="edgert-expert-prefetch",
+                                            daemon=True)
+            self._worker.start()
+
+    # --- ExpertProvider --------------------------------------------------------------------
+    def route(self, layer: int, probs: torch.Tensor, topk_idx: torch.Tensor) -> torch.Tensor:
+        """The experts to compute with. Exact (alpha = 0): `topk_idx` unchanged. Lossy: per
+        token, with S the (k+1)-th highest probability, a selected expert that is not resident
+        and scores below (1+alpha)S is replaced by a resident unselected expert scoring above
+        (1-alpha)S, highest first, each substitute used once per token."""
+        p = probs.detach().float().reshape(-1, probs.shape[-1]).cpu().numpy()       # [T, E]
+        sel = topk_idx.detach().reshape(p.shape[0], -1).cpu().numpy()               # [T, k]
+        T, k = sel.shape
+        c = self.counters[layer]
+        with self._cv:
+            self._epoch[layer] += 1
+            ready = np.zeros(p.shape[1], dtype=bool)
+            loading = np.zeros(p.shape[1], dtype=bool)
+            for (l, e), s in self._where.items():
+                if l == layer:
+                    (ready if self._info[s].ready else loading)[e] = True
+        with self._cv:
+            self.policy.observe(layer, p)
+        out = sel
+        subs = 0
+        if self.alpha > 0 and k < p.shape[1] and not ready[sel].all():
+            out = sel.copy()
+            for t in range(T):
+                subs += self._substitute(p[t], out[t], ready)
+        c.demands += T * k
+        c.exact_hits += int(ready[sel].sum())
+        c.inflight_at_route += int(loading[sel].sum())
+        c.substitutions += subs
+        used = set(np.unique(out).tolist())
+        hinted = self._hinted.pop(layer, None)
+        if hinted is not None:
+            wanted = set(np.unique(sel).tolist())
+            c.demanded_after_hint += len(wanted)
+            c.demanded_and_predicted += len(wanted & hinted)
+        with self._cv:
+            self._protected[layer] = frozenset(used)
+        return topk_idx if out is sel else torch.from_numpy(out).to(topk_idx.dtype).reshape(topk_idx.shape)
+
+    def _substitute(self, p: np.ndarray, row: np.ndarray, ready: np.ndarray) -> int:
+        """Apply the substitution band to one token's selection `row` (in place)."""
+        k = len(row)
+        S = float(np.partition(p, -(k + 1))[-(k + 1)])      # (k+1)-th highest score
+        hi, lo = (1.0 + self.alpha) * S, (1.0 - self.alpha) * S
+        missing = [j for j in np.argsort(-p[row], kind="stable")
+                   if not ready[row[j]] and p[row[j]] < hi]
+        if not missing:
+            return 0
+        chosen = set(row.tolist())
+        cands = [e for e in np.argsort(-p, kind="stable")
+                 if e not in chosen and ready[e] and p[e] > lo]
+        n = min(len(missing), len(cands))
+        for j, e in zip(missing[:n], cands[:n]):
+            row[j] = e
+        return n
+
+    def acquire(self, layer: int, expert_ids) -> dict[int, ExpertWeights]:
+        """Pin and return `expert_ids` of `layer`, loading the missing ones (PackCorrupt names
+        the layer and expert of a damaged extent; the other experts stay usable)."""
+        ids = [int(e) for e in expert_ids]
+        pinned: list[int] = []
+        try:
+            for e in ids:
+                self._acquire_one(layer, e)
+                pinned.append(e)
+        except BaseException:
+            self.release(layer, pinned)
+            raise
+        if self._trace is not None:
+            self._trace[layer].extend(ids)
+        with self._cv:
+            return {e: self._views[self._where[(layer, e)]] for e in ids}
+
+    def release(self, layer: int, expert_ids) -> None:
+        with self._cv:
+            for e in expert_ids:
+                info = self._info[self._where[(layer, int(e))]]
+                assert info.pins > 0, f"layer {layer} expert {e} released more often than acquired"
+                info.pins -= 1
+
+    def hint(self, layer: int, probs: torch.Tensor) -> None:
+        """Queue loads of the experts an upcoming `layer` will probably route to: per token its
+        top `prefetch_width`, ranked by summed probability, at most the layer's quota."""
+        if not self.prefetch or layer not in self.quota:
+            return
+        p = probs.detach().float().reshape(-1, probs.shape[-1]).cpu().numpy()
+        top = np.argsort(-p, axis=1, kind="stable")[:, : self.prefetch_width]
+        cand = np.unique(top)
+        ranked = cand[np.argsort(-p[:, cand].sum(axis=0), kind="stable")][: self.quota[layer]]
+        want = [int(e) for e in ranked]
+        self._hinted[layer] = set(want)
+        self.counters[layer].predicted += len(want)
+        with self._cv:
+            epoch = self._epoch[layer]
+        self._jobs.put((layer, want, epoch))
+
+    def stats(self) -> dict:
+        with self._cv:
+            out = summarize(self.counters)
+        out.update(provider="expert-cache", policy=self.policy.name.value, lossy_alpha=self.alpha,
+                   prefetch=self.prefetch, slots=self.num_slots, slot_bytes=self.pool.slot_size,
+                   quota={int(l): q for l, q in self.quota.items()}, read_mode=self.storage.mode)
+        return out
+
+    # --- extras ------------------------------------------------------------------------------
+    def reset_stats(self) -> None:
+        with self._cv:
+            self.counters = {l: LayerCounters() for l in self.layers}
+
+    def trace(self) -> dict[int, list[int]]:
+        """Per layer, the experts acquired in order (record_trace=True): BeladyPolicy's future."""
+        assert self._trace is not None, "construct with record_trace=True"
+        return {l: list(s) for l, s in self._trace.items()}
+
+    def resident(self, layer: int) -> set[int]:
+        with self._cv:
+            return {e for (l, e), s in self._where.items() if l == layer and self._info[s].ready}
+
+    def drain(self) -> None:
+        """Wait until queued prefetches are done (tests, benchmarks)."""
+        self._jobs.join()
+
+    def close(self) -> None:
+        if self._worker is not None:
+            self._jobs.put(None)
+            self._worker.join()
+            self._worker = None
+        with self._cv:
+            assert all(i.pins == 0 for i in self._info.values()), "closing with pinned experts"
+            self._info.clear()
+            self._where.clear()
+            if self._slots:
+                self.pool.free(self._slots)
+            self._slots, self._free = [], []
+
+    # --- mechanism -----------------------------------------------------------------------
+    def _acquire_one(self, layer: int, e: int) -> None:
+        c = self.counters[layer]
+        key = (layer, e)
+        with self._cv:
+            c.requests += 1
+            slot = self._where.get(key)
+            if slot is not None:
+                info = self._info[slot]
+                info.pins += 1                 # pinned before waiting: cannot be evicted now
+                if not info.ready:
+                    t0 = time.perf_counter()
+                    while not (info.ready or info.failed):
+                        self._cv.wait()
+                    c.stall_s += time.perf_counter() - t0
+                    if info.failed:            # the worker freed the slot; read it ourselves
+                        slot = None
+                    else:
+                        c.inflight_waits += 1
+                else:
+                    c.ready_hits += 1
+                if slot is not None:
+                    if info.by_prefetch and not info.used:
+                        c.prefetch_used += 1
+                    info.used = True
+                    self.policy.on_access(layer, e)
+                    return
+            slot = self._reserve(layer, keep=frozenset())
+            self._claim(slot, layer, e, pins=1, by_prefetch=False)
+        t0 = time.perf_counter()
+        try:
+            nbytes = self._read(layer, e, slot)
+        except BaseException:
+            with self._cv:
+                self._unclaim(slot)
+            raise
+        with self._cv:
+            self._info[slot].ready = self._info[slot].used = True
+            c.loads += 1
+            c.bytes_read += nbytes
+            c.stall_s += time.perf_counter() - t0
+            self.policy.on_insert(layer, e)
+            self.policy.on_access(layer, e)
+            self._cv.notify_all()
+
+    def _reserve(self, layer: int, keep: frozenset, prefetch: bool = False) -> int | None:
+        """A slot for a new expert of `layer` (caller holds `_cv`). Prefetch never borrows and
+        never evicts pinned, loading, routed-this-step (`_protected`) or `keep` experts."""
+        if self._count[layer] < self.quota[layer] and self._free:
+            return self._free.pop()
+        skip = (self._protected[layer] | keep) if prefetch else frozenset()
+        own = self._candidates(layer, skip)
+        if self._count[layer] >= self.quota[layer] and own:
+            return self._evict(layer, own)
+        if prefetch:
+            return None
+        self.counters[layer].borrowed += 1
+        if self._free:
+            return self._free.pop()
+        lenders = sorted((l for l in self.layers if l != layer),
+                         key=lambda l: self.quota[l] - self._count[l])  # furthest over quota first
+        for l in lenders:
+            cands = self._candidates(l, frozenset())
+            if cands:
+                return self._evict(l, cands)
+        if own:
+            return self._evict(layer, own)
+        # NOTE: every slot is pinned or being read; nothing can move without breaking a pin.
+        raise BudgetExceeded(f"expert slots: all {self.num_slots} are pinned or loading "
+                             f"(layer {layer} needs one more)", self.pool.slot_size, 0)
+
+    def _candidates(self, layer: int, skip: frozenset) -> list[int]:
+        return [e for (l, e), s in self._where.items() if l == layer and self._info[s].ready
+                and self._info[s].pins == 0 and e not in skip]
+
+    def _evict(self, layer: int, candidates: list[int]) -> int:
+        e = self.policy.victim(layer, candidates)
+        assert e in candidates, f"policy {self.policy.name} chose {e}, not a candidate"
+        slot = self._where.pop((layer, e))
+        del self._info[slot]
+        self._count[layer] -= 1
+        self.counters[layer].evictions += 1
+        self.policy.on_evict(layer, e)
+        return slot
+
+    def _claim(self, slot: int, layer: int, e: int, pins: int, by_prefetch: bool) -> None:
+        self._info[slot] = _Slot(layer, e, pins=pins, by_prefetch=by_prefetch)
+        self._where[(layer, e)] = slot
+        self._count[layer] += 1
+
+    def _unclaim(self, slot: int) -> None:
+        info = self._info.pop(slot)
+        info.failed = True
+        del self._where[(info.layer, info.expert)]
+        self._count[info.layer] -= 1
+        self._free.append(slot)
+        self._cv.notify_all()
+
+    def _read(self, layer: int, e: int, slot: int) -> int:
+        """Read expert (layer, e) into `slot` and verify its content hash; bytes read."""
+        idx = self.layout.block(layer, e)
+        entry = self.reader.blocks[idx]
+        view = self.pool.view(slot)
+        self.storage.read_into(entry.offset, entry.length, view)
+        if block_hash(view[: entry.length]) != entry.hash:
+            raise PackCorrupt(f"expert {e} of layer {layer}: content hash mismatch",
+                              path=self.reader.path, offset=entry.offset, block=idx,
+                              tensor=f"layer {layer} expert {e}")
+        return entry.length
+
+    def _prefetch_loop(self) -> None:
+        while True:
+            job = self._jobs.get()
+            try:
+                if job is None:
+                    return
+                self._prefetch(*job)
+            finally:
+                self._jobs.task_done()
+
+    def _prefetch(self, layer: int, want: list[int], epoch: int) -> None:
+        keep = frozenset(want)
+        for e in want:
+            with self._cv:
+                if self._epoch[layer] != epoch:   # the layer already routed: demand loads took over
+                    return
+                if (layer, e) in self._where:
+                    continue
+                slot = self._reserve(layer, keep, prefetch=True)
+                if slot is None:
+                    return
+                self._claim(slot, layer, e, pins=0, by_prefetch=True)
+            try:
+                nbytes = self._read(layer, e, slot)
+            except Exception:
+                with self._cv:
+                    self.counters[layer].prefetch_errors += 1
+                    self._unclaim(slot)
+                continue
+            with self._cv:
+                info = self._info[slot]
+                info.ready = True
+                c = self.counters[layer]
+                c.prefetch_loads += 1
+                c.bytes_read += nbytes
+                self.policy.on_insert(layer, e)
+                self._cv.notify_all()

@@ -1,0 +1,370 @@
+"""ExpertCache: pins, loads, eviction within quotas, corruption, lossy band, prefetch, stats."""
+import threading
+
+import msgpack
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from edgert.config import DeviceConfig
+from edgert.errors import BudgetExceeded, PackCorrupt
+from edgert.experts.cache import ExpertCache, slots_for_budget
+from edgert.memory import Arena, Storage
+from edgert.pack import PackReader, PackWriter
+
+L, E, K, HID, FFN = 3, 6, 2, 4, 8
+
+
+def expert_value(layer, expert):
+    return float(layer * 100 + expert + 1)
+
+
+def write_moe_pack(path, dtype="float32"):
+    """A pack with the documented MoE layout; every element of expert (l, e) is l*100+e+1."""
+    np_dt = np.float32 if dtype == "float32" else np.uint16
+    w = PackWriter(path, kind="moe")
+    w.add_task("model", {"model.embed_tokens.weight": w.add_tensor(np.ones((16, HID), np.float32))})
+    tensors, off = {}, 0
+    for name, shape in (("gate", [FFN, HID]), ("up", [FFN, HID]), ("down", [HID, FFN])):
+        tensors[name] = {"dtype": dtype, "shape": shape, "offset": off}
+        off += FFN * HID * np.dtype(np_dt).itemsize
+    table = []
+    for l in range(L):
+        for e in range(E):
+            v = np.full(3 * FFN * HID, expert_value(l, e), np.float32)
+            if dtype == "bfloat16":
+                v = (v.view(np.uint32) >> 16).astype(np.uint16)  # exact: small integers
+            table.append([l, e, w.add_extent(v.tobytes())])
+    w.sections["experts"] = msgpack.packb({"num_layers": L, "num_experts": E, "top_k": K,
+                                           "extent_bytes": off, "tensors": tensors, "table": table})
+    w.config = {"architectures": ["MixtralForCausalLM"]}
+    w.close()
+
+
+def arena(experts_bytes=1 << 20):
+    cfg = DeviceConfig.from_dict({"name": "test", "memory": {
+        "total": 4 << 20, "weights": 1 << 20, "experts": experts_bytes, "kv": 1 << 20}})
+    return Arena(cfg)
+
+
+@pytest.fixture
+def pack(tmp_path):
+    p = tmp_path / "moe.edgepack"
+    write_moe_pack(p)
+    return p
+
+
+def make_cache(pack, num_slots, **kw):
+    reader = PackReader(pack)
+    st_ = Storage(pack, read_mode=kw.pop("read_mode", "buffered"))
+    ar = arena()
+    kw.setdefault("prefetch", False)
+    cache = ExpertCache(reader, st_, ar.pool("experts"), num_slots, **kw)
+    return cache, ar
+
+
+def route_and_acquire(cache, layer, experts, probs=None):
+    probs = probs if probs is not None else torch.full((1, E), 1.0 / E)
+    out = cache.route(layer, probs, torch.tensor([experts]))
+    ids = sorted(set(out.flatten().tolist()))
+    return out, ids, cache.acquire(layer, ids)
+
+
+def check_counters_add_up(stats):
+    for c in [stats["total"], *stats["layers"].values()]:
+        assert c["exact_hits"] + c["substitutions"] + c["misses"] == c["demands"]
+        assert c["ready_hits"] + c["inflight_waits"] + c["loads"] == c["requests"]
+        assert c["prefetch_used"] <= c["prefetch_loads"]
+    tot = stats["total"]
+    for key in ("demands", "loads", "bytes_read", "evictions"):
+        assert tot[key] == sum(c[key] for c in stats["layers"].values())
+
+
+def test_acquire_loads_verified_views_and_hits_after(pack):
+    cache, ar = make_cache(pack, num_slots=6, read_mode="direct")
+    _, ids, got = route_and_acquire(cache, 1, [2, 4])
+    assert set(got) == {2, 4}
+    for e, w in got.items():
+        assert w.gate.shape == (FFN, HID) and w.down.shape == (HID, FFN)
+        assert torch.all(w.up == expert_value(1, e))
+    cache.release(1, ids)
+    route_and_acquire(cache, 1, [2, 4])
+    cache.release(1, [2, 4])
+    s = cache.stats()
+    t = s["total"]
+    assert (t["loads"], t["ready_hits"], t["demands"], t["exact_hits"]) == (2, 2, 4, 2)
+    assert t["exact_hit_rate"] == t["effective_hit_rate"] == 0.5
+    assert t["bytes_read"] == 2 * 3 * FFN * HID * 4
+    check_counters_add_up(s)
+    cache.close()
+
+
+def test_bfloat16_experts_are_views_of_the_slot(tmp_path):
+    p = tmp_path / "bf16.edgepack"
+    write_moe_pack(p, dtype="bfloat16")
+    cache, _ = make_cache(p, num_slots=4)
+    got = cache.acquire(2, [5])
+    assert got[5].gate.dtype == torch.bfloat16
+    assert torch.all(got[5].down.float() == expert_value(2, 5))
+    cache.release(2, [5])
+    cache.close()
+
+
+def test_budget_accounting_and_quota(pack):
+    extent = 3 * FFN * HID * 4
+    assert slots_for_budget(0.5, 18, extent, 1 << 20) == 9
+    assert slots_for_budget(1.0, 18, extent, 1 << 20) == 18
+    assert slots_for_budget(0.01, 18, extent, 1 << 20) == 1
+    assert slots_for_budget(3 * 4096 + 5, 18, extent, 1 << 20) == 3     # bytes -> whole slots
+    assert slots_for_budget(10 << 20, 18, extent, 1 << 20) == 18         # never more than experts
+    with pytest.raises(BudgetExceeded):
+        slots_for_budget(0.5, 18, extent, 8 * 4096)                    # 9 slots > 8 in the pool
+    with pytest.raises(BudgetExceeded):
+        slots_for_budget(100, 18, extent, 1 << 20)                     # less than one slot
+    with pytest.raises(ValueError):
+        slots_for_budget(1.5, 18, extent, 1 << 20)
+
+    cache, ar = make_cache(pack, num_slots=7)
+    pool = ar.pool("experts")
+    assert pool.slot_size == 4096
+    assert pool.in_use_bytes == 7 * 4096                  # every slot taken from the arena up front
+    assert cache.quota == {0: 3, 1: 2, 2: 2}
+    cache.close()
+    assert pool.in_use_bytes == 0
+
+    with pytest.raises(BudgetExceeded):                   # more slots than the pool holds
+        ExpertCache(PackReader(pack), Storage(pack, "buffered"), arena(4 * 4096).pool("experts"), 5)
+    with pytest.raises(BudgetExceeded):                   # top-2 needs two slots
+        ExpertCache(PackReader(pack), Storage(pack, "buffered"), arena().pool("experts"), 1)
+
+
+def test_eviction_stays_in_the_layer_and_never_takes_pinned(pack):
+    cache, _ = make_cache(pack, num_slots=6, policy="lru")   # quota 2 per layer
+    for layer in range(L):
+        route_and_acquire(cache, layer, [0, 1])
+        cache.release(layer, [0, 1])
+    route_and_acquire(cache, 0, [0, 3])        # evicts layer 0's expert 1 (LRU), no other layer's
+    assert cache.resident(0) == {0, 3}
+    assert cache.resident(1) == cache.resident(2) == {0, 1}
+    # 0 and 3 are still pinned; a load needing a third slot borrows from another layer
+    cache.acquire(0, [4])
+    assert cache.resident(0) == {0, 3, 4}
+    assert sum(len(cache.resident(l)) for l in range(L)) == 6
+    assert cache.stats()["layers"][0]["borrowed"] == 1
+    cache.release(0, [0, 3, 4])
+    # the layer that lent a slot takes it back from the one over quota
+    route_and_acquire(cache, 1, [4, 5])
+    cache.release(1, [4, 5])
+    assert len(cache.resident(0)) == 2 and cache.resident(1) == {4, 5}
+    check_counters_add_up(cache.stats())
+    cache.close()
+
+
+def test_all_slots_pinned_raises_budget_exceeded_and_rolls_back(pack):
+    cache, ar = make_cache(pack, num_slots=3)
+    cache.acquire(0, [0, 1])
+    with pytest.raises(BudgetExceeded):
+        cache.acquire(1, [0, 1])             # one slot left: the second pin cannot fit
+    cache.release(0, [0, 1])
+    got = cache.acquire(1, [0, 1, 2])        # the failed acquire left no pins behind
+    assert sorted(got) == [0, 1, 2]
+    cache.release(1, [0, 1, 2])
+    cache.close()
+
+
+def test_one_slot_per_layer_serves_top2_by_borrowing(pack):
+    cache, _ = make_cache(pack, num_slots=3, policy="gate")
+    for step in range(5):
+        for layer in range(L):
+            _, ids, got = route_and_acquire(cache, layer, [step % E, (step + 1) % E])
+            assert all(torch.all(w.gate == expert_value(layer, e)) for e, w in got.items())
+            cache.release(layer, ids)
+    check_counters_add_up(cache.stats())
+    cache.close()
+
+
+def test_corrupt_extent_raises_names_expert_and_cache_stays_usable(pack):
+    reader = PackReader(pack)
+    bad = reader.blocks[reader_expert_block(reader, 1, 3)]
+    with open(pack, "r+b") as f:
+        f.seek(bad.offset + 10)
+        f.write(b"\xff\xfe")
+    cache, ar = make_cache(pack, num_slots=4)
+    pool_free = ar.pool("experts").free_count
+    with pytest.raises(PackCorrupt, match="expert 3 of layer 1"):
+        cache.acquire(1, [2, 3])
+    assert cache.resident(1) == {2}          # expert 2 loaded fine, 3's slot went back
+    got = cache.acquire(1, [2, 4])           # no pins leaked by the failed acquire
+    assert torch.all(got[4].gate == expert_value(1, 4))
+    cache.release(1, [2, 4])
+    with pytest.raises(PackCorrupt):
+        cache.acquire(1, [3])                # still corrupt, still a clean error
+    assert ar.pool("experts").free_count == pool_free
+    cache.close()
+
+
+def reader_expert_block(reader, layer, expert):
+    sec = msgpack.unpackb(reader.sections["experts"], strict_map_key=False)
+    return next(b for l, e, b in sec["table"] if (l, e) == (layer, expert))
+
+
+def test_exact_mode_returns_the_router_choice_unchanged(pack):
+    cache, _ = make_cache(pack, num_slots=6, lossy_alpha=0.0)
+    route_and_acquire(cache, 0, [0, 1])
+    cache.release(0, [0, 1])
+    probs = torch.tensor([[0.30, 0.29, 0.28, 0.05, 0.04, 0.04]])
+    topk = torch.tensor([[0, 2]])
+    assert cache.route(0, probs, topk) is topk   # 2 missing, 1 resident and close: still exact
+    assert cache.stats()["total"]["substitutions"] == 0
+    cache.close()
+
+
+def test_lossy_substitutes_inside_the_band_highest_first(pack):
+    cache, _ = make_cache(pack, num_slots=6, lossy_alpha=0.2)
+    route_and_acquire(cache, 0, [1, 3])
+    cache.release(0, [1, 3])
+    cache.reset_stats()
+    # selected 0 (0.32, resident? no) and 2 (0.27, missing); S = 0.25 (expert 1, resident);
+    # band for selected: < 0.30; for substitutes: > 0.20. 0 is above the band: exact.
+    probs = torch.tensor([[0.32, 0.25, 0.27, 0.16, 0.0, 0.0]])
+    out = cache.route(0, probs, torch.tensor([[0, 2]]))
+    assert out.tolist() == [[0, 1]]
+    t = cache.stats()["total"]
+    assert t["substitutions"] == 1 and t["exact_hits"] == 0 and t["demands"] == 2
+    assert t["effective_hit_rate"] == 0.5 and t["exact_hit_rate"] == 0.0
+    cache.close()
+
+
+def lossy_reference(p, sel, ready, alpha):
+    """Independent statement of the rule, for the property test."""
+    k = len(sel)
+    S = sorted(p, reverse=True)[k]
+    out, used = list(sel), set(sel)
+    missing = sorted((j for j in range(k) if not ready[sel[j]] and p[sel[j]] < (1 + alpha) * S),
+                     key=lambda j: -p[sel[j]])
+    subs = sorted((e for e in range(len(p)) if e not in used and ready[e] and p[e] > (1 - alpha) * S),
+                  key=lambda e: -p[e])
+    for j, e in zip(missing, subs):
+        out[j] = e
+    return out
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.floats(0.01, 1.0), min_size=E, max_size=E),
+       st.lists(st.booleans(), min_size=E, max_size=E),
+       st.sampled_from([0.0, 0.1, 0.3, 0.6]))
+def test_lossy_band_property(tmp_path_factory, scores, resident_mask, alpha):
+    p = np.array(scores, np.float32)
+    p = p / p.sum()
+    path = tmp_path_factory.mktemp("lossy") / "moe.edgepack"
+    write_moe_pack(path)
+    cache, _ = make_cache(path, num_slots=E * L, lossy_alpha=alpha)
+    resident = [e for e in range(E) if resident_mask[e]]
+    if resident:
+        cache.acquire(0, resident)
+        cache.release(0, resident)
+    sel = np.argsort(-p, kind="stable")[:K]
+    out = cache.route(0, torch.from_numpy(p)[None], torch.from_numpy(sel)[None])[0].tolist()
+    ready = np.array(resident_mask)
+    S = np.sort(p)[::-1][K]
+    for j in range(K):
+        if out[j] != sel[j]:
+            assert alpha > 0                                  # never when alpha = 0
+            assert not ready[sel[j]] and p[sel[j]] < (1 + alpha) * S   # never above the band
+            assert ready[out[j]] and p[out[j]] > (1 - alpha) * S and out[j] not in sel
+    assert len(set(out)) == K                                # each substitute once per token
+    assert out == [int(x) for x in lossy_reference(p, [int(s) for s in sel], ready, alpha)]
+    cache.close()
+
+
+class GatedStorage(Storage):
+    """Storage whose reads of one extent wait for `go` (to observe a read in flight)."""
+
+    def __init__(self, path, offset):
+        super().__init__(path, "buffered")
+        self.gated_offset, self.started, self.go = offset, threading.Event(), threading.Event()
+        self.offsets = []
+
+    def read_into(self, offset, length, out):
+        self.offsets.append(offset)
+        if offset == self.gated_offset:
+            self.started.set()
+            self.go.wait(10)
+        super().read_into(offset, length, out)
+
+
+def test_prefetch_loads_hinted_experts_and_demand_waits_instead_of_rereading(pack):
+    reader = PackReader(pack)
+    target = reader.blocks[reader_expert_block(reader, 2, 5)].offset
+    storage = GatedStorage(pack, target)
+    cache = ExpertCache(reader, storage, arena().pool("experts"), 6, policy="gate", prefetch=True)
+    cache.hint(2, torch.tensor([[0.0, 0.0, 0.0, 0.0, 0.3, 0.7]]))    # predicts 5 then 4
+    assert storage.started.wait(10)              # the worker is reading expert 5 of layer 2
+    result = {}
+    t = threading.Thread(target=lambda: result.update(cache.acquire(2, [5])))
+    t.start()
+    storage.go.set()
+    t.join(10)
+    cache.drain()
+    assert torch.all(result[5].gate == expert_value(2, 5))
+    assert storage.offsets.count(target) == 1     # read once, by the prefetch
+    cache.route(2, torch.tensor([[0.0, 0.0, 0.0, 0.0, 0.3, 0.7]]), torch.tensor([[5, 4]]))
+    cache.acquire(2, [4])
+    cache.release(2, [4, 5])
+    t_ = cache.stats()["layers"][2]
+    assert t_["prefetch_loads"] == 2 and t_["prefetch_used"] == 2 and t_["loads"] == 0
+    assert t_["prefetch_precision"] == 1.0 and t_["prefetch_recall"] == 1.0
+    check_counters_add_up(cache.stats())
+    cache.close()
+
+
+def test_prefetch_never_evicts_pinned_or_routed_experts(pack):
+    cache, _ = make_cache(pack, num_slots=6, prefetch=True, policy="lru")   # quota 2
+    route_and_acquire(cache, 0, [0, 1])                 # pinned
+    cache.hint(0, torch.tensor([[0.0, 0.0, 0.5, 0.5, 0.0, 0.0]]))
+    cache.drain()
+    assert cache.resident(0) == {0, 1}                  # nothing evictable: prefetch gave up
+    cache.release(0, [0, 1])
+    cache.hint(0, torch.tensor([[0.0, 0.0, 0.5, 0.5, 0.0, 0.0]]))
+    cache.drain()                                       # routed last step: still protected
+    assert cache.resident(0) == {0, 1}
+    cache.route(0, torch.full((1, E), 1.0 / E), torch.tensor([[4, 5]]))  # a new step routes elsewhere
+    cache.hint(0, torch.tensor([[0.0, 0.0, 0.5, 0.5, 0.0, 0.0]]))
+    cache.drain()
+    assert cache.resident(0) == {2, 3}
+    check_counters_add_up(cache.stats())
+    cache.close()
+
+
+def test_corrupt_prefetch_frees_the_slot_and_demand_reports_it(pack):
+    reader = PackReader(pack)
+    bad = reader.blocks[reader_expert_block(reader, 0, 2)]
+    with open(pack, "r+b") as f:
+        f.seek(bad.offset)
+        f.write(b"\x00\x01\x02")
+    cache, _ = make_cache(pack, num_slots=6, prefetch=True)
+    cache.hint(0, torch.tensor([[0.0, 0.1, 0.9, 0.0, 0.0, 0.0]]))
+    cache.drain()
+    assert cache.resident(0) == {1}
+    assert cache.stats()["layers"][0]["prefetch_errors"] == 1
+    with pytest.raises(PackCorrupt, match="expert 2 of layer 0"):
+        cache.acquire(0, [2])
+    cache.close()
+
+
+def test_trace_feeds_belady(pack):
+    cache, _ = make_cache(pack, num_slots=6, record_trace=True)
+    for e in (0, 1, 2, 0):
+        cache.acquire(0, [e])
+        cache.release(0, [e])
+    trace = cache.trace()
+    cache.close()
+    assert trace[0] == [0, 1, 2, 0]
+    cache, _ = make_cache(pack, num_slots=6, policy="belady", policy_options={"future": trace})
+    for e in (0, 1, 2, 0):                                  # quota 2: MIN keeps 0, evicts 1
+        cache.acquire(0, [e])
+        cache.release(0, [e])
+    assert cache.stats()["layers"][0]["loads"] == 3
+    cache.close()
