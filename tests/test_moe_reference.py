@@ -128,3 +128,35 @@ def test_weights_count_against_the_budget(models):
         runtime(weights="16 KiB").load(pack, expert_budget=1.0)
     with pytest.raises(BudgetExceeded):
         runtime(experts="16 KiB").load(pack, expert_budget=1.0)
+
+
+class SubstitutingExperts(OnDemandExperts):
+    """Computes expert `dst` wherever the router picked `src` (in `layer`)."""
+
+    def __init__(self, reader, layer, src, dst):
+        super().__init__(reader)
+        self.sub = (layer, src, dst)
+
+    def route(self, layer, probs, topk_idx):
+        lay, src, dst = self.sub
+        return torch.where(topk_idx == src, dst, topk_idx) if layer == lay else topk_idx
+
+
+def test_substituted_expert_takes_the_replaced_experts_weight(models, tmp_path):
+    """Contract: a substitute's output is weighted by the routing weight of the expert it
+    replaces. So computing expert 3 wherever 1 was picked equals a model whose expert 1
+    has expert 3's weights (and the original router)."""
+    from edgert.pack import PackReader
+    from transformers import AutoModelForCausalLM
+    pack, ref = models["mixtral"]
+    lm = runtime().load(pack, provider=SubstitutingExperts(PackReader(pack), 1, src=1, dst=3))
+    twin = AutoModelForCausalLM.from_config(ref.config, attn_implementation="eager").eval()
+    twin.load_state_dict(ref.state_dict())
+    with torch.no_grad():
+        experts = twin.model.layers[1].mlp.experts
+        experts.gate_up_proj[1] = experts.gate_up_proj[3]
+        experts.down_proj[1] = experts.down_proj[3]
+    p = prompt(30, seed=9)
+    got = lm.logits(p)
+    np.testing.assert_allclose(got, ref_logits(twin, p), atol=1e-4, rtol=0)
+    assert not np.allclose(got, ref_logits(ref, p), atol=1e-3)

@@ -303,7 +303,7 @@ def expert_slots(budget, total: int, slot_bytes: int, pool_bytes: int) -> int:
     elif isinstance(budget, float):
         if not 0.0 < budget <= 1.0:
             raise ValueError(f"expert_budget fraction must be in (0, 1], got {budget}")
-        n = math.ceil(budget * total)
+        n = max(1, round(budget * total))  # as edgert.experts.cache.slots_for_budget
     elif isinstance(budget, int) and not isinstance(budget, bool):
         n = budget // slot_bytes
     else:
