@@ -49,6 +49,9 @@ def session_options(threads: int) -> ort.SessionOptions:
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
     opts.log_severity_level = 3
+    # NOTE: idle ORT workers spin by default; on a 2-4 core edge CPU that steals the core a
+    # task switch or the pre-packing thread needs right after a run.
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return opts
 
 

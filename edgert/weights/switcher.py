@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 
 import numpy as np
@@ -27,7 +28,9 @@ from .block_cache import BlockCache
 
 log = logging.getLogger(__name__)
 ALIGN = 4096
-MAX_EXTENT = 4 << 20  # coalesce adjacent block reads up to 4 MiB: few syscalls, deep enough for O_DIRECT
+MAX_EXTENT = 1 << 20  # coalesce adjacent block reads up to 1 MiB (O_DIRECT peaks near 1 MiB here)
+READ_THREADS = 4      # extents read and verified concurrently: O_DIRECT at queue depth 1 gets
+                      # ~0.6 GB/s on this machine's disk, ~2 GB/s with a few reads in flight
 
 
 def _align_up(n: int) -> int:
@@ -77,6 +80,7 @@ class TaskSwitcher:
         self._cur = np.full(len(self.pos_off), -1, np.int64)    # hash id per position, -1 = empty
         self._cur_blk = np.full(len(self.pos_off), -1, np.int64)
         self.history: list[SwitchResult] = []
+        self._readers: ThreadPoolExecutor | None = None
 
     # --- layout --------------------------------------------------------------------------
     def _positions(self, reader: PackReader) -> None:
@@ -177,19 +181,29 @@ class TaskSwitcher:
             yield group
 
     def _read(self, positions: np.ndarray, blk: np.ndarray, written: list[int]) -> int:
-        """Read the blocks at ``positions`` from storage straight into the run; verify each."""
-        total = 0
-        for group in self._extents(positions, blk):
-            first, last = self.reader.blocks[blk[group[0]]], self.reader.blocks[blk[group[-1]]]
-            length = last.offset + last.length - first.offset
-            o = int(self.pos_off[group[0]])
-            written.extend(group)
-            self.storage.read_into(first.offset, length, self.run[o:o + _align_up(length)])
-            for p in group:
-                o, n = self.pos_off[p], self.pos_len[p]
-                self.reader.check_block(int(blk[p]), self.run[o:o + n])
-            total += length
-        return total
+        """Read the blocks at ``positions`` from storage straight into the run; verify each.
+        Extents go out concurrently; on any failure every read has finished before this
+        raises, so the caller can restore ``written`` safely."""
+        groups = list(self._extents(positions, blk))
+        for g in groups:
+            written.extend(g)
+        if len(groups) <= 1:
+            return sum(self._read_extent(g, blk) for g in groups)
+        if self._readers is None:
+            self._readers = ThreadPoolExecutor(READ_THREADS, thread_name_prefix="edgert-read")
+        futures = [self._readers.submit(self._read_extent, g, blk) for g in groups]
+        wait(futures)
+        return sum(f.result() for f in futures)     # re-raises the first failure
+
+    def _read_extent(self, group: list[int], blk: np.ndarray) -> int:
+        first, last = self.reader.blocks[blk[group[0]]], self.reader.blocks[blk[group[-1]]]
+        length = last.offset + last.length - first.offset
+        o = int(self.pos_off[group[0]])
+        self.storage.read_into(first.offset, length, self.run[o:o + _align_up(length)])
+        for p in group:
+            o, n = self.pos_off[p], self.pos_len[p]
+            self.reader.check_block(int(blk[p]), self.run[o:o + n])
+        return length
 
     def _restore(self, positions: list[int]) -> None:
         """Put the active task's blocks back at ``positions`` after a failed switch."""
@@ -214,6 +228,12 @@ class TaskSwitcher:
             self._cur_blk[:] = -1
             raise
 
+    def invalidate(self) -> None:
+        """Forget what the run holds: the next switch rewrites every position (a full reload)."""
+        self.active = None
+        self._cur[:] = -1
+        self._cur_blk[:] = -1
+
     # --- prewarm -------------------------------------------------------------------------
     def prewarm(self, tasks: list[str]) -> dict:
         """Fill spare slots with blocks the named tasks need and the active task lacks,
@@ -237,6 +257,8 @@ class TaskSwitcher:
                 "bytes_read": self.cache.counters.bytes_read - before}
 
     def close(self) -> None:
+        if self._readers is not None:
+            self._readers.shutdown()
         self.cache.clear()
         self.pool.free_run(self.first_slot, self.n_slots)
         self.active = None

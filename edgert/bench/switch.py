@@ -1,0 +1,335 @@
+"""`edgert bench switch`: task-switch latency on the demo task models, against baselines.
+
+Contenders, alternated over one fixed random switch sequence (no switch to self):
+  (a) edgert differential switch, warm (blocks resident in spare slots after a prewarm)
+      and cold (spare slots emptied; reads bypass the page cache with O_DIRECT, or the
+      file's pages are dropped with POSIX_FADV_DONTNEED where O_DIRECT is refused)
+  (b) a new ONNX Runtime session from the task's ONNX file (page cache warm, and cold)
+  (c) every task's session kept resident: a switch is a lookup; N times the memory
+  (d) monolithic reload of all of the task's blocks into the same arena (cold)
+Physical limits are measured in the same run: copy bandwidth (warm) and O_DIRECT read
+bandwidth (cold). Steady-state inference compares a plain ORT session of the task with
+edgert's bound-weights session and its pre-packed session, alternated.
+"""
+from __future__ import annotations
+
+import gc
+import json
+import mmap
+import os
+import time
+
+import numpy as np
+
+from ..config import resolve
+
+SEED = 0
+
+
+def register(sub) -> None:
+    p = sub.add_parser("switch", help="task-switch latency vs a fresh ORT session and others")
+    p.add_argument("--quick", action="store_true", help="fewer repeats; under a minute; no plot")
+    p.add_argument("--json", metavar="OUT", help="write raw per-repeat figures here")
+    p.add_argument("--config", help="device config YAML (default: cpu-dev)")
+    p.add_argument("--pack", default="models/out/tasks.edgepack")
+    p.add_argument("--models", default="models/out/tasks")
+    p.add_argument("--plot", default="docs/img/bench-switch.png")
+    p.set_defaults(func=main)
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _drop_file_cache(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def _stats(xs) -> dict:
+    a = np.asarray(xs, float)
+    return {"p50": float(np.median(a)), "p10": float(np.percentile(a, 10)),
+            "p90": float(np.percentile(a, 90)), "p99": float(np.percentile(a, 99)),
+            "min": float(a.min()), "max": float(a.max()), "n": len(a)}
+
+
+def measure_limits(pack: str, repeats: int) -> dict:
+    """Bandwidths of this machine, now: memcpy, O_DIRECT reads of the pack, blake3."""
+    import blake3
+    size = min(os.path.getsize(pack) - 8192, 48 << 20) // (1 << 20) * (1 << 20)
+    dst = np.frombuffer(mmap.mmap(-1, size), np.uint8)
+    src = np.frombuffer(mmap.mmap(-1, size), np.uint8)
+    src[:] = 1
+    dst[:] = 0
+    copy, read, hashing = [], [], []
+    flags = os.O_RDONLY | getattr(os, "O_DIRECT", 0)
+    try:
+        fd, mode = os.open(pack, flags), "direct"
+    except OSError:
+        fd, mode = os.open(pack, os.O_RDONLY), "buffered (page cache dropped)"
+    chunk = 1 << 20
+    for _ in range(repeats):
+        t = time.perf_counter()
+        np.copyto(dst, src)
+        copy.append(size / (time.perf_counter() - t))
+        if mode != "direct":
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        t = time.perf_counter()
+        for off in range(0, size, chunk):
+            os.preadv(fd, [memoryview(dst[off:off + chunk])], 4096 + off)
+        read.append(size / (time.perf_counter() - t))
+        t = time.perf_counter()
+        for off in range(0, size, 65536):
+            blake3.blake3(dst[off:off + 65536]).digest(16)
+        hashing.append(size / (time.perf_counter() - t))
+    os.close(fd)
+    # NOTE: the best repeat is the physical limit; the medians say how noisy the machine is
+    return {"read_mode": mode, "copy_Bps": max(copy), "read_Bps": max(read),
+            "hash_Bps": max(hashing), "copy_Bps_p50": float(np.median(copy)),
+            "read_Bps_p50": float(np.median(read)), "hash_Bps_p50": float(np.median(hashing))}
+
+
+def _sequence(tasks: list[str], n: int) -> list[str]:
+    rng = np.random.default_rng(SEED)
+    seq = [tasks[0]]
+    while len(seq) <= n:
+        t = tasks[int(rng.integers(len(tasks)))]
+        if t != seq[-1]:
+            seq.append(t)
+    return seq
+
+
+class Contender:
+    """One way to get from the current task to the next: ``switch(t) -> (seconds, bytes)``."""
+    name = ""
+
+    def switch(self, task: str) -> tuple[float, int]:
+        raise NotImplementedError
+
+
+class EdgertSwitch(Contender):
+    def __init__(self, cfg, pack, mode: str, first: str):
+        from ..runtime import Runtime
+        self.name, self.mode = {"warm": "(a) edgert warm", "cold": "(a) edgert cold",
+                                "mono": "(d) monolithic reload"}[mode], mode
+        self.rt = Runtime(cfg)
+        self.m = self.rt.load(pack, task=first, prepack="off", keep_displaced=(mode == "warm"))
+        if mode == "warm":
+            self.m.prewarm(self.m.tasks)
+            for t in self.m.tasks:          # every task's blocks pass through the run once
+                self.m.switch(t)
+            self.m.switch(first)
+
+    def switch(self, task):
+        sw = self.m.switcher
+        if self.mode != "warm":
+            sw.cache.clear()
+            if self.m.storage.mode != "direct":
+                self.m.storage.drop_cache()
+        if self.mode == "mono":
+            sw.invalidate()
+        r = self.m.switch(task)
+        if self.mode == "warm":
+            assert r.from_storage == 0, "warm contender read from storage"
+        return r.seconds, r.bytes_moved
+
+
+class FreshSession(Contender):
+    def __init__(self, files, threads, cold: bool):
+        self.files, self.threads, self.cold = files, threads, cold
+        self.name = f"(b) fresh ORT session, {'cold' if cold else 'warm'} file"
+        self.session = None
+
+    def switch(self, task):
+        import onnxruntime as ort
+
+        from ..engines.onnx_engine import session_options
+        self.session = None
+        gc.collect()
+        if self.cold:
+            _drop_file_cache(self.files[task])
+        t = time.perf_counter()
+        self.session = ort.InferenceSession(self.files[task], session_options(self.threads),
+                                            providers=["CPUExecutionProvider"])
+        return time.perf_counter() - t, os.path.getsize(self.files[task])
+
+
+class ResidentSessions(Contender):
+    name = "(c) all sessions resident"
+
+    def __init__(self, files, threads):
+        import onnxruntime as ort
+
+        from ..engines.onnx_engine import session_options
+        gc.collect()
+        before = _rss()
+        self.sessions = {t: ort.InferenceSession(p, session_options(threads),
+                                                 providers=["CPUExecutionProvider"])
+                         for t, p in files.items()}
+        self.memory = _rss() - before
+        self.current = None
+
+    def switch(self, task):
+        t = time.perf_counter()
+        self.current = self.sessions[task]
+        return time.perf_counter() - t, 0
+
+
+def steady_state(cfg, pack, files, task, x, runs: int) -> dict:
+    """Plain ORT session vs edgert bound weights vs edgert pre-packed, alternated."""
+    import onnxruntime as ort
+
+    from ..engines.onnx_engine import session_options
+    from ..runtime import Runtime
+    rt = Runtime(cfg)
+    m = rt.load(pack, task=task, prepack="sync")
+    plain = ort.InferenceSession(files[task], session_options(cfg.threads),
+                                 providers=["CPUExecutionProvider"])
+    name = plain.get_inputs()[0].name
+    feeds = {name: x}
+    fast = m._fast
+    fns = {"plain ORT session": lambda: plain.run(None, feeds),
+           "edgert bound weights": lambda: m.engine.run(feeds),
+           "edgert pre-packed": lambda: fast.run(feeds)}
+    times = {k: [] for k in fns}
+    for f in fns.values():
+        f()                                   # warm up once
+    for i in range(runs):
+        for k in list(fns)[i % 3:] + list(fns)[:i % 3]:
+            t = time.perf_counter()
+            fns[k]()
+            times[k].append(1e3 * (time.perf_counter() - t))
+    out = {"task": task, "ms": {k: _stats(v) for k, v in times.items()}, "raw_ms": times,
+           "prepack_build_s": fast.build_seconds,
+           "prepack_charged_bytes": rt.arena.stats()["extra"]["in_use"]}
+    m.close()
+    return out
+
+
+def main(args) -> int:
+    from ..weights.cli import _ensure_pack
+    cfg = resolve(args.config)
+    _ensure_pack(args.pack, args.models)
+    from ..pack import PackReader
+    with PackReader(args.pack) as r:
+        tasks = r.tasks
+    files = {t: os.path.join(args.models, f"{t}.onnx") for t in tasks}
+    n, repeats, runs = (8, 3, 10) if args.quick else (30, 7, 40)
+    seq = _sequence(tasks, n)
+    print(f"edgert bench switch{' --quick' if args.quick else ''}: {len(tasks)} tasks, "
+          f"{n} switches, config {cfg.name}, {cfg.threads} ORT threads")
+    limits = measure_limits(args.pack, repeats)
+    print(f"measured: copy {limits['copy_Bps'] / 1e9:.2f} GB/s, read ({limits['read_mode']}) "
+          f"{limits['read_Bps'] / 1e9:.2f} GB/s, blake3 {limits['hash_Bps'] / 1e9:.2f} GB/s "
+          "(best of repeats)")
+    contenders = [EdgertSwitch(cfg, args.pack, "warm", seq[0]),
+                  EdgertSwitch(cfg, args.pack, "cold", seq[0]),
+                  FreshSession(files, cfg.threads, cold=False),
+                  FreshSession(files, cfg.threads, cold=True),
+                  ResidentSessions(files, cfg.threads),
+                  EdgertSwitch(cfg, args.pack, "mono", seq[0])]
+    raw = {c.name: {"ms": [], "bytes": []} for c in contenders}
+    for i, task in enumerate(seq[1:]):
+        k = i % len(contenders)
+        for c in contenders[k:] + contenders[:k]:   # alternate who goes first
+            s, b = c.switch(task)
+            raw[c.name]["ms"].append(1e3 * s)
+            raw[c.name]["bytes"].append(b)
+    warm_c, cold_c, fresh_w, fresh_c, resident, mono = contenders
+    moved = np.asarray(raw[warm_c.name]["bytes"], float)
+    limit_warm = 1e3 * moved / limits["copy_Bps"]
+    limit_cold = 1e3 * moved / limits["read_Bps"]
+    limit_cold_verified = limit_cold + 1e3 * moved / limits["hash_Bps"]
+    x = np.random.default_rng(SEED).standard_normal(
+        [d if isinstance(d, int) else 1 for d in warm_c.m.engine.inputs["image"][1]]
+    ).astype(np.float32)
+    steady = steady_state(cfg, args.pack, files, seq[-1], x, runs)
+    dense = warm_c.m.dense_bytes
+    memory = {warm_c.name: warm_c.rt.arena.stats()["pools"]["weights"]["peak_bytes"],
+              cold_c.name: cold_c.rt.arena.stats()["pools"]["weights"]["peak_bytes"],
+              mono.name: mono.rt.arena.stats()["pools"]["weights"]["peak_bytes"],
+              resident.name: resident.memory, "dense task": dense,
+              "pre-packed session (charged)": steady["prepack_charged_bytes"]}
+    result = {"config": cfg.name, "quick": args.quick, "sequence": seq, "limits": limits,
+              "switch": {k: {"ms": _stats(v["ms"]), "bytes_p50": float(np.median(v["bytes"]))}
+                         for k, v in raw.items()},
+              "raw": raw, "limit_ms": {"warm_copy": _stats(limit_warm),
+                                       "cold_read": _stats(limit_cold),
+                                       "cold_read_plus_verify": _stats(limit_cold_verified)},
+              "steady_state": steady, "memory_bytes": memory}
+    _print(result, warm_c.name, cold_c.name, fresh_w.name, fresh_c.name)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+        print(f"wrote {args.json}")
+    if not args.quick:
+        _plot(result, args.plot)
+    return 0
+
+
+def _print(res, warm, cold, fresh_w, fresh_c) -> None:
+    sw = res["switch"]
+    print(f"\n{'switch latency (ms)':40s} {'p50':>8s} {'p10':>8s} {'p90':>8s} {'p99':>8s} "
+          f"{'MB moved p50':>13s}")
+    for name, s in sw.items():
+        m = s["ms"]
+        print(f"{name:40s} {m['p50']:8.2f} {m['p10']:8.2f} {m['p90']:8.2f} {m['p99']:8.2f} "
+              f"{s['bytes_p50'] / 1e6:13.2f}")
+    lim = res["limit_ms"]
+    for name, s in lim.items():
+        print(f"{'limit: ' + name:40s} {s['p50']:8.2f} {s['p10']:8.2f} {s['p90']:8.2f} "
+              f"{s['p99']:8.2f}")
+    w, c = sw[warm]["ms"]["p50"], sw[cold]["ms"]["p50"]
+    print(f"\nspeed-up vs a fresh session (median): warm {sw[fresh_w]['ms']['p50'] / w:.0f}x, "
+          f"cold {sw[fresh_c]['ms']['p50'] / c:.0f}x (target >= 20x)")
+    print(f"vs physical limit (median): warm {w / lim['warm_copy']['p50']:.2f}x of copy, cold "
+          f"{c / lim['cold_read']['p50']:.2f}x of read, {c / lim['cold_read_plus_verify']['p50']:.2f}x "
+          "of read + blake3 verify (target <= 1.5x)")
+    st = res["steady_state"]["ms"]
+    plain = st["plain ORT session"]["p50"]
+    print(f"\nsteady-state inference, task {res['steady_state']['task']} (ms):")
+    for name, s in st.items():
+        print(f"  {name:24s} p50 {s['p50']:7.2f}  p10 {s['p10']:7.2f}  p90 {s['p90']:7.2f}  "
+              f"{s['p50'] / plain:5.2f}x plain (target <= 1.10x once a task keeps running)")
+    print(f"  pre-packed session build {res['steady_state']['prepack_build_s'] * 1e3:.0f} ms "
+          "(background)")
+    print("\nmemory for weights (MB):")
+    for name, b in res["memory_bytes"].items():
+        print(f"  {name:40s} {b / 1e6:8.1f}")
+
+
+def _plot(res, path: str) -> None:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed (pip install edgert[plot]); no plot")
+        return
+    names = list(res["raw"])
+    data = [np.maximum(res["raw"][n]["ms"], 1e-3) for n in names]
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    ax.boxplot(data, vert=False, whis=(1, 99))
+    ax.set_yticks(range(1, len(names) + 1), names)
+    ax.set_xscale("log")
+    for key, style in (("warm_copy", ":"), ("cold_read", "--")):
+        ax.axvline(res["limit_ms"][key]["p50"], ls=style, c="gray",
+                   label=f"limit: {key} (median)")
+    ax.set_xlabel("switch latency, ms (log)")
+    ax.set_title(f"edgert bench switch, {res['config']}: demo ViT tasks")
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    fig.savefig(path, dpi=110)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    import argparse
+    ap = argparse.ArgumentParser(prog="edgert bench switch")
+    register(ap.add_subparsers())
+    raise SystemExit(main(ap.parse_args(["switch", *__import__("sys").argv[1:]])))
