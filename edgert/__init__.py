@@ -7,9 +7,10 @@
 from .config import DeviceConfig
 from .errors import (BudgetExceeded, ConfigError, EdgertError, IncompatibleModels, InputMismatch,
                      PackCorrupt, UnknownTask, UnsupportedModel)
+from .pack.hf_import import CheckpointIncomplete
 from .runtime import Runtime
 
 __version__ = "0.1.0"
 __all__ = ["Runtime", "DeviceConfig", "EdgertError", "BudgetExceeded", "ConfigError",
            "IncompatibleModels", "InputMismatch", "PackCorrupt", "UnknownTask",
-           "UnsupportedModel", "__version__"]
+           "UnsupportedModel", "CheckpointIncomplete", "__version__"]
