@@ -123,10 +123,12 @@ class TaskSwitcher:
         t0 = time.perf_counter()
         res = SwitchResult(str(task))
         diff = np.flatnonzero(self.block_hid[blk] != self._cur)
-        hashes = [self.reader.blocks[b].hash for b in blk[diff]]
+        blocks = self.reader.blocks
+        hashes = [blocks[b].hash for b in blk[diff].tolist()]
         hit = np.array([self.cache.contains(h) for h in hashes], bool)
-        for p, b in zip(diff[hit], blk[diff[hit]]):
-            self.cache.get(int(b), pin=True)          # NOTE: pinned so keeping displaced blocks cannot evict them
+        hit_pos = diff[hit]
+        # NOTE: pinned so that keeping displaced blocks cannot evict them mid-switch
+        srcs = [self.cache.get(b, pin=True) for b in blk[hit_pos].tolist()]
         try:
             if self.keep_displaced and self.active is not None:
                 res.kept = self._keep(diff)
@@ -136,12 +138,13 @@ class TaskSwitcher:
             except (PackCorrupt, OSError):
                 self._restore(written)
                 raise
-            for p, b in zip(diff[hit], blk[diff[hit]]):
-                o, n = self.pos_off[p], self.pos_len[p]
-                self.run[o:o + n] = self.cache.peek(self.reader.blocks[b].hash)[:n]
+            run = self.run
+            for o, n, src in zip(self.pos_off[hit_pos].tolist(), self.pos_len[hit_pos].tolist(),
+                                 srcs):
+                run[o:o + n] = src[:n]
         finally:
-            for h in (hashes[i] for i in np.flatnonzero(hit)):
-                self.cache.unpin(h)
+            for i in np.flatnonzero(hit).tolist():
+                self.cache.unpin(hashes[i])
         self._cur[diff] = self.block_hid[blk[diff]]
         self._cur_blk[diff] = blk[diff]
         self.active = str(task)
@@ -152,13 +155,12 @@ class TaskSwitcher:
         return res
 
     def _keep(self, diff: np.ndarray) -> int:
-        kept = 0
-        for p in diff:
-            b = int(self._cur_blk[p])
-            if b < 0 or self.cache.contains(self.reader.blocks[b].hash):
+        kept, blocks = 0, self.reader.blocks
+        for p, b in zip(diff.tolist(), self._cur_blk[diff].tolist()):
+            if b < 0 or self.cache.contains(blocks[b].hash):
                 continue
-            o = self.pos_off[p]
-            if self.cache.put(b, self.run[o:o + self.pos_len[p]]) is None:
+            o = int(self.pos_off[p])
+            if self.cache.put(b, self.run[o:o + int(self.pos_len[p])]) is None:
                 break                                   # no free or evictable slot left
             kept += 1
         return kept
