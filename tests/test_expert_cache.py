@@ -330,10 +330,10 @@ def test_prefetch_never_evicts_pinned_or_routed_experts(pack):
     cache.hint(0, torch.tensor([[0.0, 0.0, 0.5, 0.5, 0.0, 0.0]]))
     cache.drain()                                       # routed last step: still protected
     assert cache.resident(0) == {0, 1}
-    cache.route(0, torch.full((1, E), 1.0 / E), torch.tensor([[4, 5]]))  # a new step routes elsewhere
+    cache.route(0, torch.full((1, E), 1.0 / E), torch.tensor([[0, 4]]))  # a new step: 0 and 4
     cache.hint(0, torch.tensor([[0.0, 0.0, 0.5, 0.5, 0.0, 0.0]]))
     cache.drain()
-    assert cache.resident(0) == {2, 3}
+    assert cache.resident(0) == {0, 2}                  # 1 made room for 2; routed 0 stays
     check_counters_add_up(cache.stats())
     cache.close()
 

@@ -20,6 +20,7 @@ second one.
 """
 from __future__ import annotations
 
+import itertools
 import queue
 import threading
 import time
@@ -99,6 +100,7 @@ class ExpertCache:
                                  pool.free_count * pool.slot_size)
         self._slots = pool.alloc(num_slots)
         self.num_slots = num_slots
+        self.max_acquire = num_slots   # the engine may pin this many experts at once
         # Weights views per slot, made once: a slot's bytes change in place on reload.
         self._views = {s: lay.views(pool.view(s)) for s in self._slots}
         base, extra = divmod(num_slots, len(self.layers))
@@ -117,7 +119,9 @@ class ExpertCache:
         self._trace: dict[int, list[int]] | None = {l: [] for l in self.layers} if record_trace else None
         self.prefetch = bool(prefetch)
         self.prefetch_width = prefetch_width or lay.top_k
-        self._jobs: queue.Queue = queue.Queue()
+        # (priority, order, job): reads ahead of a routed step (0) before hints (1)
+        self._jobs: queue.PriorityQueue = queue.PriorityQueue()
+        self._order = itertools.count()
         self._worker = None
         if self.prefetch:
             self._worker = threading.Thread(target=self._prefetch_loop, name="edgert-expert-prefetch",
@@ -136,6 +140,7 @@ class ExpertCache:
         c = self.counters[layer]
         with self._cv:
             self._epoch[layer] += 1
+            epoch = self._epoch[layer]
             ready = np.zeros(p.shape[1], dtype=bool)
             loading = np.zeros(p.shape[1], dtype=bool)
             for (l, e), s in self._where.items():
@@ -161,6 +166,12 @@ class ExpertCache:
             c.demanded_and_predicted += len(wanted & hinted)
         with self._cv:
             self._protected[layer] = frozenset(used)
+        if self.prefetch:
+            # Read ahead: acquire reads the lowest missing id itself; the worker takes the
+            # others from the top down, so two reads run at once instead of one after another.
+            missing = sorted(e for e in used if not ready[e] and not loading[e])
+            if len(missing) > 1:
+                self._jobs.put((0, next(self._order), (layer, missing[:0:-1], epoch, "ahead")))
         return topk_idx if out is sel else torch.from_numpy(out).to(topk_idx.dtype).reshape(topk_idx.shape)
 
     def _substitute(self, p: np.ndarray, row: np.ndarray, ready: np.ndarray) -> int:
@@ -218,7 +229,7 @@ class ExpertCache:
         self.counters[layer].predicted += len(want)
         with self._cv:
             epoch = self._epoch[layer]
-        self._jobs.put((layer, want, epoch))
+        self._jobs.put((1, next(self._order), (layer, want, epoch, "hint")))
 
     def stats(self) -> dict:
         with self._cv:
@@ -248,7 +259,7 @@ class ExpertCache:
 
     def close(self) -> None:
         if self._worker is not None:
-            self._jobs.put(None)
+            self._jobs.put((9, next(self._order), None))
             self._worker.join()
             self._worker = None
         with self._cv:
@@ -265,69 +276,81 @@ class ExpertCache:
         key = (layer, e)
         with self._cv:
             c.requests += 1
-            slot = self._where.get(key)
-            if slot is not None:
-                info = self._info[slot]
-                info.pins += 1                 # pinned before waiting: cannot be evicted now
-                if not info.ready:
-                    t0 = time.perf_counter()
+            t0 = time.perf_counter()
+            while True:
+                slot = self._where.get(key)
+                if slot is not None:
+                    info = self._info[slot]
+                    info.pins += 1                 # pinned before waiting: cannot be evicted now
+                    if info.ready:
+                        c.ready_hits += 1
+                        break
                     while not (info.ready or info.failed):
                         self._cv.wait()
-                    c.stall_s += time.perf_counter() - t0
-                    if info.failed:            # the worker freed the slot; read it ourselves
-                        slot = None
-                    else:
+                    if info.ready:
                         c.inflight_waits += 1
-                else:
-                    c.ready_hits += 1
+                        c.stall_s += time.perf_counter() - t0
+                        break
+                    continue                       # the worker's read failed: read it ourselves
+                slot = self._reserve(layer, keep=frozenset())
                 if slot is not None:
-                    if info.by_prefetch and not info.used:
-                        c.prefetch_used += 1
-                    info.used = True
-                    self.policy.on_access(layer, e)
-                    return
-            slot = self._reserve(layer, keep=frozenset())
-            self._claim(slot, layer, e, pins=1, by_prefetch=False)
-        t0 = time.perf_counter()
+                    self._claim(slot, layer, e, pins=1, by_prefetch=False)
+                    return self._demand_read(layer, e, slot, t0)
+                self._cv.wait()                    # every slot pinned or loading: wait for a read
+            if info.by_prefetch and not info.used:
+                c.prefetch_used += 1
+            info.used = True
+            self.policy.on_access(layer, e)
+
+    def _demand_read(self, layer: int, e: int, slot: int, t0: float) -> None:
+        """Read a claimed slot outside the lock (caller holds `_cv`; released meanwhile)."""
+        c = self.counters[layer]
+        self._cv.release()
         try:
             nbytes = self._read(layer, e, slot)
         except BaseException:
-            with self._cv:
-                self._unclaim(slot)
+            self._cv.acquire()
+            self._unclaim(slot)
             raise
-        with self._cv:
-            self._info[slot].ready = self._info[slot].used = True
-            c.loads += 1
-            c.bytes_read += nbytes
-            c.stall_s += time.perf_counter() - t0
-            self.policy.on_insert(layer, e)
-            self.policy.on_access(layer, e)
-            self._cv.notify_all()
+        self._cv.acquire()
+        self._info[slot].ready = self._info[slot].used = True
+        c.loads += 1
+        c.bytes_read += nbytes
+        c.stall_s += time.perf_counter() - t0
+        self.policy.on_insert(layer, e)
+        self.policy.on_access(layer, e)
+        self._cv.notify_all()
 
     def _reserve(self, layer: int, keep: frozenset, prefetch: bool = False) -> int | None:
-        """A slot for a new expert of `layer` (caller holds `_cv`). Prefetch never borrows and
-        never evicts pinned, loading, routed-this-step (`_protected`) or `keep` experts."""
+        """A slot for a new expert of `layer` (caller holds `_cv`), or None when the only way is
+        to wait for a read in flight. Prefetch never borrows and never evicts pinned, loading,
+        routed-this-step (`_protected`) or `keep` experts."""
         if self._count[layer] < self.quota[layer] and self._free:
             return self._free.pop()
-        skip = (self._protected[layer] | keep) if prefetch else frozenset()
-        own = self._candidates(layer, skip)
+        if prefetch:
+            own = self._candidates(layer, self._protected[layer] | keep)
+        else:  # demand: spare this step's routed experts (maybe read ahead) while others exist
+            own = self._candidates(layer, self._protected[layer]) or self._candidates(layer, frozenset())
         if self._count[layer] >= self.quota[layer] and own:
             return self._evict(layer, own)
         if prefetch:
             return None
-        self.counters[layer].borrowed += 1
         if self._free:
+            self.counters[layer].borrowed += 1
             return self._free.pop()
         lenders = sorted((l for l in self.layers if l != layer),
                          key=lambda l: self.quota[l] - self._count[l])  # furthest over quota first
         for l in lenders:
             cands = self._candidates(l, frozenset())
             if cands:
+                self.counters[layer].borrowed += 1
                 return self._evict(l, cands)
         if own:
             return self._evict(layer, own)
-        # NOTE: every slot is pinned or being read; nothing can move without breaking a pin.
-        raise BudgetExceeded(f"expert slots: all {self.num_slots} are pinned or loading "
+        if any(not i.ready and i.pins == 0 for i in self._info.values()):
+            return None                            # a prefetch read will free up a candidate
+        # NOTE: every slot is pinned (or loading for a pinned demand); nothing can move.
+        raise BudgetExceeded(f"expert slots: all {self.num_slots} are pinned "
                              f"(layer {layer} needs one more)", self.pool.slot_size, 0)
 
     def _candidates(self, layer: int, skip: frozenset) -> list[int]:
@@ -371,7 +394,7 @@ class ExpertCache:
 
     def _prefetch_loop(self) -> None:
         while True:
-            job = self._jobs.get()
+            _, _, job = self._jobs.get()
             try:
                 if job is None:
                     return
@@ -379,7 +402,9 @@ class ExpertCache:
             finally:
                 self._jobs.task_done()
 
-    def _prefetch(self, layer: int, want: list[int], epoch: int) -> None:
+    def _prefetch(self, layer: int, want: list[int], epoch: int, kind: str) -> None:
+        """Load `want` into free or evictable slots of `layer`. kind "hint": predicted experts
+        of an upcoming layer; "ahead": routed experts that acquire will need next."""
         keep = frozenset(want)
         for e in want:
             with self._cv:
@@ -390,7 +415,7 @@ class ExpertCache:
                 slot = self._reserve(layer, keep, prefetch=True)
                 if slot is None:
                     return
-                self._claim(slot, layer, e, pins=0, by_prefetch=True)
+                self._claim(slot, layer, e, pins=0, by_prefetch=kind == "hint")
             try:
                 nbytes = self._read(layer, e, slot)
             except Exception:
@@ -402,7 +427,10 @@ class ExpertCache:
                 info = self._info[slot]
                 info.ready = True
                 c = self.counters[layer]
-                c.prefetch_loads += 1
+                if kind == "hint":
+                    c.prefetch_loads += 1
+                else:
+                    c.ahead_loads += 1
                 c.bytes_read += nbytes
                 self.policy.on_insert(layer, e)
                 self._cv.notify_all()

@@ -7,8 +7,10 @@ Two levels, because they answer different questions:
   `effective_hit_rate = (exact_hits + substitutions) / demands` (what SMoE calls the cache
   ratio); they are reported apart so a lossy cache cannot pass for an exact one.
 - *requests* (mechanism level, counted in `acquire`): one per expert a layer pins. A request
-  is served by a resident expert (`ready_hits`), by waiting for a prefetch already in flight
-  (`inflight_waits`, never read twice) or by a demand read (`loads`).
+  is served by a resident expert (`ready_hits`), by waiting for a read already in flight
+  (`inflight_waits`, never read twice) or by its own demand read (`loads`). Reads by the
+  worker are `prefetch_loads` (from hints) and `ahead_loads` (routed experts read in parallel
+  with acquire's own read).
 """
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ class LayerCounters:
     ready_hits: int = 0
     inflight_waits: int = 0
     loads: int = 0              # demand reads
+    ahead_loads: int = 0        # reads the worker did for routed, missing experts (parallel to acquire)
     prefetch_loads: int = 0     # reads started by hint(), completed
     prefetch_used: int = 0      # ... of which a later acquire used before eviction
     prefetch_errors: int = 0    # ... that failed verification (the slot was freed)

@@ -1,0 +1,401 @@
+"""`edgert bench moe`: decode speed and quality of the demo MoE under expert budgets.
+
+Workload: held-out text (models/out/moe/heldout.txt, files never trained on). Each run
+prefills a 64-byte prompt (untimed, it fills the cache), then decodes the next N bytes with
+teacher forcing: one token per step through the expert-cache path, exactly the work of a
+generation step, while the true next byte gives perplexity and the all-resident model's
+logits on the same step give KL. Experts are read cold: O_DIRECT (when the filesystem
+refuses it: buffered reads with the pack's pages dropped by POSIX_FADV_DONTNEED before each
+run; the JSON says which).
+
+Contenders, alternated within each repeat (the starting one rotates):
+  resident     every expert in the arena (the 100% upper bound, no reads while decoding)
+  on-demand    no cache: every expert a step uses is read, used and dropped
+  lru          per-layer LRU over the budget's slots, no prefetch (mixtral-offloading's policy)
+  lfu, gate    the other policies without prefetch; belady: offline optimal on this run's own
+               trace (a bound on hit rate, not a deployable policy)
+  edgert       best policy (chosen on a calibration text before measuring) + prefetch
+  lossy a      edgert + substitution at alpha a (0.1, 0.2, 0.3)
+Budgets: 25/50/75% of all experts, plus 100%.
+Physical limits measured in the same run: O_DIRECT read bandwidth (bytes per token / bandwidth
+is the I/O floor of a contender) and the resident TPOT (the compute floor).
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..config import resolve
+from ..errors import EdgertError
+
+PROMPT = 64
+BUDGETS = (0.25, 0.5, 0.75, 1.0)
+ALPHAS = (0.1, 0.2, 0.3)
+CALIBRATION = [("lru", {}), ("lfu", {}), ("gate", {"decay": 0.8}), ("gate", {"decay": 0.9}),
+               ("gate", {"decay": 0.97})]
+
+
+def register(sub) -> None:
+    p = sub.add_parser("moe", help="MoE decode under expert budgets vs LRU, on-demand, resident")
+    p.add_argument("--quick", action="store_true", help="tiny model, one repeat; under a minute")
+    p.add_argument("--json", metavar="OUT", help="write raw per-repeat figures here")
+    p.add_argument("--config", help="device config YAML (default: cpu-dev)")
+    p.add_argument("--model", help="HF checkpoint dir (default models/out/moe, or moe-tiny with --quick)")
+    p.add_argument("--tokens", type=int, help="decode steps per run")
+    p.add_argument("--repeats", type=int)
+    p.add_argument("--plot", default="docs/img/bench-moe.png")
+    p.set_defaults(func=main)
+
+
+# --- the model and its pack --------------------------------------------------------------------
+def ensure_model(model: Path, quick: bool) -> None:
+    if (model / "config.json").exists() and (model / "heldout.txt").exists():
+        return
+    cmd = [sys.executable, "-m", "models.moe.train", "--out", str(model)] + (["--quick"] if quick else [])
+    print(f"no trained model at {model}: running {' '.join(cmd[1:])}", flush=True)
+    subprocess.run(cmd, check=True)
+
+
+def ensure_pack(model: Path) -> Path:
+    pack = model / "model.edgepack"
+    src = max(p.stat().st_mtime for p in model.glob("*.safetensors"))
+    if not pack.exists() or pack.stat().st_mtime < src:
+        from ..pack.hf_import import pack_hf
+        pack_hf(str(model), str(pack), progress=False)
+    return pack
+
+
+class OnDemandExperts:
+    """No cache: each acquire reads its experts into `top_k` arena slots; release drops them."""
+
+    def __init__(self, reader, storage, pool):
+        from ..experts.api import ExpertLayout, _carve
+        from ..pack.format import block_hash
+        self.layout, self.reader, self.storage, self._hash = ExpertLayout.from_reader(reader), reader, storage, block_hash
+        _carve(pool, self.layout.slot_bytes)
+        self.pool, self.max_acquire = pool, self.layout.top_k
+        self._slots = pool.alloc(self.max_acquire)
+        self.loads = self.bytes_read = 0
+        self.stall_s = 0.0
+
+    def route(self, layer, probs, topk_idx):
+        return topk_idx
+
+    def acquire(self, layer, expert_ids):
+        from ..errors import PackCorrupt
+        t0, out = time.perf_counter(), {}
+        for slot, e in zip(self._slots, expert_ids):
+            idx = self.layout.block(layer, int(e))
+            entry, view = self.reader.blocks[idx], self.pool.view(slot)
+            self.storage.read_into(entry.offset, entry.length, view)
+            if self._hash(view[: entry.length]) != entry.hash:
+                raise PackCorrupt(f"expert {e} of layer {layer}: content hash mismatch", block=idx)
+            out[int(e)] = self.layout.views(view)
+            self.loads += 1
+            self.bytes_read += entry.length
+        self.stall_s += time.perf_counter() - t0
+        return out
+
+    def release(self, layer, expert_ids):
+        pass
+
+    def hint(self, layer, probs):
+        pass
+
+    def reset_stats(self):
+        self.loads = self.bytes_read = 0
+        self.stall_s = 0.0
+
+    def stats(self):
+        return {"total": {"exact_hit_rate": 0.0, "effective_hit_rate": 0.0, "loads": self.loads,
+                          "bytes_read": self.bytes_read, "stall_s": self.stall_s}}
+
+    def close(self):
+        self.pool.free(self._slots)
+
+
+# --- one run ---------------------------------------------------------------------------------
+def make_provider(rt, pack, spec: dict):
+    from ..experts.api import ExpertLayout, ResidentExperts
+    from ..experts.cache import ExpertCache, slots_for_budget
+    from ..pack import PackReader
+    reader = PackReader(pack)
+    pool = rt.arena.pool("experts")
+    if spec["kind"] == "resident":
+        return ResidentExperts(reader, pool)
+    storage = rt.open_storage(pack)
+    if storage.mode != "direct":
+        storage.drop_cache()
+    if spec["kind"] == "on-demand":
+        return OnDemandExperts(reader, storage, pool)
+    lay = ExpertLayout.from_reader(reader)
+    slots = slots_for_budget(spec["budget"], len(lay.table), lay.extent_bytes, pool.bytes)
+    return ExpertCache(reader, storage, pool, slots, policy=spec["policy"],
+                       policy_options=spec.get("options"), lossy_alpha=spec.get("alpha", 0.0),
+                       prefetch=spec.get("prefetch", False), record_trace=spec.get("trace", False))
+
+
+def decode_run(rt, pack, spec: dict, ids: list[int], ref: np.ndarray | None) -> dict:
+    """Prefill PROMPT ids, then teacher-forced decode steps over the rest; figures of the steps."""
+    provider = make_provider(rt, pack, spec)
+    lm = rt.load(pack, provider=provider)
+    seq = lm.kv.new_sequence()
+    try:
+        # NOTE: MoeLM has no public one-step API; `_forward(seq, ids)` is what generate() runs.
+        lm._forward(seq, ids[:PROMPT], rows=slice(-1, None))
+        if hasattr(provider, "drain"):
+            provider.drain()
+        if hasattr(provider, "reset_stats"):
+            provider.reset_stats()
+        steps, logits = [], []
+        for t in range(PROMPT, len(ids) - 1):
+            t0 = time.perf_counter()
+            out = lm._forward(seq, [ids[t]])[0]
+            steps.append(time.perf_counter() - t0)
+            logits.append(out.float())
+        st = provider.stats()
+    finally:
+        lm.kv.release(seq)
+        lm.close()
+        if hasattr(provider, "drain"):
+            provider.drain()
+        trace = provider.trace() if spec.get("trace") else None
+        provider.close()
+    lg = torch.log_softmax(torch.stack(logits), dim=-1)                     # [N, V]
+    target = torch.tensor(ids[PROMPT + 1:])
+    nll = -lg.gather(1, target[:, None])[:, 0]
+    res = {"tpot_s": steps, "nll": nll.tolist(), "stats": st.get("total", st)}
+    if ref is not None:
+        p_ref = torch.from_numpy(ref)
+        res["kl"] = (p_ref.exp() * (p_ref - lg)).sum(-1).clamp_min(0).tolist()
+        res["max_abs_logprob_diff"] = float((p_ref - lg).abs().max())
+    res["logprobs"] = lg.numpy()
+    res["trace"] = trace
+    return res
+
+
+def calibrate(rt, pack, ids: list[int], budget: float) -> tuple[str, dict, list]:
+    """The policy (and options) with the best exact hit rate on a calibration text."""
+    rows = []
+    for name, opts in CALIBRATION:
+        r = decode_run(rt, pack, {"kind": "cache", "budget": budget, "policy": name, "options": opts},
+                       ids, None)
+        rows.append({"policy": name, "options": opts, "exact_hit_rate": r["stats"]["exact_hit_rate"]})
+    best = max(rows, key=lambda r: r["exact_hit_rate"])
+    return best["policy"], best["options"], rows
+
+
+def measure_read_bandwidth(rt, pack, repeats: int = 3) -> dict:
+    from ..experts.api import ExpertLayout, _carve
+    from ..pack import PackReader
+    reader = PackReader(pack)
+    lay = ExpertLayout.from_reader(reader)
+    pool = rt.arena.pool("experts")
+    _carve(pool, lay.slot_bytes)
+    slot = pool.alloc(1)
+    best = 0.0
+    storage = rt.open_storage(pack)
+    try:
+        for _ in range(repeats):
+            if storage.mode != "direct":
+                storage.drop_cache()
+            t0, n = time.perf_counter(), 0
+            for idx in sorted(lay.table.values()):
+                e = reader.blocks[idx]
+                storage.read_into(e.offset, e.length, pool.view(slot[0]))
+                n += e.length
+            best = max(best, n / (time.perf_counter() - t0))
+    finally:
+        pool.free(slot)
+    return {"read_Bps": best, "read_mode": storage.mode, "extent_bytes": lay.extent_bytes,
+            "experts": len(lay.table), "top_k": lay.top_k, "layers": len(lay.moe_layers)}
+
+
+# --- the benchmark ---------------------------------------------------------------------------
+def contenders(best: str, best_opts: dict, budgets, full: bool) -> list[tuple[str, dict]]:
+    out = [("resident", {"kind": "resident"}), ("on-demand", {"kind": "on-demand"})]
+    for b in budgets:
+        tag = f"{round(100 * b)}%"
+        cache = {"kind": "cache", "budget": b}
+        if b < 1.0:
+            out.append((f"{tag} lru", {**cache, "policy": "lru"}))
+            if full:
+                out += [(f"{tag} lfu", {**cache, "policy": "lfu"}),
+                        (f"{tag} gate", {**cache, "policy": "gate"}),
+                        (f"{tag} belady", {**cache, "policy": "belady"})]
+        out.append((f"{tag} edgert", {**cache, "policy": best, "options": best_opts, "prefetch": True}))
+        if b < 1.0:
+            out += [(f"{tag} lossy {a}", {**cache, "policy": best, "options": best_opts,
+                                          "prefetch": True, "alpha": a}) for a in ALPHAS]
+    return out
+
+
+def main(args) -> int:
+    from .. import Runtime
+    cfg = resolve(args.config)
+    quick = args.quick
+    model = Path(args.model or ("models/out/moe-tiny" if quick else "models/out/moe"))
+    ensure_model(model, quick)
+    pack = str(ensure_pack(model))
+    text = (model / "heldout.txt").read_bytes()
+    n_tok = args.tokens or (24 if quick else 160)
+    repeats = args.repeats or (1 if quick else 3)
+    budgets = (0.5, 1.0) if quick else BUDGETS
+    rt = Runtime(cfg)
+    torch.set_num_threads(cfg.threads)
+    span = PROMPT + n_tok + 1
+    calib_ids = list(text[-span:])                       # calibration: the end of the held-out text
+    segments = [list(text[i * span:(i + 1) * span]) for i in range(repeats)]
+    limits = measure_read_bandwidth(rt, pack)
+    print(f"edgert bench moe{' --quick' if quick else ''}: {model}, {limits['layers']} layers x "
+          f"{limits['experts'] // limits['layers']} experts (top-{limits['top_k']}), expert "
+          f"{limits['extent_bytes'] / 1e3:.0f} kB; reads {limits['read_mode']} "
+          f"{limits['read_Bps'] / 1e6:.0f} MB/s; {repeats} x {n_tok} decode steps", flush=True)
+    best, best_opts, calib = calibrate(rt, pack, calib_ids, 0.5)
+    print(f"calibration (50% budget, exact hit rate): " + ", ".join(
+        f"{r['policy']}{r['options'] or ''} {r['exact_hit_rate']:.3f}" for r in calib)
+        + f" -> edgert uses {best}{best_opts or ''}", flush=True)
+    cs = contenders(best, best_opts, budgets, full=not quick)
+    decode_run(rt, pack, cs[0][1], segments[0], None)             # warm up once
+    raw = {name: [] for name, _ in cs}
+    for r, ids in enumerate(segments):
+        ref = decode_run(rt, pack, {"kind": "resident"}, ids, None)["logprobs"]
+        traces = {}
+        order = cs[r % len(cs):] + cs[:r % len(cs)]
+        # belady needs its run's trace: every exact contender at a budget routes identically
+        order = [c for c in order if c[1].get("policy") != "belady"] + \
+                [c for c in order if c[1].get("policy") == "belady"]
+        for name, spec in order:
+            b = spec.get("budget")
+            if spec.get("policy") == "lru":
+                spec = {**spec, "trace": True}
+            if spec.get("policy") == "belady":
+                spec = {**spec, "options": {"future": traces[b]}}
+            res = decode_run(rt, pack, spec, ids, ref)
+            if res["trace"] is not None:
+                traces[b] = res["trace"]
+            raw[name].append(_summary(res))
+        print(f"repeat {r + 1}/{repeats} done", flush=True)
+    result = {"config": cfg.name, "quick": quick, "model": str(model), "limits": limits,
+              "calibration": calib, "best_policy": {"policy": best, "options": best_opts},
+              "tokens_per_run": n_tok, "prompt": PROMPT, "repeats": repeats,
+              "table": {name: _aggregate(runs) for name, runs in raw.items()}, "raw": raw}
+    _print(result)
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+        print(f"wrote {args.json}")
+    if not quick:
+        _plot(result, args.plot)
+    return 0
+
+
+def _summary(res: dict) -> dict:
+    st, steps = res["stats"], np.asarray(res["tpot_s"])
+    n = len(steps)
+    return {"tok_s": n / steps.sum(), "tpot_s": steps.tolist(), "ppl": float(np.exp(np.mean(res["nll"]))),
+            "kl_mean": float(np.mean(res["kl"])), "kl_max": float(np.max(res["kl"])),
+            "max_abs_logprob_diff": res["max_abs_logprob_diff"],
+            "exact_hit_rate": st.get("exact_hit_rate"), "effective_hit_rate": st.get("effective_hit_rate"),
+            "bytes_per_token": st.get("bytes_read", 0) / n, "stall_per_token_s": st.get("stall_s", 0.0) / n,
+            "prefetch_precision": st.get("prefetch_precision"), "prefetch_recall": st.get("prefetch_recall"),
+            "substitution_rate": st.get("substitution_rate"), "stats": st}
+
+
+def _aggregate(runs: list[dict]) -> dict:
+    tps = [r["tok_s"] for r in runs]
+    steps = np.concatenate([r["tpot_s"] for r in runs])
+    mean = lambda k: None if runs[0].get(k) is None else float(np.mean([r[k] for r in runs]))
+    return {"tok_s": float(np.median(tps)), "tok_s_min": float(min(tps)), "tok_s_max": float(max(tps)),
+            "tpot_p50_ms": 1e3 * float(np.percentile(steps, 50)),
+            "tpot_p90_ms": 1e3 * float(np.percentile(steps, 90)),
+            "ppl": float(np.exp(np.mean([np.log(r["ppl"]) for r in runs]))),
+            "kl_mean": mean("kl_mean"), "kl_max": float(max(r["kl_max"] for r in runs)),
+            "max_abs_logprob_diff": float(max(r["max_abs_logprob_diff"] for r in runs)),
+            **{k: mean(k) for k in ("exact_hit_rate", "effective_hit_rate", "bytes_per_token",
+                                    "stall_per_token_s", "prefetch_precision", "prefetch_recall")}}
+
+
+def _fmt(x, spec):
+    return "-" if x is None else format(x, spec)
+
+
+def _print(res: dict) -> None:
+    t, lim = res["table"], res["limits"]
+    res_ppl = t["resident"]["ppl"]
+    hdr = (f"\n{'contender':16s} {'tok/s':>7s} {'(min-max)':>13s} {'TPOT p50':>9s} {'p90 ms':>7s} "
+           f"{'exact':>6s} {'effect.':>7s} {'MB/tok':>7s} {'IO floor':>8s} {'ppl':>6s} {'dppl':>6s} "
+           f"{'KL/tok':>8s} {'vs LRU':>7s}")
+    print(hdr)
+    for name, a in t.items():
+        lru = t.get(name.split(" ")[0] + " lru")
+        ratio = a["tok_s"] / lru["tok_s"] if lru and "%" in name else None
+        floor = 1e3 * (a["bytes_per_token"] or 0) / lim["read_Bps"]
+        print(f"{name:16s} {a['tok_s']:7.1f} {a['tok_s_min']:6.1f}-{a['tok_s_max']:<6.1f} "
+              f"{a['tpot_p50_ms']:9.2f} {a['tpot_p90_ms']:7.2f} {_fmt(a['exact_hit_rate'], '6.3f')} "
+              f"{_fmt(a['effective_hit_rate'], '7.3f')} {(a['bytes_per_token'] or 0) / 1e6:7.3f} "
+              f"{floor:6.2f}ms {a['ppl']:6.3f} {100 * (a['ppl'] / res_ppl - 1):+5.2f}% "
+              f"{_fmt(a['kl_mean'], '8.5f')} {_fmt(ratio, '6.2f')}x")
+    print(f"\ncompute floor (resident TPOT p50) {t['resident']['tpot_p50_ms']:.2f} ms; IO floor = "
+          f"bytes/token / {lim['read_Bps'] / 1e6:.0f} MB/s ({lim['read_mode']} reads, measured)")
+    half = t.get("50% edgert"), t.get("50% lru")
+    if all(half):
+        lossy = [t[f"50% lossy {a}"] for a in ALPHAS if f"50% lossy {a}" in t]
+        print(f"targets at 50%: edgert exact {half[0]['tok_s'] / half[1]['tok_s']:.2f}x LRU (>= 1.5x); "
+              + ", ".join(f"lossy {a} {x['tok_s'] / half[1]['tok_s']:.2f}x LRU, KL {x['kl_mean']:.4f}, "
+                          f"ppl {100 * (x['ppl'] / res_ppl - 1):+.2f}%" for a, x in zip(ALPHAS, lossy))
+              + " (>= 2x, KL <= 0.02, ppl within +1%)")
+    exact = [n for n in t if n.endswith("edgert") or n.endswith("lru") or n == "on-demand"]
+    print("exact contenders, max |log-prob - resident|: "
+          f"{max(t[n]['max_abs_logprob_diff'] for n in exact):.2e}")
+
+
+def _plot(res: dict, path: str) -> None:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed (pip install edgert[plot]); no plot")
+        return
+    t = res["table"]
+    budgets = sorted({int(n.split("%")[0]) for n in t if "%" in n})
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for label in ["lru", "gate", "edgert", *(f"lossy {a}" for a in ALPHAS)]:
+        xs = [b for b in budgets if f"{b}% {label}" in t]
+        if xs:
+            ax1.plot(xs, [t[f"{b}% {label}"]["tok_s"] for b in xs], marker="o", label=label)
+            ax2.plot(xs, [t[f"{b}% {label}"]["exact_hit_rate"] for b in xs], marker="o", label=label)
+    for name, style in (("resident", "--"), ("on-demand", ":")):
+        ax1.axhline(t[name]["tok_s"], ls=style, c="gray", label=name)
+    xs = [b for b in budgets if f"{b}% belady" in t]
+    if xs:
+        ax2.plot(xs, [t[f"{b}% belady"]["exact_hit_rate"] for b in xs], ls="--", c="k", label="belady (bound)")
+    ax1.set(xlabel="expert budget, % of all experts", ylabel="decode tokens/s (median)")
+    ax2.set(xlabel="expert budget, % of all experts", ylabel="exact hit rate")
+    ax1.legend(fontsize=7)
+    ax2.legend(fontsize=7)
+    fig.suptitle(f"edgert bench moe ({res['config']}, {res['limits']['read_mode']} reads)")
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    fig.savefig(path, dpi=110)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    import argparse
+    ap = argparse.ArgumentParser(prog="edgert bench")
+    register(ap.add_subparsers())
+    try:
+        raise SystemExit(main(ap.parse_args(["moe", *sys.argv[1:]])))
+    except EdgertError as e:
+        print(f"edgert bench moe: {type(e).__name__}: {e}", file=sys.stderr)
+        raise SystemExit(2)
