@@ -55,7 +55,7 @@ def test_input_mismatch_names_the_input(tiny, feeds, words):
     eng.run({"image": tiny.x})                 # still runnable
 
 
-def test_providers_in_config_order_with_cpu_last(caplog):
+def test_providers_in_config_order_with_cpu_last():
     assert choose_providers(["cpu"]) == ["CPUExecutionProvider"]
     got = choose_providers(["tensorrt", "cuda", "cpu"])
     assert got[-1] == "CPUExecutionProvider"

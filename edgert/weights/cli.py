@@ -10,7 +10,7 @@ import numpy as np
 
 from ..errors import InputMismatch
 
-DEMO_SEQUENCE = ["detect", "lane", "sign", "detect", "parking", "lane", "parking", "sign"]
+DEMO_SEQUENCE = ["lane", "sign", "detect", "parking", "lane", "parking", "sign"]
 
 
 def register(sub) -> None:

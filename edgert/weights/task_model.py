@@ -46,8 +46,12 @@ class TaskModel:
         self.switcher = TaskSwitcher(reader, rt.arena.pool("weights"), self.storage,
                                      keep_displaced=keep_displaced)
         cfg = rt.config
-        self.engine = OnnxEngine(reader.sections[SKELETON], self.switcher.tensors(),
-                                 providers=cfg.providers, threads=cfg.threads)
+        try:
+            self.engine = OnnxEngine(reader.sections[SKELETON], self.switcher.tensors(),
+                                     providers=cfg.providers, threads=cfg.threads)
+        except BaseException:
+            self.switcher.close()           # give the run of slots back
+            raise
         self._lock = threading.RLock()
         self._gen = 0                       # bumped by every switch that changes weights
         self._fast: PrepackedSession | None = None
@@ -58,7 +62,11 @@ class TaskModel:
         self._prepack_builds: list[float] = []
         self._prepack_skipped = ""
         self.dense_bytes = sum(a.nbytes for a in self.switcher.tensors().values())
-        self.switch(task if task is not None else reader.tasks[0])
+        try:
+            self.switch(task if task is not None else reader.tasks[0])
+        except BaseException:
+            self.switcher.close()
+            raise
 
     @property
     def active(self) -> str | None:
