@@ -42,6 +42,7 @@ class Budget:
     weights: int
     experts: int
     kv: int
+    prefault: bool = False  # touch every arena page at start: no page faults on the hot path
 
 
 @dataclass(frozen=True)
@@ -99,7 +100,7 @@ def _build(doc, source: str) -> DeviceConfig:
     for key in ("name", "memory"):
         if key not in doc:
             raise ConfigError(f"missing key {key}")
-    mem = _check_keys(doc["memory"], {"total", "weights", "experts", "kv"}, "memory")
+    mem = _check_keys(doc["memory"], {"total", "weights", "experts", "kv", "prefault"}, "memory")
     if "total" not in mem:
         raise ConfigError("missing key memory.total")
     total = parse_bytes(mem["total"], "memory.total")
@@ -109,6 +110,9 @@ def _build(doc, source: str) -> DeviceConfig:
     if sum(parts.values()) > total:
         raise ConfigError(f"memory.weights + memory.experts + memory.kv = {sum(parts.values())} "
                           f"bytes exceeds memory.total = {total} bytes")
+    prefault = mem.get("prefault", False)
+    if not isinstance(prefault, bool):
+        raise ConfigError(f"memory.prefault must be true or false, got {prefault!r}")
     st = _check_keys(doc.get("storage", {}) or {}, {"read_mode", "scratch_dir"}, "storage")
     read_mode = st.get("read_mode", "direct")
     if read_mode not in READ_MODES:
@@ -129,7 +133,7 @@ def _build(doc, source: str) -> DeviceConfig:
     name, server = doc["name"], doc.get("server", "") or ""
     if not isinstance(name, str) or not isinstance(server, str):
         raise ConfigError("name and server must be strings")
-    return DeviceConfig(name=name, budget=Budget(total, **parts),
+    return DeviceConfig(name=name, budget=Budget(total, **parts, prefault=prefault),
                         storage=Storage(read_mode, str(st.get("scratch_dir", "") or "")),
                         providers=tuple(providers), device=device, threads=threads,
                         dtype=dtype, server=server, source=source)

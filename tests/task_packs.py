@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import shutil
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,10 +12,7 @@ from edgert.config import DeviceConfig, parse_bytes
 from edgert.pack import PackReader
 from edgert.pack.onnx_import import pack_onnx
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # models/ is a recipe directory, not part of the package
-    sys.path.insert(0, str(ROOT))
-from models.tasks.build import build  # noqa: E402
+from models.tasks.build import build
 
 BLOCK = 4096
 RTOL, ATOL = 1e-5, 1e-6

@@ -42,6 +42,7 @@ def _doc(**over):
     (_doc(providers=["cuda", "metal"]), "providers"),
     (_doc(storage={"read_mode": "mmap"}), "read_mode"),
     (_doc(threads=0), "threads"),
+    (_doc(memory={"total": "1 GiB", "prefault": "yes"}), "prefault"),
     (_doc(dtype="int4"), "dtype"),
     ({"memory": {"total": 1}}, "name"),
     ([1, 2], "mapping"),

@@ -132,7 +132,10 @@ class Arena:
         # round each pool down to whole 4 KiB pages so every slot is page aligned
         sizes = {k: v - v % SLOT_ALIGN for k, v in sizes.items()}
         self.mapped = sum(sizes.values())
-        self._map = mmap.mmap(-1, max(self.mapped, SLOT_ALIGN))  # page aligned, lazily backed
+        flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
+        if b.prefault and hasattr(mmap, "MAP_POPULATE"):
+            flags |= mmap.MAP_POPULATE  # back every page now, not on the first switch
+        self._map = mmap.mmap(-1, max(self.mapped, SLOT_ALIGN), flags=flags)  # page aligned
         self._mem = np.frombuffer(self._map, dtype=np.uint8)
         self.pinned = _pin_for_gpu(self._map, cfg) if cfg.device == "cuda" else False
         self._pools: dict[str, SlotPool] = {}

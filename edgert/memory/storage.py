@@ -13,6 +13,7 @@ import errno
 import logging
 import mmap
 import os
+import threading
 
 import numpy as np
 
@@ -41,7 +42,7 @@ class Storage:
                     self._dfd = os.open(self.path, os.O_RDONLY | os.O_DIRECT)
                 except OSError as e:
                     self._fall_back(f"open with O_DIRECT failed: {e.strerror}")
-        self._bounce: mmap.mmap | None = None
+        self._lock = threading.Lock()  # read_into may be called from several reader threads
         self.bytes_read = 0
         self.reads = 0
 
@@ -69,9 +70,8 @@ class Storage:
             if len(out) >= padded and out.ctypes.data % ALIGN == 0:
                 target = out[:padded]
             else:
-                if self._bounce is None or len(self._bounce) < padded:
-                    self._bounce = mmap.mmap(-1, padded)
-                target = np.frombuffer(self._bounce, dtype=np.uint8, count=padded)
+                # per call, so concurrent readers never share it
+                target = np.frombuffer(mmap.mmap(-1, padded), dtype=np.uint8, count=padded)
             try:
                 got = os.preadv(self._dfd, [memoryview(target)], offset)
             except OSError as e:
@@ -89,8 +89,9 @@ class Storage:
             if got < length:
                 raise PackCorrupt(f"short read: {got} of {length} bytes", path=self.path,
                                   offset=offset)
-        self.bytes_read += length
-        self.reads += 1
+        with self._lock:
+            self.bytes_read += length
+            self.reads += 1
 
     def drop_cache(self) -> None:
         """Ask the kernel to drop this file's cached pages (cold buffered reads)."""
