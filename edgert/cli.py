@@ -21,16 +21,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="edgert", description="edgert: an inference runtime "
                                      "for Jetson-class edge devices")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
-    sub = parser.add_subparsers(dest="command", required=True)
-    for name in COMMAND_MODULES:
+    register_modules(parser.add_subparsers(dest="command", required=True), COMMAND_MODULES)
+    return parser
+
+
+def register_modules(sub, modules) -> None:
+    """Let each module that is present add its subcommands to ``sub``."""
+    for name in modules:
         try:
             module = importlib.import_module(name)
         except ModuleNotFoundError as e:
-            if e.name != name:
+            if e.name != name:   # the module exists but one of its imports is missing
                 raise
             continue
         module.register(sub)
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
