@@ -133,3 +133,21 @@ def test_cli_pack_verify_inspect(tmp_path):
     assert res.returncode != 0 and "Traceback" not in res.stderr
     res = _cli("pack", "onnx", "--base", base, "--task", "nameonly", "-o", out)
     assert res.returncode != 0 and "NAME=FILE" in res.stderr
+
+
+def test_blocks_are_grouped_by_the_tasks_that_use_them(task_set):
+    """A switch A -> B reads the blocks B uses and A lacks: with 3 tasks those are two
+    user-set groups ({B} and {B, C}), so at most two back-to-back runs in the file."""
+    _, tasks, out = task_set
+    with PackReader(out) as r:
+        for a in tasks:
+            for b in tasks:
+                if a == b:
+                    continue
+                have = {r.blocks[i].hash for s in r.task(a).values() for i in s.blocks}
+                need = sorted({i for s in r.task(b).values() for i in s.blocks
+                               if r.blocks[i].hash not in have}, key=lambda i: r.blocks[i].offset)
+                runs = 1 + sum(1 for x, y in zip(need, need[1:])
+                               if r.blocks[y].offset != r.blocks[x].offset
+                               + -(-r.blocks[x].length // 4096) * 4096)
+                assert need and runs <= 2, (a, b, runs)

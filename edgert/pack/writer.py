@@ -78,6 +78,10 @@ class PackWriter:
     def tasks(self) -> list[str]:
         return list(self._m.tasks)
 
+    @property
+    def block_count(self) -> int:
+        return len(self._m.blocks)
+
     # --- adding content ----------------------------------------------------------------
     def _write_extent(self, data: memoryview) -> int:
         h = block_hash(data)
