@@ -368,3 +368,20 @@ def test_trace_feeds_belady(pack):
         cache.release(0, [e])
     assert cache.stats()["layers"][0]["loads"] == 3
     cache.close()
+
+
+def test_read_ahead_reads_each_routed_miss_once(pack):
+    reader = PackReader(pack)
+    storage = GatedStorage(pack, offset=-1)       # nothing gated: records offsets
+    cache = ExpertCache(reader, storage, arena().pool("experts"), 6, policy="lru", prefetch=True)
+    out = cache.route(1, torch.full((1, E), 1.0 / E), torch.tensor([[2, 5]]))
+    got = cache.acquire(1, out.flatten().tolist())
+    assert all(torch.all(w.gate == expert_value(1, e)) for e, w in got.items())
+    cache.release(1, [2, 5])
+    cache.drain()
+    offsets = [reader.blocks[reader_expert_block(reader, 1, e)].offset for e in (2, 5)]
+    assert sorted(storage.offsets) == sorted(offsets)   # each read exactly once
+    c = cache.stats()["layers"][1]
+    assert c["loads"] + c["ahead_loads"] == 2 and c["misses"] == 2
+    check_counters_add_up(cache.stats())
+    cache.close()

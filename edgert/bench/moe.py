@@ -245,14 +245,15 @@ def main(args) -> int:
     ensure_model(model, quick)
     pack = str(ensure_pack(model))
     text = (model / "heldout.txt").read_bytes()
-    n_tok = args.tokens or (24 if quick else 160)
-    repeats = args.repeats or (1 if quick else 3)
+    n_tok = args.tokens or (24 if quick else 192)
+    repeats = args.repeats or (1 if quick else 5)
     budgets = (0.5, 1.0) if quick else BUDGETS
     rt = Runtime(cfg)
     torch.set_num_threads(cfg.threads)
     span = PROMPT + n_tok + 1
     calib_ids = list(text[-span:])                       # calibration: the end of the held-out text
-    segments = [list(text[i * span:(i + 1) * span]) for i in range(repeats)]
+    step = (len(text) - 2 * span) // repeats            # evaluation segments spread over the text
+    segments = [list(text[i * step:i * step + span]) for i in range(repeats)]
     limits = measure_read_bandwidth(rt, pack)
     print(f"edgert bench moe{' --quick' if quick else ''}: {model}, {limits['layers']} layers x "
           f"{limits['experts'] // limits['layers']} experts (top-{limits['top_k']}), expert "
@@ -332,7 +333,7 @@ def _print(res: dict) -> None:
     t, lim = res["table"], res["limits"]
     res_ppl = t["resident"]["ppl"]
     hdr = (f"\n{'contender':16s} {'tok/s':>7s} {'(min-max)':>13s} {'TPOT p50':>9s} {'p90 ms':>7s} "
-           f"{'exact':>6s} {'effect.':>7s} {'MB/tok':>7s} {'IO floor':>8s} {'ppl':>6s} {'dppl':>6s} "
+           f"{'exact':>6s} {'effect.':>7s} {'MB/tok':>7s} {'stall':>7s} {'IO floor':>8s} {'ppl':>6s} {'dppl':>6s} "
            f"{'KL/tok':>8s} {'vs LRU':>7s}")
     print(hdr)
     for name, a in t.items():
@@ -342,6 +343,7 @@ def _print(res: dict) -> None:
         print(f"{name:16s} {a['tok_s']:7.1f} {a['tok_s_min']:6.1f}-{a['tok_s_max']:<6.1f} "
               f"{a['tpot_p50_ms']:9.2f} {a['tpot_p90_ms']:7.2f} {_fmt(a['exact_hit_rate'], '6.3f')} "
               f"{_fmt(a['effective_hit_rate'], '7.3f')} {(a['bytes_per_token'] or 0) / 1e6:7.3f} "
+              f"{1e3 * (a['stall_per_token_s'] or 0):5.2f}ms "
               f"{floor:6.2f}ms {a['ppl']:6.3f} {100 * (a['ppl'] / res_ppl - 1):+5.2f}% "
               f"{_fmt(a['kl_mean'], '8.5f')} {_fmt(ratio, '6.2f')}x")
     print(f"\ncompute floor (resident TPOT p50) {t['resident']['tpot_p50_ms']:.2f} ms; IO floor = "
@@ -353,6 +355,12 @@ def _print(res: dict) -> None:
               + ", ".join(f"lossy {a} {x['tok_s'] / half[1]['tok_s']:.2f}x LRU, KL {x['kl_mean']:.4f}, "
                           f"ppl {100 * (x['ppl'] / res_ppl - 1):+.2f}%" for a, x in zip(ALPHAS, lossy))
               + " (>= 2x, KL <= 0.02, ppl within +1%)")
+    for b in ("25%", "50%", "75%"):
+        e, l = t.get(f"{b} edgert"), t.get(f"{b} lru")
+        if e and l and e["stall_per_token_s"]:
+            print(f"{b}: load stall per token, LRU / edgert exact = "
+                  f"{l['stall_per_token_s'] / e['stall_per_token_s']:.2f}x; bytes read per token "
+                  f"{l['bytes_per_token'] / max(e['bytes_per_token'], 1):.2f}x")
     exact = [n for n in t if n.endswith("edgert") or n.endswith("lru") or n == "on-demand"]
     print("exact contenders, max |log-prob - resident|: "
           f"{max(t[n]['max_abs_logprob_diff'] for n in exact):.2e}")

@@ -131,8 +131,8 @@ class ExpertCache:
     # --- ExpertProvider --------------------------------------------------------------------
     def route(self, layer: int, probs: torch.Tensor, topk_idx: torch.Tensor) -> torch.Tensor:
         """The experts to compute with. Exact (alpha = 0): `topk_idx` unchanged. Lossy: per
-        token, with S the (k+1)-th highest probability, a selected expert that is not resident
-        and scores below (1+alpha)S is replaced by a resident unselected expert scoring above
+        token, with S the (k+1)-th highest probability, a selected expert that is not loaded
+        (absent, or still being read) and scores below (1+alpha)S is replaced by a resident unselected expert scoring above
         (1-alpha)S, highest first, each substitute used once per token."""
         p = probs.detach().float().reshape(-1, probs.shape[-1]).cpu().numpy()       # [T, E]
         sel = topk_idx.detach().reshape(p.shape[0], -1).cpu().numpy()               # [T, k]
@@ -146,7 +146,6 @@ class ExpertCache:
             for (l, e), s in self._where.items():
                 if l == layer:
                     (ready if self._info[s].ready else loading)[e] = True
-        with self._cv:
             self.policy.observe(layer, p)
         out = sel
         subs = 0
