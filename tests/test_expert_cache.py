@@ -344,7 +344,7 @@ def test_corrupt_prefetch_frees_the_slot_and_demand_reports_it(pack):
     with open(pack, "r+b") as f:
         f.seek(bad.offset)
         f.write(b"\x00\x01\x02")
-    cache, _ = make_cache(pack, num_slots=6, prefetch=True)
+    cache, _ = make_cache(pack, num_slots=6, prefetch=True, prefetch_min_prob=0.0)
     cache.hint(0, torch.tensor([[0.0, 0.1, 0.9, 0.0, 0.0, 0.0]]))
     cache.drain()
     assert cache.resident(0) == {1}
@@ -384,4 +384,13 @@ def test_read_ahead_reads_each_routed_miss_once(pack):
     c = cache.stats()["layers"][1]
     assert c["loads"] + c["ahead_loads"] == 2 and c["misses"] == 2
     check_counters_add_up(cache.stats())
+    cache.close()
+
+
+def test_hint_skips_unconfident_predictions(pack):
+    cache, _ = make_cache(pack, num_slots=6, prefetch=True, prefetch_min_prob=0.2)
+    cache.hint(0, torch.tensor([[0.0, 0.15, 0.85, 0.0, 0.0, 0.0]]))
+    cache.drain()
+    assert cache.resident(0) == {2}
+    assert cache.stats()["layers"][0]["predicted"] == 1
     cache.close()

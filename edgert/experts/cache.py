@@ -81,7 +81,8 @@ class ExpertCache:
     """
 
     def __init__(self, reader, storage, pool, num_slots: int, policy="gate", lossy_alpha: float = 0.0,
-                 prefetch: bool = True, prefetch_width: int | None = None, record_trace: bool = False,
+                 prefetch: bool = True, prefetch_width: int | None = None,
+                 prefetch_min_prob: float = 0.2, record_trace: bool = False,
                  policy_options: dict | None = None):
         self.layout = lay = ExpertLayout.from_reader(reader)
         self.reader, self.storage, self.pool = reader, storage, pool
@@ -112,6 +113,9 @@ class ExpertCache:
         self._info: dict[int, _Slot] = {}                 # slot -> what it holds
         self._where: dict[tuple[int, int], int] = {}      # (layer, expert) -> slot
         self._count = {l: 0 for l in self.layers}          # slots held (loaded or loading)
+        # NOTE: mirrors of _info for route()'s hot path: loaded / being read, per layer and expert
+        self._ready = np.zeros((lay.num_layers, lay.num_experts), dtype=bool)
+        self._loading = np.zeros((lay.num_layers, lay.num_experts), dtype=bool)
         self._protected = {l: frozenset() for l in self.layers}  # routed this step: prefetch keeps them
         self._epoch = {l: 0 for l in self.layers}          # bumped by route(); stale hints skip
         self._hinted: dict[int, set[int]] = {}
@@ -119,6 +123,7 @@ class ExpertCache:
         self._trace: dict[int, list[int]] | None = {l: [] for l in self.layers} if record_trace else None
         self.prefetch = bool(prefetch)
         self.prefetch_width = prefetch_width or lay.top_k
+        self.prefetch_min_prob = float(prefetch_min_prob)
         # (priority, order, job): reads ahead of a routed step (0) before hints (1)
         self._jobs: queue.PriorityQueue = queue.PriorityQueue()
         self._order = itertools.count()
@@ -141,11 +146,7 @@ class ExpertCache:
         with self._cv:
             self._epoch[layer] += 1
             epoch = self._epoch[layer]
-            ready = np.zeros(p.shape[1], dtype=bool)
-            loading = np.zeros(p.shape[1], dtype=bool)
-            for (l, e), s in self._where.items():
-                if l == layer:
-                    (ready if self._info[s].ready else loading)[e] = True
+            ready, loading = self._ready[layer].copy(), self._loading[layer].copy()
             self.policy.observe(layer, p)
         out = sel
         subs = 0
@@ -170,7 +171,8 @@ class ExpertCache:
             # others from the top down, so two reads run at once instead of one after another.
             missing = sorted(e for e in used if not ready[e] and not loading[e])
             if len(missing) > 1:
-                self._jobs.put((0, next(self._order), (layer, missing[:0:-1], epoch, "ahead")))
+                self._jobs.put((0, next(self._order),
+                                (layer, missing[:0:-1], epoch, "ahead", frozenset(used))))
         return topk_idx if out is sel else torch.from_numpy(out).to(topk_idx.dtype).reshape(topk_idx.shape)
 
     def _substitute(self, p: np.ndarray, row: np.ndarray, ready: np.ndarray) -> int:
@@ -216,19 +218,28 @@ class ExpertCache:
 
     def hint(self, layer: int, probs: torch.Tensor) -> None:
         """Queue loads of the experts an upcoming `layer` will probably route to: per token its
-        top `prefetch_width`, ranked by summed probability, at most the layer's quota."""
+        top `prefetch_width` with probability >= `prefetch_min_prob`, ranked by summed
+        probability, at most the layer's quota. Nothing is queued (no worker wake-up) when
+        they are all resident or on their way."""
         if not self.prefetch or layer not in self.quota:
             return
-        p = probs.detach().float().reshape(-1, probs.shape[-1]).cpu().numpy()
-        top = np.argsort(-p, axis=1, kind="stable")[:, : self.prefetch_width]
-        cand = np.unique(top)
-        ranked = cand[np.argsort(-p[:, cand].sum(axis=0), kind="stable")][: self.quota[layer]]
-        want = [int(e) for e in ranked]
-        self._hinted[layer] = set(want)
-        self.counters[layer].predicted += len(want)
+        p = probs.detach().float().reshape(-1, probs.shape[-1])
+        top_p, top = torch.topk(p, self.prefetch_width, dim=-1)                   # [T, w]
+        if p.shape[0] == 1:                                                         # decode
+            ranked = [int(e) for e, q in zip(top[0].tolist(), top_p[0].tolist())
+                      if q >= self.prefetch_min_prob]
+        else:                                                                       # prefill
+            cand = torch.unique(top[top_p >= self.prefetch_min_prob])
+            order = torch.argsort(p[:, cand].sum(0), descending=True, stable=True)
+            ranked = cand[order].tolist()
+        ranked = ranked[: self.quota[layer]]
+        self._hinted[layer] = set(ranked)
+        self.counters[layer].predicted += len(ranked)
         with self._cv:
+            want = [e for e in ranked if (layer, e) not in self._where]
             epoch = self._epoch[layer]
-        self._jobs.put((1, next(self._order), (layer, want, epoch, "hint")))
+        if want:
+            self._jobs.put((1, next(self._order), (layer, want, epoch, "hint", frozenset(ranked))))
 
     def stats(self) -> dict:
         with self._cv:
@@ -312,7 +323,8 @@ class ExpertCache:
             self._unclaim(slot)
             raise
         self._cv.acquire()
-        self._info[slot].ready = self._info[slot].used = True
+        self._mark_ready(slot)
+        self._info[slot].used = True
         c.loads += 1
         c.bytes_read += nbytes
         c.stall_s += time.perf_counter() - t0
@@ -356,11 +368,17 @@ class ExpertCache:
         return [e for (l, e), s in self._where.items() if l == layer and self._info[s].ready
                 and self._info[s].pins == 0 and e not in skip]
 
+    def _mark_ready(self, slot: int) -> None:
+        info = self._info[slot]
+        info.ready = True
+        self._ready[info.layer, info.expert], self._loading[info.layer, info.expert] = True, False
+
     def _evict(self, layer: int, candidates: list[int]) -> int:
         e = self.policy.victim(layer, candidates)
         assert e in candidates, f"policy {self.policy.name} chose {e}, not a candidate"
         slot = self._where.pop((layer, e))
         del self._info[slot]
+        self._ready[layer, e] = False
         self._count[layer] -= 1
         self.counters[layer].evictions += 1
         self.policy.on_evict(layer, e)
@@ -369,12 +387,14 @@ class ExpertCache:
     def _claim(self, slot: int, layer: int, e: int, pins: int, by_prefetch: bool) -> None:
         self._info[slot] = _Slot(layer, e, pins=pins, by_prefetch=by_prefetch)
         self._where[(layer, e)] = slot
+        self._loading[layer, e] = True
         self._count[layer] += 1
 
     def _unclaim(self, slot: int) -> None:
         info = self._info.pop(slot)
         info.failed = True
         del self._where[(info.layer, info.expert)]
+        self._loading[info.layer, info.expert] = False
         self._count[info.layer] -= 1
         self._free.append(slot)
         self._cv.notify_all()
@@ -401,10 +421,10 @@ class ExpertCache:
             finally:
                 self._jobs.task_done()
 
-    def _prefetch(self, layer: int, want: list[int], epoch: int, kind: str) -> None:
+    def _prefetch(self, layer: int, want: list[int], epoch: int, kind: str, keep: frozenset) -> None:
         """Load `want` into free or evictable slots of `layer`. kind "hint": predicted experts
-        of an upcoming layer; "ahead": routed experts that acquire will need next."""
-        keep = frozenset(want)
+        of an upcoming layer; "ahead": routed experts that acquire will need next. Experts in
+        `keep` (the whole predicted or routed set) are never evicted for these loads."""
         for e in want:
             with self._cv:
                 if self._epoch[layer] != epoch:   # the layer already routed: demand loads took over
@@ -423,8 +443,7 @@ class ExpertCache:
                     self._unclaim(slot)
                 continue
             with self._cv:
-                info = self._info[slot]
-                info.ready = True
+                self._mark_ready(slot)
                 c = self.counters[layer]
                 if kind == "hint":
                     c.prefetch_loads += 1
