@@ -314,7 +314,9 @@ def _summary(res: dict) -> dict:
 def _aggregate(runs: list[dict]) -> dict:
     tps = [r["tok_s"] for r in runs]
     steps = np.concatenate([r["tpot_s"] for r in runs])
-    mean = lambda k: None if runs[0].get(k) is None else float(np.mean([r[k] for r in runs]))
+    def mean(k):
+        xs = [r[k] for r in runs if r.get(k) is not None]
+        return float(np.mean(xs)) if xs else None
     return {"tok_s": float(np.median(tps)), "tok_s_min": float(min(tps)), "tok_s_max": float(max(tps)),
             "tpot_p50_ms": 1e3 * float(np.percentile(steps, 50)),
             "tpot_p90_ms": 1e3 * float(np.percentile(steps, 90)),

@@ -137,36 +137,42 @@ class ExpertCache:
     def route(self, layer: int, probs: torch.Tensor, topk_idx: torch.Tensor) -> torch.Tensor:
         """The experts to compute with. Exact (alpha = 0): `topk_idx` unchanged. Lossy: per
         token, with S the (k+1)-th highest probability, a selected expert that is not loaded
-        (absent, or still being read) and scores below (1+alpha)S is replaced by a resident unselected expert scoring above
-        (1-alpha)S, highest first, each substitute used once per token."""
-        p = probs.detach().float().reshape(-1, probs.shape[-1]).cpu().numpy()       # [T, E]
-        sel = topk_idx.detach().reshape(p.shape[0], -1).cpu().numpy()               # [T, k]
-        T, k = sel.shape
+        (absent, or still being read) and scores below (1+alpha)S is replaced by a loaded
+        unselected expert scoring above (1-alpha)S, highest first, each substitute used once
+        per token."""
+        k = topk_idx.shape[-1]
+        sel = topk_idx.detach().reshape(-1, k).cpu().numpy()                        # [T, k]
+        T = sel.shape[0]
+        # NOTE: probabilities cross to numpy only when a policy or the lossy band reads them.
+        p = probs.detach().float().reshape(T, -1).cpu().numpy() \
+            if self.alpha > 0 or self.policy.observes_scores else None              # [T, E]
         c = self.counters[layer]
         with self._cv:
             self._epoch[layer] += 1
             epoch = self._epoch[layer]
-            ready, loading = self._ready[layer].copy(), self._loading[layer].copy()
-            self.policy.observe(layer, p)
-        out = sel
-        subs = 0
-        if self.alpha > 0 and k < p.shape[1] and not ready[sel].all():
+            hits = int(self._ready[layer][sel].sum())
+            inflight = int(self._loading[layer][sel].sum())
+            if hits < T * k:
+                ready, loading = self._ready[layer].copy(), self._loading[layer].copy()
+            if p is not None and self.policy.observes_scores:
+                self.policy.observe(layer, p)
+        out, subs = sel, 0
+        if self.alpha > 0 and hits < T * k and k < p.shape[1]:
             out = sel.copy()
             for t in range(T):
                 subs += self._substitute(p[t], out[t], ready)
         c.demands += T * k
-        c.exact_hits += int(ready[sel].sum())
-        c.inflight_at_route += int(loading[sel].sum())
+        c.exact_hits += hits
+        c.inflight_at_route += inflight
         c.substitutions += subs
-        used = set(np.unique(out).tolist())
+        used = set(out[0].tolist()) if T == 1 else set(np.unique(out).tolist())
         hinted = self._hinted.pop(layer, None)
         if hinted is not None:
-            wanted = set(np.unique(sel).tolist())
+            wanted = set(sel[0].tolist()) if T == 1 else set(np.unique(sel).tolist())
             c.demanded_after_hint += len(wanted)
             c.demanded_and_predicted += len(wanted & hinted)
-        with self._cv:
-            self._protected[layer] = frozenset(used)
-        if self.prefetch:
+        self._protected[layer] = frozenset(used)   # one atomic store; the worker reads it locked
+        if self.prefetch and hits < T * k:
             # Read ahead: acquire reads the lowest missing id itself; the worker takes the
             # others from the top down, so two reads run at once instead of one after another.
             missing = sorted(e for e in used if not ready[e] and not loading[e])
@@ -196,6 +202,22 @@ class ExpertCache:
         """Pin and return `expert_ids` of `layer`, loading the missing ones (PackCorrupt names
         the layer and expert of a damaged extent; the other experts stay usable)."""
         ids = [int(e) for e in expert_ids]
+        with self._cv:  # fast path: every expert loaded, one lock round
+            slots = [self._where.get((layer, e)) for e in ids]
+            if all(s is not None and self._info[s].ready for s in slots):
+                c = self.counters[layer]
+                c.requests += len(ids)
+                c.ready_hits += len(ids)
+                for e, s in zip(ids, slots):
+                    info = self._info[s]
+                    info.pins += 1
+                    if info.by_prefetch and not info.used:
+                        c.prefetch_used += 1
+                    info.used = True
+                    self.policy.on_access(layer, e)
+                if self._trace is not None:
+                    self._trace[layer].extend(ids)
+                return {e: self._views[s] for e, s in zip(ids, slots)}
         pinned: list[int] = []
         try:
             for e in ids:

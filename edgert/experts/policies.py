@@ -41,6 +41,7 @@ class EvictionPolicy(ABC):
     """Base: a recency clock shared by every policy (used for tie-breaks)."""
 
     name: PolicyName
+    observes_scores = False   # True: the mechanism must pass router probabilities to observe()
 
     def __init__(self, num_layers: int, num_experts: int):
         self.num_layers, self.num_experts = num_layers, num_experts
@@ -105,6 +106,7 @@ class GateScorePolicy(EvictionPolicy):
     approximates a mean over the last n steps. Ties go to the least recently used."""
 
     name = PolicyName.GATE
+    observes_scores = True
 
     def __init__(self, num_layers, num_experts, decay: float = 0.9):
         super().__init__(num_layers, num_experts)
