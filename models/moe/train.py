@@ -194,10 +194,10 @@ def train(out: Path, r: Recipe, max_minutes: float) -> dict:
         opt.step(); sched.step(); opt.zero_grad(set_to_none=True)
         steps_done = step + 1
         if step % 50 == 0 or steps_done == r.steps:
-            lm = float(outp.loss.detach() - r.aux_coef * outp.aux_loss.detach())
-            log.append({"step": step, "lm_loss": lm, "aux_loss": float(outp.aux_loss),
-                        "elapsed_s": time.perf_counter() - t0})
-            print(f"step {step:5d}/{r.steps}  lm {lm:.3f}  aux {float(outp.aux_loss):.3f}  "
+            aux = float(outp.aux_loss.detach())
+            lm = float(outp.loss.detach()) - r.aux_coef * aux
+            log.append({"step": step, "lm_loss": lm, "aux_loss": aux, "elapsed_s": time.perf_counter() - t0})
+            print(f"step {step:5d}/{r.steps}  lm {lm:.3f}  aux {aux:.3f}  "
                   f"{time.perf_counter() - t0:6.0f}s", flush=True)
         if time.perf_counter() - t0 > max_minutes * 60:
             print(f"stopping at step {steps_done}: over {max_minutes} minutes", flush=True)
