@@ -383,14 +383,16 @@ def _plot(res: dict, path: str) -> None:
         xs = [b for b in budgets if f"{b}% {label}" in t]
         if xs:
             ax1.plot(xs, [t[f"{b}% {label}"]["tok_s"] for b in xs], marker="o", label=label)
-            ax2.plot(xs, [t[f"{b}% {label}"]["exact_hit_rate"] for b in xs], marker="o", label=label)
+            key = "effective_hit_rate" if label.startswith("lossy") else "exact_hit_rate"
+            ax2.plot(xs, [t[f"{b}% {label}"][key] for b in xs], marker="o",
+                     label=label + (" (effective)" if key.startswith("eff") else ""))
     for name, style in (("resident", "--"), ("on-demand", ":")):
         ax1.axhline(t[name]["tok_s"], ls=style, c="gray", label=name)
     xs = [b for b in budgets if f"{b}% belady" in t]
     if xs:
         ax2.plot(xs, [t[f"{b}% belady"]["exact_hit_rate"] for b in xs], ls="--", c="k", label="belady (bound)")
     ax1.set(xlabel="expert budget, % of all experts", ylabel="decode tokens/s (median)")
-    ax2.set(xlabel="expert budget, % of all experts", ylabel="exact hit rate")
+    ax2.set(xlabel="expert budget, % of all experts", ylabel="hit rate (exact; lossy: effective)")
     ax1.legend(fontsize=7)
     ax2.legend(fontsize=7)
     fig.suptitle(f"edgert bench moe ({res['config']}, {res['limits']['read_mode']} reads)")
