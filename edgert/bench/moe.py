@@ -14,7 +14,8 @@ Contenders, alternated within each repeat (the starting one rotates):
   lru          per-layer LRU over the budget's slots, no prefetch (mixtral-offloading's policy)
   lfu, gate    the other policies without prefetch; belady: offline optimal on this run's own
                trace (a bound on hit rate, not a deployable policy)
-  edgert       best policy (chosen on a calibration text before measuring) + prefetch
+  edgert       best policy (chosen on a calibration text before measuring) + prefetch of
+               hinted experts with p >= --prefetch-min-prob (0.2) + read-ahead of routed misses
   lossy a      edgert + substitution at alpha a (0.1, 0.2, 0.3)
 Budgets: 25/50/75% of all experts, plus 100%.
 Physical limits measured in the same run: O_DIRECT read bandwidth (bytes per token / bandwidth
@@ -50,6 +51,8 @@ def register(sub) -> None:
     p.add_argument("--model", help="HF checkpoint dir (default models/out/moe, or moe-tiny with --quick)")
     p.add_argument("--tokens", type=int, help="decode steps per run")
     p.add_argument("--repeats", type=int)
+    p.add_argument("--prefetch-min-prob", type=float, default=0.2,
+                   help="edgert prefetches hinted experts with at least this probability")
     p.add_argument("--plot", default="docs/img/bench-moe.png")
     p.set_defaults(func=main)
 
@@ -139,7 +142,8 @@ def make_provider(rt, pack, spec: dict):
     slots = slots_for_budget(spec["budget"], len(lay.table), lay.extent_bytes, pool.bytes)
     return ExpertCache(reader, storage, pool, slots, policy=spec["policy"],
                        policy_options=spec.get("options"), lossy_alpha=spec.get("alpha", 0.0),
-                       prefetch=spec.get("prefetch", False), record_trace=spec.get("trace", False))
+                       prefetch=spec.get("prefetch", False), record_trace=spec.get("trace", False),
+                       prefetch_min_prob=spec.get("min_prob", 0.2))
 
 
 def decode_run(rt, pack, spec: dict, ids: list[int], ref: np.ndarray | None) -> dict:
@@ -219,7 +223,7 @@ def measure_read_bandwidth(rt, pack, repeats: int = 3) -> dict:
 
 
 # --- the benchmark ---------------------------------------------------------------------------
-def contenders(best: str, best_opts: dict, budgets, full: bool) -> list[tuple[str, dict]]:
+def contenders(best: str, best_opts: dict, budgets, full: bool, min_prob: float) -> list[tuple[str, dict]]:
     out = [("resident", {"kind": "resident"}), ("on-demand", {"kind": "on-demand"})]
     for b in budgets:
         tag = f"{round(100 * b)}%"
@@ -230,10 +234,10 @@ def contenders(best: str, best_opts: dict, budgets, full: bool) -> list[tuple[st
                 out += [(f"{tag} lfu", {**cache, "policy": "lfu"}),
                         (f"{tag} gate", {**cache, "policy": "gate"}),
                         (f"{tag} belady", {**cache, "policy": "belady"})]
-        out.append((f"{tag} edgert", {**cache, "policy": best, "options": best_opts, "prefetch": True}))
+        edgert = {**cache, "policy": best, "options": best_opts, "prefetch": True, "min_prob": min_prob}
+        out.append((f"{tag} edgert", edgert))
         if b < 1.0:
-            out += [(f"{tag} lossy {a}", {**cache, "policy": best, "options": best_opts,
-                                          "prefetch": True, "alpha": a}) for a in ALPHAS]
+            out += [(f"{tag} lossy {a}", {**edgert, "alpha": a}) for a in ALPHAS]
     return out
 
 
@@ -263,7 +267,7 @@ def main(args) -> int:
     print(f"calibration (50% budget, exact hit rate): " + ", ".join(
         f"{r['policy']}{r['options'] or ''} {r['exact_hit_rate']:.3f}" for r in calib)
         + f" -> edgert uses {best}{best_opts or ''}", flush=True)
-    cs = contenders(best, best_opts, budgets, full=not quick)
+    cs = contenders(best, best_opts, budgets, full=not quick, min_prob=args.prefetch_min_prob)
     decode_run(rt, pack, cs[0][1], segments[0], None)             # warm up once
     raw = {name: [] for name, _ in cs}
     for r, ids in enumerate(segments):
@@ -286,6 +290,7 @@ def main(args) -> int:
         print(f"repeat {r + 1}/{repeats} done", flush=True)
     result = {"config": cfg.name, "quick": quick, "model": str(model), "limits": limits,
               "calibration": calib, "best_policy": {"policy": best, "options": best_opts},
+              "prefetch_min_prob": args.prefetch_min_prob,
               "tokens_per_run": n_tok, "prompt": PROMPT, "repeats": repeats,
               "table": {name: _aggregate(runs) for name, runs in raw.items()}, "raw": raw}
     _print(result)
