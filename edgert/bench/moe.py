@@ -81,7 +81,8 @@ class OnDemandExperts:
     def __init__(self, reader, storage, pool):
         from ..experts.api import ExpertLayout, _carve
         from ..pack.format import block_hash
-        self.layout, self.reader, self.storage, self._hash = ExpertLayout.from_reader(reader), reader, storage, block_hash
+        self.layout, self._hash = ExpertLayout.from_reader(reader), block_hash
+        self.reader, self.storage = reader, storage
         _carve(pool, self.layout.slot_bytes)
         self.pool, self.max_acquire = pool, self.layout.top_k
         self._slots = pool.alloc(self.max_acquire)
@@ -340,7 +341,8 @@ def _print(res: dict) -> None:
     t, lim = res["table"], res["limits"]
     res_ppl = t["resident"]["ppl"]
     hdr = (f"\n{'contender':16s} {'tok/s':>7s} {'(min-max)':>13s} {'TPOT p50':>9s} {'p90 ms':>7s} "
-           f"{'exact':>6s} {'effect.':>7s} {'MB/tok':>7s} {'stall':>7s} {'IO floor':>8s} {'ppl':>6s} {'dppl':>6s} "
+           f"{'exact':>6s} {'effect.':>7s} {'MB/tok':>7s} {'stall':>7s} {'IO floor':>8s} "
+           f"{'ppl':>6s} {'dppl':>6s} "
            f"{'KL/tok':>8s} {'vs LRU':>7s}")
     print(hdr)
     for name, a in t.items():
@@ -395,7 +397,8 @@ def _plot(res: dict, path: str) -> None:
         ax1.axhline(t[name]["tok_s"], ls=style, c="gray", label=name)
     xs = [b for b in budgets if f"{b}% belady" in t]
     if xs:
-        ax2.plot(xs, [t[f"{b}% belady"]["exact_hit_rate"] for b in xs], ls="--", c="k", label="belady (bound)")
+        ax2.plot(xs, [t[f"{b}% belady"]["exact_hit_rate"] for b in xs], ls="--", c="k",
+                 label="belady (bound)")
     ax1.set(xlabel="expert budget, % of all experts", ylabel="decode tokens/s (median)")
     ax2.set(xlabel="expert budget, % of all experts", ylabel="hit rate (exact; lossy: effective)")
     ax1.legend(fontsize=7)
