@@ -394,3 +394,15 @@ def test_hint_skips_unconfident_predictions(pack):
     assert cache.resident(0) == {2}
     assert cache.stats()["layers"][0]["predicted"] == 1
     cache.close()
+
+
+def test_substitute_is_a_pure_band_rule():
+    from edgert.experts.substitution import substitute
+    p = np.array([0.40, 0.22, 0.20, 0.18, 0.0, 0.0])
+    loaded = np.array([False, False, False, True, False, False])
+    row = np.array([0, 1])                    # S = 0.20; band (0.16, 0.24) at alpha 0.2
+    assert substitute(p, row.copy(), loaded, 0.0) == 0
+    r = row.copy()
+    assert substitute(p, r, loaded, 0.2) == 1 and r.tolist() == [0, 3]   # 0 is above the band
+    r = row.copy()
+    assert substitute(p, r, np.zeros(6, bool), 0.9) == 0 and r.tolist() == [0, 1]  # nothing loaded

@@ -33,6 +33,7 @@ from edgert.errors import BudgetExceeded, PackCorrupt
 from edgert.experts.api import ExpertLayout, ExpertWeights, _carve
 from edgert.experts.policies import EvictionPolicy, make_policy
 from edgert.experts.stats import LayerCounters, summarize
+from edgert.experts.substitution import substitute
 from edgert.pack.format import block_hash
 
 SLOT_ALIGN = 4096
@@ -135,11 +136,8 @@ class ExpertCache:
 
     # --- ExpertProvider --------------------------------------------------------------------
     def route(self, layer: int, probs: torch.Tensor, topk_idx: torch.Tensor) -> torch.Tensor:
-        """The experts to compute with. Exact (alpha = 0): `topk_idx` unchanged. Lossy: per
-        token, with S the (k+1)-th highest probability, a selected expert that is not loaded
-        (absent, or still being read) and scores below (1+alpha)S is replaced by a loaded
-        unselected expert scoring above (1-alpha)S, highest first, each substitute used once
-        per token."""
+        """The experts to compute with. Exact (alpha = 0): `topk_idx` unchanged. Lossy: the
+        band of `substitution.py` per token, where "loaded" excludes experts still being read."""
         k = topk_idx.shape[-1]
         sel = topk_idx.detach().reshape(-1, k).cpu().numpy()                        # [T, k]
         T = sel.shape[0]
@@ -160,7 +158,7 @@ class ExpertCache:
         if self.alpha > 0 and hits < T * k and k < p.shape[1]:
             out = sel.copy()
             for t in range(T):
-                subs += self._substitute(p[t], out[t], ready)
+                subs += substitute(p[t], out[t], ready, self.alpha)
         c.demands += T * k
         c.exact_hits += hits
         c.inflight_at_route += inflight
@@ -180,23 +178,6 @@ class ExpertCache:
                 self._jobs.put((0, next(self._order),
                                 (layer, missing[:0:-1], epoch, "ahead", frozenset(used))))
         return topk_idx if out is sel else torch.from_numpy(out).to(topk_idx.dtype).reshape(topk_idx.shape)
-
-    def _substitute(self, p: np.ndarray, row: np.ndarray, ready: np.ndarray) -> int:
-        """Apply the substitution band to one token's selection `row` (in place)."""
-        k = len(row)
-        S = float(np.partition(p, -(k + 1))[-(k + 1)])      # (k+1)-th highest score
-        hi, lo = (1.0 + self.alpha) * S, (1.0 - self.alpha) * S
-        missing = [j for j in np.argsort(-p[row], kind="stable")
-                   if not ready[row[j]] and p[row[j]] < hi]
-        if not missing:
-            return 0
-        chosen = set(row.tolist())
-        cands = [e for e in np.argsort(-p, kind="stable")
-                 if e not in chosen and ready[e] and p[e] > lo]
-        n = min(len(missing), len(cands))
-        for j, e in zip(missing[:n], cands[:n]):
-            row[j] = e
-        return n
 
     def acquire(self, layer: int, expert_ids) -> dict[int, ExpertWeights]:
         """Pin and return `expert_ids` of `layer`, loading the missing ones (PackCorrupt names

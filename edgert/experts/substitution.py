@@ -1,0 +1,31 @@
+"""Lossy expert substitution (SMoE's band), as a pure function of one token's routing.
+
+With S the (k+1)-th highest router probability of the token, a *selected* expert that is
+not loaded and scores below (1+alpha)S may be replaced by a loaded *unselected* expert
+scoring above (1-alpha)S: missing experts highest first, each taking the highest remaining
+substitute, each substitute used once. Selected experts at or above (1+alpha)S are never
+replaced, and nothing is replaced when alpha = 0. The engine weights a substitute's output
+with the routing weight of the expert it replaces.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+
+def substitute(p: np.ndarray, row: np.ndarray, loaded: np.ndarray, alpha: float) -> int:
+    """Apply the band to `row` (the token's k selected experts, changed in place) given its
+    probabilities `p` [E] and the `loaded` mask [E]; returns how many were replaced."""
+    k = len(row)
+    if alpha <= 0 or k >= len(p):
+        return 0
+    S = float(np.partition(p, -(k + 1))[-(k + 1)])
+    hi, lo = (1.0 + alpha) * S, (1.0 - alpha) * S
+    missing = [j for j in np.argsort(-p[row], kind="stable") if not loaded[row[j]] and p[row[j]] < hi]
+    if not missing:
+        return 0
+    chosen = set(row.tolist())
+    subs = [e for e in np.argsort(-p, kind="stable") if e not in chosen and loaded[e] and p[e] > lo]
+    n = min(len(missing), len(subs))
+    for j, e in zip(missing[:n], subs[:n]):
+        row[j] = e
+    return n
