@@ -47,7 +47,8 @@ def slots_for_budget(budget: float | int, total_experts: int, extent_bytes: int,
     than experts."""
     slot = -(-extent_bytes // SLOT_ALIGN) * SLOT_ALIGN
     if isinstance(budget, bool) or not isinstance(budget, (int, float)) or budget <= 0:
-        raise ValueError(f"expert budget must be a fraction in (0, 1] or a byte count, got {budget!r}")
+        raise ValueError(f"expert budget must be a fraction in (0, 1] or a byte count, "
+                         f"got {budget!r}")
     if isinstance(budget, float):
         if budget > 1.0:
             raise ValueError(f"expert budget fraction {budget} is above 1 (pass bytes as an int)")
@@ -81,7 +82,8 @@ class ExpertCache:
     `prefetch` enables `hint()` loads on the worker thread.
     """
 
-    def __init__(self, reader, storage, pool, num_slots: int, policy="gate", lossy_alpha: float = 0.0,
+    def __init__(self, reader, storage, pool, num_slots: int, policy="gate",
+                 lossy_alpha: float = 0.0,
                  prefetch: bool = True, prefetch_width: int | None = None,
                  prefetch_min_prob: float = 0.2, record_trace: bool = False,
                  policy_options: dict | None = None):
@@ -117,11 +119,13 @@ class ExpertCache:
         # NOTE: mirrors of _info for route()'s hot path: loaded / being read, per layer and expert
         self._ready = np.zeros((lay.num_layers, lay.num_experts), dtype=bool)
         self._loading = np.zeros((lay.num_layers, lay.num_experts), dtype=bool)
-        self._protected = {l: frozenset() for l in self.layers}  # routed this step: prefetch keeps them
+        # routed this step: prefetch never evicts them
+        self._protected = {l: frozenset() for l in self.layers}
         self._epoch = {l: 0 for l in self.layers}          # bumped by route(); stale hints skip
         self._hinted: dict[int, set[int]] = {}
         self.counters = {l: LayerCounters() for l in self.layers}
-        self._trace: dict[int, list[int]] | None = {l: [] for l in self.layers} if record_trace else None
+        self._trace: dict[int, list[int]] | None = \
+            {l: [] for l in self.layers} if record_trace else None
         self.prefetch = bool(prefetch)
         self.prefetch_width = prefetch_width or lay.top_k
         self.prefetch_min_prob = float(prefetch_min_prob)
@@ -130,7 +134,8 @@ class ExpertCache:
         self._order = itertools.count()
         self._worker = None
         if self.prefetch:
-            self._worker = threading.Thread(target=self._prefetch_loop, name="edgert-expert-prefetch",
+            self._worker = threading.Thread(target=self._prefetch_loop,
+                                            name="edgert-expert-prefetch",
                                             daemon=True)
             self._worker.start()
 
@@ -177,7 +182,9 @@ class ExpertCache:
             if len(missing) > 1:
                 self._jobs.put((0, next(self._order),
                                 (layer, missing[:0:-1], epoch, "ahead", frozenset(used))))
-        return topk_idx if out is sel else torch.from_numpy(out).to(topk_idx.dtype).reshape(topk_idx.shape)
+        if out is sel:
+            return topk_idx
+        return torch.from_numpy(out).to(topk_idx.dtype).reshape(topk_idx.shape)
 
     def acquire(self, layer: int, expert_ids) -> dict[int, ExpertWeights]:
         """Pin and return `expert_ids` of `layer`, loading the missing ones (PackCorrupt names
@@ -344,7 +351,8 @@ class ExpertCache:
         if prefetch:
             own = self._candidates(layer, self._protected[layer] | keep)
         else:  # demand: spare this step's routed experts (maybe read ahead) while others exist
-            own = self._candidates(layer, self._protected[layer]) or self._candidates(layer, frozenset())
+            own = self._candidates(layer, self._protected[layer]) or \
+                self._candidates(layer, frozenset())
         if self._count[layer] >= self.quota[layer] and own:
             return self._evict(layer, own)
         if prefetch:
@@ -424,7 +432,8 @@ class ExpertCache:
             finally:
                 self._jobs.task_done()
 
-    def _prefetch(self, layer: int, want: list[int], epoch: int, kind: str, keep: frozenset) -> None:
+    def _prefetch(self, layer: int, want: list[int], epoch: int, kind: str,
+                  keep: frozenset) -> None:
         """Load `want` into free or evictable slots of `layer`. kind "hint": predicted experts
         of an upcoming layer; "ahead": routed experts that acquire will need next. Experts in
         `keep` (the whole predicted or routed set) are never evicted for these loads."""

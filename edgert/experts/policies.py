@@ -159,7 +159,8 @@ class BeladyPolicy(EvictionPolicy):
         return float(pos[i]) if i < len(pos) else float("inf")
 
     def victim(self, layer, candidates):
-        return max(candidates, key=lambda e: (self.next_use(layer, e), -self.last_use[layer, e], -e))
+        return max(candidates,
+                   key=lambda e: (self.next_use(layer, e), -self.last_use[layer, e], -e))
 
 
 _POLICIES: dict[PolicyName, type[EvictionPolicy]] = {
@@ -168,7 +169,8 @@ _POLICIES: dict[PolicyName, type[EvictionPolicy]] = {
 }
 
 
-def make_policy(name: str | PolicyName, num_layers: int, num_experts: int, **options) -> EvictionPolicy:
+def make_policy(name: str | PolicyName, num_layers: int, num_experts: int,
+                **options) -> EvictionPolicy:
     """The policy called `name` ("lru", "lfu", "gate", "belady"); options go to its constructor
     (`decay=` for gate, `future=` for belady)."""
     try:

@@ -22,12 +22,12 @@ class LayerCounters:
     demands: int = 0            # token x selected expert, at route time
     exact_hits: int = 0         # ... resident and loaded
     substitutions: int = 0      # ... replaced by a resident unselected expert (lossy only)
-    inflight_at_route: int = 0  # ... not loaded yet but a prefetch was reading it (counted as misses)
+    inflight_at_route: int = 0  # ... still being read (counted as misses)
     requests: int = 0           # experts pinned by acquire
     ready_hits: int = 0
     inflight_waits: int = 0
     loads: int = 0              # demand reads
-    ahead_loads: int = 0        # reads the worker did for routed, missing experts (parallel to acquire)
+    ahead_loads: int = 0        # worker reads of routed, missing experts (beside acquire's)
     prefetch_loads: int = 0     # reads started by hint(), completed
     prefetch_used: int = 0      # ... of which a later acquire used before eviction
     prefetch_errors: int = 0    # ... that failed verification (the slot was freed)
@@ -68,4 +68,5 @@ def summarize(layers: dict[int, LayerCounters]) -> dict:
     total = LayerCounters()
     for c in layers.values():
         total.add(c)
-    return {"total": total.report(), "layers": {int(l): c.report() for l, c in sorted(layers.items())}}
+    return {"total": total.report(),
+            "layers": {int(l): c.report() for l, c in sorted(layers.items())}}

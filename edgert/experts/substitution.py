@@ -20,7 +20,8 @@ def substitute(p: np.ndarray, row: np.ndarray, loaded: np.ndarray, alpha: float)
         return 0
     S = float(np.partition(p, -(k + 1))[-(k + 1)])
     hi, lo = (1.0 + alpha) * S, (1.0 - alpha) * S
-    missing = [j for j in np.argsort(-p[row], kind="stable") if not loaded[row[j]] and p[row[j]] < hi]
+    missing = [j for j in np.argsort(-p[row], kind="stable")
+               if not loaded[row[j]] and p[row[j]] < hi]
     if not missing:
         return 0
     chosen = set(row.tolist())
