@@ -24,6 +24,13 @@ class Runtime:
         self.arena = Arena(self.config)
         self._torch_threads_set = False
 
+    def set_torch_threads(self) -> None:
+        """Give torch the config's thread count, once (torch's setting is process-wide)."""
+        if not self._torch_threads_set:
+            import torch
+            torch.set_num_threads(self.config.threads)
+            self._torch_threads_set = True
+
     def open_storage(self, path) -> Storage:
         return Storage(path, self.config.storage.read_mode)
 
@@ -41,3 +48,13 @@ class Runtime:
 
     def stats(self) -> dict:
         return {"config": self.config.name, "arena": self.arena.stats()}
+
+    def close(self) -> None:
+        """Unpin the arena for the GPU (models loaded from this runtime must be closed)."""
+        self.arena.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

@@ -26,11 +26,11 @@ def decode(rt, pack, ids, **cache_kw):
     """Teacher-forced one-token steps (the decode path); log-probs [N, V] and cache stats."""
     cache = ExpertCache(PackReader(pack), rt.open_storage(pack), rt.arena.pool("experts"), **cache_kw)
     lm = rt.load(pack, provider=cache)
-    seq = lm.kv.new_sequence()
+    seq = lm.sequence()
     try:
-        out = [torch.log_softmax(lm._forward(seq, [t])[0].float(), -1) for t in ids]
+        out = [torch.log_softmax(torch.from_numpy(seq.feed([t])), -1) for t in ids]
     finally:
-        lm.kv.release(seq)
+        seq.close()
         lm.close()
         cache.drain()
         stats = cache.stats()

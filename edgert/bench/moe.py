@@ -151,10 +151,9 @@ def decode_run(rt, pack, spec: dict, ids: list[int], ref: np.ndarray | None) -> 
     """Prefill PROMPT ids, then teacher-forced decode steps over the rest; figures of the steps."""
     provider = make_provider(rt, pack, spec)
     lm = rt.load(pack, provider=provider)
-    seq = lm.kv.new_sequence()
+    seq = lm.sequence()
     try:
-        # NOTE: MoeLM has no public one-step API; `_forward(seq, ids)` is what generate() runs.
-        lm._forward(seq, ids[:PROMPT], rows=slice(-1, None))
+        seq.feed(ids[:PROMPT])
         if hasattr(provider, "drain"):
             provider.drain()
         if hasattr(provider, "reset_stats"):
@@ -162,12 +161,12 @@ def decode_run(rt, pack, spec: dict, ids: list[int], ref: np.ndarray | None) -> 
         steps, logits = [], []
         for t in range(PROMPT, len(ids) - 1):
             t0 = time.perf_counter()
-            out = lm._forward(seq, [ids[t]])[0]
+            out = seq.feed([ids[t]])
             steps.append(time.perf_counter() - t0)
-            logits.append(out.float())
+            logits.append(torch.from_numpy(out))
         st = provider.stats()
     finally:
-        lm.kv.release(seq)
+        seq.close()
         lm.close()
         if hasattr(provider, "drain"):
             provider.drain()

@@ -85,9 +85,9 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 class Rotary:
     """Default RoPE: cos/sin per position from inv_freq = theta^(-2i/D)."""
 
-    def __init__(self, head_dim: int, theta: float):
+    def __init__(self, head_dim: int, theta: float, device: torch.device | str = "cpu"):
         exponents = torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim
-        self.inv_freq = 1.0 / (theta ** exponents)
+        self.inv_freq = (1.0 / (theta ** exponents)).to(device)  # computed on the CPU everywhere
 
     def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype):
         freqs = positions[:, None].float() * self.inv_freq   # [T, D/2]
@@ -107,7 +107,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 def causal_mask(q_pos: torch.Tensor, S: int, window: int | None) -> torch.Tensor:
     """[T, S] bool, True where query at q_pos may see key j: j <= q and (q - j < window)."""
-    j = torch.arange(S)[None, :]
+    j = torch.arange(S, device=q_pos.device)[None, :]
     q = q_pos[:, None]
     ok = j <= q
     if window is not None:

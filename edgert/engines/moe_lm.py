@@ -10,9 +10,17 @@ Where the bytes live (one budget):
 Per layer: attention over the paged cache; then, before the MoE block, the next sparse
 layer's router is applied to the current hidden state and handed to `provider.hint` so
 its experts can be prefetched while this layer computes.
+
+Device: with `device: cuda` in the config (and a GPU torch can use) the model computes on
+the GPU over the *same* arena bytes: the arena is page-locked and mapped into the GPU's
+address space, and every weight, expert slot and KV page is a zero-copy CUDA view of it
+(`Arena.on_gpu`). On Jetson, where CPU and GPU share DRAM, that is the only copy of
+anything, so the one budget stays exact. Where the arena cannot be mapped, the model
+computes on the CPU and says why in the log.
 """
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections.abc import Iterator
@@ -30,6 +38,7 @@ from .moe_layers import (MoeConfig, Rotary, apply_rope, attention, causal_mask, 
 from .sampling import sample
 from .tokenizer import tokenizer_for
 
+log = logging.getLogger(__name__)
 _TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _ALIGN = 64  # byte alignment of each weight inside the run (keeps torch views aligned)
 
@@ -47,9 +56,9 @@ class MoeLM:
         self.rt, self.reader = rt, reader
         self.cfg = MoeConfig.from_hf(reader.config)
         self.dtype = _TORCH_DTYPES[rt.config.dtype]
-        if not getattr(rt, "_torch_threads_set", True):
-            torch.set_num_threads(rt.config.threads)
-            rt._torch_threads_set = True
+        rt.set_torch_threads()
+        self.device = _pick_device(rt)
+        self._gpu_views: dict[tuple, torch.Tensor] = {}
         self._run = None
         self._own_provider = provider is None
         self.provider = None
@@ -59,12 +68,13 @@ class MoeLM:
             self.layout = ExpertLayout.from_reader(reader)
             self.provider = provider or self._make_provider(expert_budget, lossy_alpha, policy)
             self.pages = PagePool(rt.arena.pool("kv"), self.cfg.num_layers, self.cfg.num_kv_heads,
-                                  self.cfg.head_dim, self.dtype)
+                                  self.cfg.head_dim, self.dtype,
+                                  to_device=None if self.device.type == "cpu" else rt.arena.on_gpu)
         except BaseException:
             self.close()
             raise
         self.kv = PagedKV(self.pages)
-        self.rotary = Rotary(self.cfg.head_dim, self.cfg.rope_theta)
+        self.rotary = Rotary(self.cfg.head_dim, self.cfg.rope_theta, self.device)
         self.tokenizer = tokenizer_for(reader.sections, reader.config)
         self._next_moe = {l: next((m for m in self.cfg.moe_layers if m > l), None)
                           for l in range(self.cfg.num_layers)}
@@ -95,7 +105,7 @@ class MoeLM:
             nb = math.prod(spec.shape) * item
             dst = _as_tensor(mem[offsets[name]: offsets[name] + nb], self.dtype).view(spec.shape)
             dst.copy_(raw)
-            self.w[name] = dst
+            self.w[name] = dst if self.device.type == "cpu" else self.rt.arena.on_gpu(dst)
         if "lm_head.weight" not in self.w:  # tie_word_embeddings (checked at pack time)
             self.w["lm_head.weight"] = self.w["model.embed_tokens.weight"]
         self._weight_bytes = n * pool.slot_size
@@ -125,9 +135,10 @@ class MoeLM:
         T = len(ids)
         self.kv.reserve(seq, T)                           # BudgetExceeded before any write
         start = seq.length
-        pos = torch.arange(start, start + T)
+        pos = torch.arange(start, start + T, device=self.device)
         cos, sin = self.rotary.cos_sin(pos, self.dtype)
-        h = F.embedding(torch.tensor(ids, dtype=torch.long), w["model.embed_tokens.weight"])
+        h = F.embedding(torch.tensor(ids, dtype=torch.long, device=self.device),
+                        w["model.embed_tokens.weight"])
         for l in range(c.num_layers):
             p = f"model.layers.{l}."
             a = rms_norm(h, w[p + "input_layernorm.weight"], c.rms_eps)
@@ -140,7 +151,7 @@ class MoeLM:
             o = attention(q, K, V, causal_mask(pos, start + T, c.sliding_windows[l]))
             h = h + F.linear(o, w[p + "self_attn.o_proj.weight"])
             nxt = self._next_moe[l]
-            if nxt is not None:  # prefetch hint: next sparse layer's router on this state
+            if nxt is not None and self._prefetch:  # hint: next sparse layer's router on this state
                 self.provider.hint(nxt, self._router_probs(nxt, h))
             a = rms_norm(h, w[p + "post_attention_layernorm.weight"], c.rms_eps)
             if l in c.moe_layers:
@@ -168,7 +179,7 @@ class MoeLM:
         c, w = self.cfg, self.w
         p = f"model.layers.{layer}.{c.moe_prefix}."
         probs, weights, topk = route(c, F.linear(x, w[p + "gate.weight"]))
-        use = self.provider.route(layer, probs, topk)                  # [T, k] ids to compute with
+        use = self.provider.route(layer, probs, topk).to(x.device)     # [T, k] ids to compute with
         out = torch.zeros_like(x)
         experts = sorted(set(use.flatten().tolist()))
         # NOTE: a provider pins at most `max_acquire` experts at once (None = any number;
@@ -182,8 +193,9 @@ class MoeLM:
             try:
                 for e in ids:
                     tok, slot = torch.where(use == e)
-                    ew = held[e]
-                    y = swiglu(x[tok], ew.gate.to(x.dtype), ew.up.to(x.dtype), ew.down.to(x.dtype))
+                    gate, up, down = (self._on_device(t).to(x.dtype) for t in
+                                      (held[e].gate, held[e].up, held[e].down))
+                    y = swiglu(x[tok], gate, up, down)
                     out.index_add_(0, tok, y * weights[tok, slot, None])
             finally:
                 self.provider.release(layer, ids)
@@ -193,19 +205,36 @@ class MoeLM:
             out = out + torch.sigmoid(F.linear(x, w[p + "shared_expert_gate.weight"])) * s
         return out
 
+    def _on_device(self, t: torch.Tensor) -> torch.Tensor:
+        """Expert weights where the model computes: a zero-copy view of an arena slot."""
+        if self.device.type == "cpu" or t.device == self.device:
+            return t
+        key = (t.data_ptr(), t.shape, t.dtype)
+        v = self._gpu_views.get(key)
+        if v is None:
+            try:
+                v = self.rt.arena.on_gpu(t)
+            except ValueError:  # a provider holding experts outside the arena (tests)
+                return t.to(self.device)
+            if len(self._gpu_views) > 4096:
+                self._gpu_views.clear()
+            self._gpu_views[key] = v
+        return v
+
+    @property
+    def _prefetch(self) -> bool:
+        return getattr(self.provider, "prefetch", True)
+
     # --- public surface -------------------------------------------------------------------
     def logits(self, token_ids) -> np.ndarray:
         """Logits [len, vocab] (float32) of a full prefill through the paged-cache path."""
         ids = self._ids(token_ids)
-        seq = self.kv.new_sequence()
-        t0 = time.perf_counter()
-        try:
-            out = self._forward(seq, ids)
-        finally:
-            self.kv.release(seq)
-        self.counters["prefill_tokens"] += len(ids)
-        self.counters["prefill_s"] += time.perf_counter() - t0
-        return out.float().numpy()
+        with self.sequence() as s:
+            return s.feed(ids, all_logits=True)
+
+    def sequence(self) -> "Sequence":
+        """A sequence in the paged KV cache, fed token by token (see `Sequence.feed`)."""
+        return Sequence(self)
 
     def generate(self, token_ids_or_text, max_new_tokens: int = 64, temperature: float = 0.0,
                  top_p: float = 1.0, seed: int = 0, stream: bool = False):
@@ -229,7 +258,7 @@ class MoeLM:
         seq = self.kv.new_sequence()
         try:
             t0 = time.perf_counter()
-            logits = self._forward(seq, ids, rows=slice(-1, None))[0]
+            logits = self._forward(seq, ids, rows=slice(-1, None))[0].cpu()
             self.counters["prefill_tokens"] += len(ids)
             self.counters["prefill_s"] += time.perf_counter() - t0
             for i in range(max_new):
@@ -238,7 +267,7 @@ class MoeLM:
                 if tok in self.cfg.eos_token_ids or i == max_new - 1:
                     break
                 t0 = time.perf_counter()
-                logits = self._forward(seq, [tok])[0]
+                logits = self._forward(seq, [tok])[0].cpu()
                 self.counters["decode_tokens"] += 1
                 self.counters["decode_s"] += time.perf_counter() - t0
         finally:
@@ -270,8 +299,8 @@ class MoeLM:
 
     def stats(self) -> dict:
         c = self.counters
-        return {"experts": self.provider.stats(), "kv": self.pages.stats(),
-                "weights_bytes": self._weight_bytes, **c,
+        return {"device": str(self.device), "experts": self.provider.stats(),
+                "kv": self.pages.stats(), "weights_bytes": self._weight_bytes, **c,
                 "decode_tokens_per_s": c["decode_tokens"] / c["decode_s"] if c["decode_s"] else 0.0}
 
     def close(self) -> None:
@@ -282,6 +311,7 @@ class MoeLM:
         if self._own_provider and self.provider is not None and hasattr(self.provider, "close"):
             self.provider.close()
         self.provider = None
+        self._gpu_views.clear()
         if self._run is not None:
             pool, first, n = self._run
             pool.free_run(first, n)
@@ -293,6 +323,59 @@ class MoeLM:
 
     def __exit__(self, *exc):
         self.close()
+
+
+class Sequence:
+    """One sequence in the model's paged KV cache; `feed` runs tokens after what it holds.
+
+        with lm.sequence() as s:
+            last = s.feed(prompt_ids)          # logits [vocab] of the last prompt token
+            nxt = s.feed([token])              # one decode step
+
+    Its KV pages go back to the pool on `close` (or leaving the `with`).
+    """
+
+    def __init__(self, lm: MoeLM):
+        self.lm, self._seq = lm, lm.kv.new_sequence()
+
+    @property
+    def length(self) -> int:
+        return self._seq.length
+
+    def feed(self, token_ids, all_logits: bool = False) -> np.ndarray:
+        """Logits (float32) of the last token [vocab], or of every token fed [T, vocab]."""
+        lm = self.lm
+        ids = lm._ids(token_ids)
+        t0 = time.perf_counter()
+        out = lm._forward(self._seq, ids, rows=None if all_logits else slice(-1, None))
+        out = out.float().cpu().numpy()
+        key = "decode" if len(ids) == 1 and self._seq.length > 1 else "prefill"
+        lm.counters[key + "_tokens"] += len(ids)
+        lm.counters[key + "_s"] += time.perf_counter() - t0
+        return out if all_logits else out[0]
+
+    def close(self) -> None:
+        if self._seq is not None:
+            self.lm.kv.release(self._seq)
+            self._seq = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def _pick_device(rt) -> torch.device:
+    """cuda when the config asks for it and the arena is mapped for the GPU; else cpu."""
+    if rt.config.device != "cuda":
+        return torch.device("cpu")
+    if not rt.arena.gpu_mapped:
+        log.warning("config %s asks for device cuda, but the arena is not mapped for the GPU "
+                    "(see the arena's warning); the MoE model computes on the CPU",
+                    rt.config.name)
+        return torch.device("cpu")
+    return torch.device("cuda")
 
 
 def expert_slots(budget, total: int, slot_bytes: int, pool_bytes: int) -> int:

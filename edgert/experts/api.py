@@ -50,6 +50,8 @@ class ExpertProvider(Protocol):
 
     # Optional attribute `max_acquire: int | None`: how many experts one `acquire` may pin
     # (None = any number). The engine pins one at a time when a provider does not say.
+    # Optional attribute `prefetch: bool` (absent = True): False tells the engine not to
+    # compute the next layer's router for `hint`, which such a provider would ignore.
 
 
 @dataclass(frozen=True)
@@ -127,6 +129,7 @@ class ResidentExperts:
     """
 
     max_acquire = None  # everything is resident: a layer may pin all its experts at once
+    prefetch = False    # nothing to prefetch: the engine skips the next layer's router
 
     def __init__(self, reader, pool=None):
         self.layout = ExpertLayout.from_reader(reader)

@@ -35,7 +35,9 @@ class PagePool:
     """Fixed-size KV pages over an arena slot pool, addressed by id (= arena slot id)."""
 
     def __init__(self, pool, num_layers: int, num_kv_heads: int, head_dim: int,
-                 dtype: torch.dtype = torch.float32):
+                 dtype: torch.dtype = torch.float32, to_device=None):
+        """`to_device(cpu_view) -> tensor`: where the engine reads pages (None = the CPU
+        view itself; `Arena.on_gpu` for a zero-copy CUDA view of the same slot)."""
         self.page_shape = (num_layers, 2, num_kv_heads, PAGE_TOKENS, head_dim)
         self.dtype = dtype
         nbytes = int(np.prod(self.page_shape)) * torch.empty((), dtype=dtype).element_size()
@@ -43,6 +45,7 @@ class PagePool:
         if pool.slot_size != self.page_bytes:
             pool.carve(self.page_bytes)  # RuntimeError if another user holds slots
         self._pool = pool
+        self._to_device = to_device
         self._nbytes = nbytes
         self._pages: dict[int, torch.Tensor] = {}   # page id -> tensor view (held pages)
         self.ref: dict[int, int] = {}                # page id -> ref count (held pages)
@@ -76,7 +79,8 @@ class PagePool:
             t = torch.from_numpy(view)
             if self.dtype == torch.bfloat16:
                 t = t.view(torch.bfloat16)
-            self._pages[pid] = t.view(self.page_shape)
+            t = t.view(self.page_shape)
+            self._pages[pid] = t if self._to_device is None else self._to_device(t)
         reused = []
         while len(fresh) + len(reused) < n:
             pid, _ = self._idle.popitem(last=False)

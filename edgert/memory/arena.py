@@ -15,6 +15,7 @@ from __future__ import annotations
 import heapq
 import logging
 import mmap
+import weakref
 
 import numpy as np
 
@@ -137,7 +138,13 @@ class Arena:
             flags |= mmap.MAP_POPULATE  # back every page now, not on the first switch
         self._map = mmap.mmap(-1, max(self.mapped, SLOT_ALIGN), flags=flags)  # page aligned
         self._mem = np.frombuffer(self._map, dtype=np.uint8)
-        self.pinned = _pin_for_gpu(self._map, cfg) if cfg.device == "cuda" else False
+        self._device_base = _pin_for_gpu(self._map, cfg) if cfg.device == "cuda" else None
+        self.pinned = self._device_base is not None
+        self._host_base = self._mem.ctypes.data
+        # NOTE: a registration outlives the mapping unless undone, and a later arena mapped
+        # at the same address would then fail to register: undo it when the arena goes.
+        self._unpin = (weakref.finalize(self, _unpin, self._host_base, self._map)
+                       if self.pinned else None)
         self._pools: dict[str, SlotPool] = {}
         pos = 0
         for name in POOLS:
@@ -173,6 +180,37 @@ class Arena:
     def in_use_bytes(self) -> int:
         return sum(p.in_use_bytes for p in self._pools.values()) + self.extra_in_use
 
+    def close(self) -> None:
+        """Unpin the arena for the GPU now (else when the arena is garbage-collected). The
+        host memory stays mapped while any view of it lives."""
+        if self._unpin is not None:
+            self._unpin()
+        self._device_base = None
+        self.pinned = False
+
+    # --- the GPU's view of the same bytes ------------------------------------------------
+    @property
+    def gpu_mapped(self) -> bool:
+        """True when CUDA kernels can read and write the arena in place (device cuda)."""
+        return self._device_base is not None
+
+    def on_gpu(self, t):
+        """The CUDA tensor that aliases CPU tensor ``t``, which must lie inside the arena.
+
+        Zero copy: the GPU reads the arena's pinned pages (on Jetson, the same DRAM).
+        """
+        if self._device_base is None:
+            raise RuntimeError("the arena is not mapped for the GPU (device cpu, or pinning "
+                               "failed: see the log)")
+        import torch
+        nbytes = t.numel() * t.element_size()
+        off = t.data_ptr() - self._host_base
+        if not t.is_contiguous() or off < 0 or off + nbytes > self.mapped:
+            raise ValueError("tensor is not a contiguous view of the arena")
+        raw = cuda_bytes(self._device_base + off, nbytes)
+        return raw.view(t.dtype).view(t.shape) if nbytes else torch.empty(
+            t.shape, dtype=t.dtype, device="cuda")
+
     def stats(self) -> dict:
         return {"budget_total": self.budget.total, "mapped": self.mapped,
                 "pools": {n: p.stats() for n, p in self._pools.items()},
@@ -181,22 +219,94 @@ class Arena:
                 "in_use_bytes": self.in_use_bytes()}
 
 
-def _pin_for_gpu(buf: mmap.mmap, cfg: DeviceConfig) -> bool:
-    """On Jetson the GPU shares DRAM: page-lock the arena so CUDA kernels read it in place."""
+def _pin_for_gpu(buf: mmap.mmap, cfg: DeviceConfig) -> int | None:
+    """Page-lock the arena and map it into the GPU's address space (zero copy).
+
+    On Jetson the GPU shares DRAM with the CPU, so CUDA kernels read the arena in place:
+    no second copy of any weight, and the one budget stays exact. Returns the device
+    address of the arena's first byte, or None (with the reason logged) where that is
+    not possible; callers then compute on the CPU.
+    """
     try:
         import ctypes
 
         import torch
         if not torch.cuda.is_available():
             log.warning("config %s asks for device cuda but torch sees no GPU; arena stays "
-                        "pageable host memory", cfg.name)
-            return False
-        addr = ctypes.addressof(ctypes.c_char.from_buffer(buf))
-        rc = torch.cuda.cudart().cudaHostRegister(addr, len(buf), 0)
+                        "pageable host memory and compute runs on the CPU", cfg.name)
+            return None
+        host = ctypes.addressof(ctypes.c_char.from_buffer(buf))
+        rt = torch.cuda.cudart()
+        rc = rt.cudaHostRegister(host, len(buf), _HOST_REGISTER_PORTABLE | _HOST_REGISTER_MAPPED)
         if int(rc) != 0:
             log.warning("cudaHostRegister failed (%s); arena stays pageable", rc)
-            return False
-        return True
+            return None
+        dev = _device_pointer(host)
+        if dev is None or not _check_alias(buf, dev):
+            log.warning("the pinned arena is not readable in place by the GPU; compute runs "
+                        "on the CPU")
+            rt.cudaHostUnregister(host)
+            return None
+        return dev
     except Exception as e:  # no CUDA runtime: the CPU path still works
         log.warning("cannot pin the arena for the GPU: %s", e)
-        return False
+        return None
+
+
+def _unpin(host: int, buf: mmap.mmap) -> None:
+    """cudaHostUnregister; `buf` rides along so the mapping lives until this has run."""
+    try:
+        import torch
+        torch.cuda.synchronize()
+        torch.cuda.cudart().cudaHostUnregister(host)
+    except Exception as e:  # interpreter shutdown, driver gone: nothing left to protect
+        log.debug("cudaHostUnregister: %s", e)
+
+
+_HOST_REGISTER_PORTABLE = 1
+_HOST_REGISTER_MAPPED = 2
+
+
+def _device_pointer(host: int) -> int | None:
+    """cudaHostGetDevicePointer from the CUDA runtime torch has loaded (UVA fallback)."""
+    import ctypes
+    lib = None
+    try:
+        with open("/proc/self/maps") as f:
+            paths = {line.split()[-1] for line in f if "libcudart" in line}
+        for path in sorted(paths):
+            lib = ctypes.CDLL(path)
+            break
+    except OSError:
+        lib = None
+    if lib is None:
+        return host  # unified virtual addressing: registered host pointers are device pointers
+    out = ctypes.c_void_p()
+    rc = lib.cudaHostGetDevicePointer(ctypes.byref(out), ctypes.c_void_p(host), 0)
+    return int(out.value) if rc == 0 and out.value else None
+
+
+def _check_alias(buf: mmap.mmap, dev: int) -> bool:
+    """Write a pattern through the host view, read it through the device view."""
+    pattern = bytes(range(1, 65))
+    saved = buf[:64]
+    buf[:64] = pattern
+    try:
+        got = bytes(cuda_bytes(dev, 64).cpu().numpy().tobytes())
+    finally:
+        buf[:64] = saved
+    return got == pattern
+
+
+class _CudaArray:
+    """Just enough of __cuda_array_interface__ (v3) for torch.as_tensor to alias bytes."""
+
+    def __init__(self, ptr: int, nbytes: int):
+        self.__cuda_array_interface__ = {"shape": (nbytes,), "typestr": "|u1",
+                                         "data": (ptr, False), "strides": None, "version": 3}
+
+
+def cuda_bytes(ptr: int, nbytes: int):
+    """A torch uint8 CUDA tensor over ``nbytes`` at device address ``ptr`` (no copy)."""
+    import torch
+    return torch.as_tensor(_CudaArray(ptr, nbytes), device="cuda")
