@@ -30,7 +30,8 @@ import torch
 import torch.nn.functional as F
 
 from edgert.errors import BudgetExceeded, EdgertError, UnsupportedModel
-from edgert.experts.api import ExpertLayout, ResidentExperts
+from edgert.experts.api import ExpertLayout, slots_for_budget
+from edgert.experts.cache import ExpertCache
 from edgert.kv.paged import PagedKV, PagePool
 
 from .moe_layers import (MoeConfig, Rotary, apply_rope, attention, causal_mask, rms_norm, route,
@@ -113,16 +114,7 @@ class MoeLM:
     def _make_provider(self, expert_budget, lossy_alpha, policy):
         pool = self.rt.arena.pool("experts")
         total = len(self.layout.table)
-        slots = expert_slots(expert_budget, total, self.layout.slot_bytes, pool.bytes)
-        try:
-            from edgert.experts.cache import ExpertCache
-        except ImportError:
-            ExpertCache = None
-        if ExpertCache is None:
-            if slots < total:
-                raise EdgertError(f"an expert budget of {slots} of {total} experts needs "
-                                  "edgert.experts.cache, which is not installed")
-            return ResidentExperts(self.reader, pool)
+        slots = slots_for_budget(expert_budget, total, self.layout.extent_bytes, pool.bytes)
         storage = self.rt.open_storage(self.reader.path)
         return ExpertCache(self.reader, storage, pool, slots, policy=policy or "gate",
                            lossy_alpha=lossy_alpha, prefetch=True)
@@ -376,29 +368,6 @@ def _pick_device(rt) -> torch.device:
                     rt.config.name)
         return torch.device("cpu")
     return torch.device("cuda")
-
-
-def expert_slots(budget, total: int, slot_bytes: int, pool_bytes: int) -> int:
-    """Expert slots for a budget: None = the whole pool, float in (0, 1] = that fraction of
-    all experts, int = bytes."""
-    if budget is None:
-        n = pool_bytes // slot_bytes
-    elif isinstance(budget, float):
-        if not 0.0 < budget <= 1.0:
-            raise ValueError(f"expert_budget fraction must be in (0, 1], got {budget}")
-        n = max(1, round(budget * total))  # as edgert.experts.cache.slots_for_budget
-    elif isinstance(budget, int) and not isinstance(budget, bool):
-        n = budget // slot_bytes
-    else:
-        raise TypeError(f"expert_budget must be None, a float fraction or int bytes, "
-                        f"got {budget!r}")
-    n = min(n, total)
-    if n < 1:
-        have = pool_bytes if budget is None else int(budget)
-        raise BudgetExceeded("one expert slot", slot_bytes, have)
-    if n * slot_bytes > pool_bytes:
-        raise BudgetExceeded(f"{n} expert slots", n * slot_bytes, pool_bytes)
-    return n
 
 
 def _as_tensor(u8: np.ndarray, dtype: torch.dtype) -> torch.Tensor:

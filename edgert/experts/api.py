@@ -179,6 +179,34 @@ class ResidentExperts:
             self._slots = []
 
 
+def slots_for_budget(budget: float | int | None, total_experts: int, extent_bytes: int,
+                     pool_capacity: int) -> int:
+    """Expert slots for `budget`: None is the whole experts pool; a float in (0, 1] is a
+    fraction of all experts (rounded, at least 1); an int is bytes (whole slots that fit).
+    `pool_capacity` is the bytes of the arena's experts pool; asking for more slots than it
+    holds raises BudgetExceeded. Never more slots than experts."""
+    slot = -(-extent_bytes // ALIGN) * ALIGN
+    if budget is None:
+        budget = pool_capacity
+        if budget < slot:
+            raise BudgetExceeded("expert pool: one expert slot", slot, pool_capacity)
+    if isinstance(budget, bool) or not isinstance(budget, (int, float)) or budget <= 0:
+        raise ValueError(f"expert budget must be a fraction in (0, 1] or a byte count, "
+                         f"got {budget!r}")
+    if isinstance(budget, float):
+        if budget > 1.0:
+            raise ValueError(f"expert budget fraction {budget} is above 1 (pass bytes as an int)")
+        n = max(1, round(budget * total_experts))
+    else:
+        n = budget // slot
+        if n < 1:
+            raise BudgetExceeded("expert budget: one expert slot", slot, budget)
+    n = min(n, total_experts)
+    if n * slot > pool_capacity:
+        raise BudgetExceeded(f"{n} expert slots", n * slot, pool_capacity)
+    return n
+
+
 def _carve(pool, slot_bytes: int) -> None:
     """Cut `pool` into `slot_bytes` slots unless it already is."""
     if getattr(pool, "slot_size", None) != slot_bytes:

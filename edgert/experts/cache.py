@@ -30,37 +30,13 @@ import numpy as np
 import torch
 
 from edgert.errors import BudgetExceeded, PackCorrupt
-from edgert.experts.api import ExpertLayout, ExpertWeights, _carve
+from edgert.experts.api import ExpertLayout, ExpertWeights, _carve, slots_for_budget  # noqa: F401
 from edgert.experts.policies import EvictionPolicy, make_policy
 from edgert.experts.stats import LayerCounters, summarize
 from edgert.experts.substitution import substitute
 from edgert.pack.format import block_hash
 
 SLOT_ALIGN = 4096
-
-
-def slots_for_budget(budget: float | int, total_experts: int, extent_bytes: int,
-                     pool_capacity: int) -> int:
-    """Expert slots for `budget`: a float in (0, 1] is a fraction of all experts (rounded, at
-    least 1); an int is bytes (whole slots that fit). `pool_capacity` is the bytes of the arena's
-    experts pool; asking for more slots than it holds raises BudgetExceeded. Never more slots
-    than experts."""
-    slot = -(-extent_bytes // SLOT_ALIGN) * SLOT_ALIGN
-    if isinstance(budget, bool) or not isinstance(budget, (int, float)) or budget <= 0:
-        raise ValueError(f"expert budget must be a fraction in (0, 1] or a byte count, "
-                         f"got {budget!r}")
-    if isinstance(budget, float):
-        if budget > 1.0:
-            raise ValueError(f"expert budget fraction {budget} is above 1 (pass bytes as an int)")
-        n = max(1, round(budget * total_experts))
-    else:
-        n = budget // slot
-        if n < 1:
-            raise BudgetExceeded("expert budget: one expert slot", slot, budget)
-    n = min(n, total_experts)
-    if n * slot > pool_capacity:
-        raise BudgetExceeded(f"{n} expert slots", n * slot, pool_capacity)
-    return n
 
 
 @dataclass
