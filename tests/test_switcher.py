@@ -43,6 +43,9 @@ def test_cold_switch_moves_switch_bytes(tiny):
             res = sw.switch(b)
             assert res.bytes_moved == switch_bytes(reader, a, b)
             assert res.from_cache == 0 and res.from_storage == res.blocks_moved
+            # adjacent blocks go out as one read: never more reads than blocks
+            assert (res.reads > 0) == (res.blocks_moved > 0)
+            assert res.reads <= res.from_storage
             assert_views_are(sw, reader, b)
 
 

@@ -267,6 +267,10 @@ def main(args) -> int:
                                        "cold_read": _stats(limit_cold),
                                        "cold_read_plus_verify": _stats(limit_cold_verified)},
               "steady_state": steady, "memory_bytes": memory}
+    timed = cold_c.m.switcher.history[-(len(seq) - 1):]
+    reads = sum(r.reads for r in timed)
+    result["cold_reads"] = {"per_switch_mean": reads / len(timed),
+                            "mean_read_bytes": sum(r.bytes_read for r in timed) / max(reads, 1)}
     _print(result, warm_c.name, cold_c.name, fresh_w.name, fresh_c.name)
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
@@ -296,6 +300,9 @@ def _print(res, warm, cold, fresh_w, fresh_c) -> None:
     print(f"vs physical limit (median): warm {w / lim['warm_copy']['p50']:.2f}x of copy, cold "
           f"{c / lim['cold_read']['p50']:.2f}x of read, {c / lim['cold_read_plus_verify']['p50']:.2f}x "
           "of read + blake3 verify (target <= 1.5x)")
+    cr = res["cold_reads"]
+    print(f"cold switch storage reads: {cr['per_switch_mean']:.1f} per switch, "
+          f"{cr['mean_read_bytes'] / 1e6:.2f} MB each on average")
     st = res["steady_state"]["ms"]
     plain = st["plain ORT session"]["p50"]
     print(f"\nsteady-state inference, task {res['steady_state']['task']} (ms):")

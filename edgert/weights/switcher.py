@@ -80,6 +80,7 @@ class SwitchResult:
     from_cache: int = 0        # blocks copied from spare slots
     from_storage: int = 0      # blocks read from the pack
     bytes_read: int = 0        # bytes read from storage for this switch
+    reads: int = 0             # storage reads (extents of adjacent blocks) for this switch
     kept: int = 0              # displaced blocks kept in spare slots
 
 
@@ -168,7 +169,7 @@ class TaskSwitcher:
                 res.kept = self._keep(diff)
             written: list[int] = []
             try:
-                res.bytes_read = self._read(diff[~hit], blk, written)
+                res.bytes_read, res.reads = self._read(diff[~hit], blk, written)
             except (PackCorrupt, OSError):
                 self._restore(written)
                 raise
@@ -223,7 +224,8 @@ class TaskSwitcher:
         if group:
             yield group
 
-    def _read(self, positions: np.ndarray, blk: np.ndarray, written: list[int]) -> int:
+    def _read(self, positions: np.ndarray, blk: np.ndarray,
+              written: list[int]) -> tuple[int, int]:
         """Read the blocks at ``positions`` from storage straight into the run; verify each.
 
         Reader threads only read (the kernel does the work, the GIL is free); this thread
@@ -238,7 +240,7 @@ class TaskSwitcher:
             for g in groups:
                 self._read_extent(g, blk)
                 self._verify_extent(g, blk)
-            return sum(self._extent_bytes(g, blk) for g in groups)
+            return sum(self._extent_bytes(g, blk) for g in groups), len(groups)
         if self._readers is None:
             self._readers = ThreadPoolExecutor(READ_THREADS, thread_name_prefix="edgert-read")
         with short_gil_turns():
@@ -250,7 +252,7 @@ class TaskSwitcher:
             except BaseException:
                 wait(futures)                       # no read may land after the restore
                 raise
-        return sum(self._extent_bytes(g, blk) for g in groups)
+        return sum(self._extent_bytes(g, blk) for g in groups), len(groups)
 
     def _extent_bytes(self, group: list[int], blk: np.ndarray) -> int:
         first, last = self.reader.blocks[blk[group[0]]], self.reader.blocks[blk[group[-1]]]
