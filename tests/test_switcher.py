@@ -125,16 +125,27 @@ def test_task_larger_than_budget(tiny):
 
 
 @pytest.mark.parametrize("spare", ["roomy", "none"])
-def test_corrupt_block_leaves_previous_task(tiny, tmp_path, spare):
+@pytest.mark.parametrize("extent", ["coalesced", "one_block"])
+def test_corrupt_block_leaves_previous_task(tiny, tmp_path, spare, extent, monkeypatch):
+    reads = []
+    if extent == "one_block":  # every block its own read: the concurrent read path
+        import edgert.weights.switcher as switcher
+        monkeypatch.setattr(switcher, "MAX_EXTENT", 1)
+        real = TaskSwitcher._read_extent
+        monkeypatch.setattr(TaskSwitcher, "_read_extent",
+                            lambda self, g, blk: (reads.append(len(g)), real(self, g, blk)))
     a, b = tiny.names[:2]
     pack = tiny.copy_pack(tmp_path)
     idx = tiny.corrupt_block_of(pack, b, not_in=a)
     sw, reader, _ = make(pack, weights="4 MiB" if spare == "roomy" else run_bytes(tiny))
     sw.switch(a)
     before = {n: v.copy() for n, v in sw.tensors().items()}
+    reads.clear()
     with pytest.raises(PackCorrupt) as e:
         sw.switch(b)
     assert e.value.block == idx
+    assert extent == "coalesced" or (len(reads) > 1 and set(reads) == {1})
+
     assert sw.active == a
     for n, v in sw.tensors().items():
         np.testing.assert_array_equal(v, before[n], err_msg=n)

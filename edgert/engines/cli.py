@@ -21,7 +21,10 @@ def register(sub) -> None:
                    help="allow substituting a resident expert within the gate-score band "
                         "(lossy; 0 = exact, the default)")
     g.add_argument("--config", default=None, metavar="CFG", help="device config YAML")
-    g.add_argument("--stats", action="store_true", help="print expert-cache figures to stderr")
+    g.add_argument("--stats", action="store_true",
+                   help="print a summary of the expert cache and decode speed to stderr")
+    g.add_argument("--stats-json", action="store_true",
+                   help="print every figure of lm.stats() as JSON to stderr")
     g.set_defaults(func=_run_generate)
 
 
@@ -46,7 +49,29 @@ def _run_generate(args) -> int:
             sys.stdout.flush()
         sys.stdout.write("\n")
         if args.stats:
+            print(summary(lm.stats()), file=sys.stderr)
+        if args.stats_json:
             print(json.dumps(lm.stats(), indent=1, default=str), file=sys.stderr)
     finally:
         lm.close()
     return 0
+
+
+def summary(st: dict) -> str:
+    """A few lines of lm.stats() for people."""
+    ex = st["experts"]
+    tot = ex.get("total", ex)
+    lines = [f"device {st['device']}; prefill {st['prefill_tokens']} tokens, decode "
+             f"{st['decode_tokens']} tokens at {st['decode_tokens_per_s']:.1f} tok/s"]
+    if ex.get("provider") == "expert-cache":
+        lines.append(
+            f"expert cache: {ex['slots']} slots of {ex['slot_bytes'] / 1e6:.2f} MB, policy "
+            f"{ex['policy']}, prefetch {'on' if ex['prefetch'] else 'off'}, lossy alpha "
+            f"{ex['lossy_alpha']}, reads {ex['read_mode']}")
+        lines.append(
+            f"  exact hit rate {tot['exact_hit_rate']:.3f}, effective {tot['effective_hit_rate']:.3f}"
+            f"; {tot['loads'] + tot['ahead_loads'] + tot['prefetch_loads']} reads, {tot['bytes_read'] / 1e6:.1f} MB read, "
+            f"{1e3 * tot['stall_s']:.1f} ms stalled on loads")
+    else:
+        lines.append(f"experts: {ex.get('provider')}, {ex.get('experts', '?')} resident")
+    return "\n".join(lines)

@@ -1,0 +1,42 @@
+"""`edgert pack hf` then `edgert generate` end to end, through the command line's main()."""
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+
+import edgert
+from edgert.cli import main
+
+pytest.importorskip("transformers")
+
+
+@pytest.fixture(scope="module")
+def pack(tmp_path_factory):
+    from models.moe import train as recipe
+    d = tmp_path_factory.mktemp("moe") / "ckpt"
+    recipe.train(d, replace(recipe.Recipe.from_name("quick"), steps=2, corpus_limit=64 * 1024),
+                 max_minutes=5)
+    out = d.parent / "m.edgepack"
+    assert main(["pack", "hf", str(d), "-o", str(out)]) == 0
+    return out
+
+
+def test_generate_streams_the_greedy_continuation_and_summarises(pack, capsys):
+    prompt = "def main(args):"
+    rc = main(["generate", str(pack), "--prompt", prompt, "--max-new-tokens", "12",
+               "--expert-budget", "0.5", "--stats"])
+    out, err = capsys.readouterr()
+    assert rc == 0
+    with edgert.Runtime().load(pack, expert_budget=0.5) as lm:
+        want = lm.generate(prompt, max_new_tokens=12)
+    assert out == want + "\n"
+    assert "exact hit rate" in err and "policy gate" in err
+    slots = len(lm.layout.table) // 2
+    assert f"expert cache: {slots} slots" in err
+
+
+def test_generate_reports_a_budget_that_does_not_fit(pack, capsys):
+    rc = main(["generate", str(pack), "--prompt", "x", "--expert-budget", "4096"])
+    assert rc == 2
+    assert "BudgetExceeded" in capsys.readouterr().err
