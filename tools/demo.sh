@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The README's main-job command on the embedded default config (device_configs/cpu-dev.yaml):
-# build the demo task models, pack them, verify and inspect the pack, then run a switching
-# session. Everything is generated locally; nothing is downloaded.
+# build the demo task models, pack them, verify and inspect the pack, run a switching
+# session, then generate with the demo MoE model under half of its experts.
+# Everything is generated locally; nothing is downloaded.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 tools/setup.sh
@@ -23,8 +24,23 @@ $py -m edgert verify "$pack"
 echo
 echo "== 4. inspect: sharing and switch costs"
 $py -m edgert inspect "$pack"
-if $py -m edgert demo --help >/dev/null 2>&1; then
-  echo
-  echo "== 5. a switching session on $cfg"
-  $py -m edgert demo --pack "$pack" --models "$out" --config "$cfg"
+echo
+echo "== 5. a switching session on $cfg"
+$py -m edgert demo --pack "$pack" --models "$out" --config "$cfg"
+
+echo
+echo "== 6. an MoE language model with half of its experts in memory (exact mode)"
+moe=models/out/moe                       # the benchmark model: python -m models.moe.train
+if [ ! -f "$moe/model.safetensors" ]; then
+  moe=models/out/moe-demo
+  if [ ! -f "$moe/model.safetensors" ]; then
+    echo "(training a short run of the MoE recipe, about 1.5 minutes on 2 cores)"
+    $py -m models.moe.train --steps 120 --out "$moe"
+  fi
+  echo "(120 training steps: expect rough text; python -m models.moe.train trains the"
+  echo " benchmark model in about 10 minutes, and this step then uses it)"
 fi
+[ "$moe.edgepack" -nt "$moe/model.safetensors" ] || $py -m edgert pack hf "$moe" -o "$moe.edgepack"
+$py -m edgert generate "$moe.edgepack" --config "$cfg" --expert-budget 0.5 --stats \
+  --temperature 0.6 --max-new-tokens 160 --prompt "import os
+def "
