@@ -406,3 +406,41 @@ def test_substitute_is_a_pure_band_rule():
     assert substitute(p, r, loaded, 0.2) == 1 and r.tolist() == [0, 3]   # 0 is above the band
     r = row.copy()
     assert substitute(p, r, np.zeros(6, bool), 0.9) == 0 and r.tolist() == [0, 1]  # nothing loaded
+
+
+def test_hints_that_queue_nothing_pause_then_probe_again(pack):
+    cache, _ = make_cache(pack, num_slots=6, prefetch=True, hint_probe=(8, 5))
+    unsure = torch.full((1, E), 1.0 / E)          # below prefetch_min_prob: nothing to read
+    for _ in range(7):
+        assert cache.wants_hint(1)
+        cache.hint(1, unsure)
+    assert cache.wants_hint(1)
+    cache.hint(1, unsure)                          # the 8th hint closes the window
+    assert [cache.wants_hint(1) for _ in range(6)] == [False] * 5 + [True]
+    st = cache.stats()
+    assert st["hint_pauses"] == 1
+    assert st["layers"][1]["hints"] == 8 and st["layers"][1]["hints_skipped"] == 5
+    assert st["layers"][1]["hints_queued"] == 0
+    cache.close()
+
+
+def test_hints_that_queue_reads_keep_prefetch_on(pack):
+    cache, _ = make_cache(pack, num_slots=6, prefetch=True, hint_probe=(4, 5))
+    for i in range(12):                            # each hint names an expert not yet loaded
+        assert cache.wants_hint(i % L)
+        probs = torch.zeros((1, E))
+        probs[0, (i // L) % E] = 1.0
+        cache.hint(i % L, probs)
+        cache.drain()
+    st = cache.stats()
+    assert st["hint_pauses"] == 0 and st["total"]["hints_queued"] == 12
+    assert st["total"]["prefetch_loads"] == 12
+    cache.close()
+
+
+def test_hint_pausing_can_be_turned_off(pack):
+    cache, _ = make_cache(pack, num_slots=6, prefetch=True, hint_probe=None)
+    for _ in range(300):
+        cache.hint(0, torch.full((1, E), 1.0 / E))
+    assert cache.wants_hint(0) and cache.stats()["hint_pauses"] == 0
+    cache.close()

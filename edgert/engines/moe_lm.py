@@ -34,13 +34,14 @@ from edgert.experts.api import ExpertLayout, slots_for_budget
 from edgert.experts.cache import ExpertCache
 from edgert.kv.paged import PagedKV, PagePool
 
-from .moe_layers import (MoeConfig, Rotary, apply_rope, attention, causal_mask, rms_norm, route,
-                         swiglu)
+from .moe_layers import (MoeConfig, Rotary, apply_rope, attention, causal_mask, rms_norm,
+                         rms_normalize, route, swiglu)
 from .sampling import sample
 from .tokenizer import tokenizer_for
 
 log = logging.getLogger(__name__)
 _TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_HINT = "edgert.hint_router.{}"  # per sparse layer: its router with its norm weight folded in
 _ALIGN = 64  # byte alignment of each weight inside the run (keeps torch views aligned)
 
 
@@ -89,10 +90,14 @@ class MoeLM:
         if not pool.slot_size:
             pool.carve(self.reader.block_size)
         item = torch.empty((), dtype=self.dtype).element_size()
+        c = self.cfg
+        shapes = {name: tuple(spec.shape) for name, spec in specs.items()}
+        for l in c.moe_layers:  # prefetch routers, norm folded in (computed below)
+            shapes[_HINT.format(l)] = (c.num_experts, c.hidden_size)
         offsets, pos = {}, 0
-        for name, spec in specs.items():
+        for name, shape in shapes.items():
             offsets[name] = pos
-            pos += -(-math.prod(spec.shape) * item // _ALIGN) * _ALIGN
+            pos += -(-math.prod(shape) * item // _ALIGN) * _ALIGN
         n = max(1, -(-pos // pool.slot_size))
         self._run = (pool, pool.alloc_run(n), n)  # BudgetExceeded before anything is read
         mem = pool.view_run(self._run[1], n)
@@ -106,6 +111,16 @@ class MoeLM:
             nb = math.prod(spec.shape) * item
             dst = _as_tensor(mem[offsets[name]: offsets[name] + nb], self.dtype).view(spec.shape)
             dst.copy_(raw)
+            self.w[name] = dst if self.device.type == "cpu" else self.rt.arena.on_gpu(dst)
+        for l in c.moe_layers:
+            # The hint for layer l applies l's router to l's post-attention norm of a state:
+            # gate(norm_w * x_hat) = (gate * norm_w) x_hat, one matrix product per hint.
+            p = f"model.layers.{l}."
+            name = _HINT.format(l)
+            dst = _as_tensor(mem[offsets[name]: offsets[name] + math.prod(shapes[name]) * item],
+                             self.dtype).view(shapes[name])
+            norm = self.w[p + "post_attention_layernorm.weight"].cpu()
+            dst.copy_(self.w[p + c.moe_prefix + ".gate.weight"].cpu() * norm[None, :])
             self.w[name] = dst if self.device.type == "cpu" else self.rt.arena.on_gpu(dst)
         if "lm_head.weight" not in self.w:  # tie_word_embeddings (checked at pack time)
             self.w["lm_head.weight"] = self.w["model.embed_tokens.weight"]
@@ -142,10 +157,12 @@ class MoeLM:
             K, V = self.kv.gather(seq, l, start + T)
             o = attention(q, K, V, causal_mask(pos, start + T, c.sliding_windows[l]))
             h = h + F.linear(o, w[p + "self_attn.o_proj.weight"])
+            x_hat = rms_normalize(h, c.rms_eps)
             nxt = self._next_moe[l]
-            if nxt is not None and self._prefetch:  # hint: next sparse layer's router on this state
-                self.provider.hint(nxt, self._router_probs(nxt, h))
-            a = rms_norm(h, w[p + "post_attention_layernorm.weight"], c.rms_eps)
+            if nxt is not None and self._wants_hint(nxt):  # next sparse layer's router, this state
+                logits = F.linear(x_hat, w[_HINT.format(nxt)])
+                self.provider.hint(nxt, F.softmax(logits.float(), dim=-1))
+            a = w[p + "post_attention_layernorm.weight"] * x_hat    # = rms_norm(h, w, eps)
             if l in c.moe_layers:
                 h = h + self._moe(l, a)
             else:
@@ -159,12 +176,6 @@ class MoeLM:
     def _heads(self, x: torch.Tensor, name: str, n_heads: int) -> torch.Tensor:
         y = F.linear(x, self.w[name + ".weight"], self.w.get(name + ".bias"))
         return y.view(x.shape[0], n_heads, self.cfg.head_dim).transpose(0, 1)
-
-    def _router_probs(self, layer: int, h: torch.Tensor) -> torch.Tensor:
-        p = f"model.layers.{layer}."
-        a = rms_norm(h, self.w[p + "post_attention_layernorm.weight"], self.cfg.rms_eps)
-        logits = F.linear(a, self.w[p + self.cfg.moe_prefix + ".gate.weight"])
-        return F.softmax(logits.float(), dim=-1)
 
     def _moe(self, layer: int, x: torch.Tensor) -> torch.Tensor:
         """Sparse MoE block on x [T, hidden] (after post-attention norm)."""
@@ -213,9 +224,9 @@ class MoeLM:
             self._gpu_views[key] = v
         return v
 
-    @property
-    def _prefetch(self) -> bool:
-        return getattr(self.provider, "prefetch", True)
+    def _wants_hint(self, layer: int) -> bool:
+        ask = getattr(self.provider, "wants_hint", None)
+        return ask(layer) if ask is not None else getattr(self.provider, "prefetch", True)
 
     # --- public surface -------------------------------------------------------------------
     def logits(self, token_ids) -> np.ndarray:

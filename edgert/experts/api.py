@@ -52,6 +52,8 @@ class ExpertProvider(Protocol):
     # (None = any number). The engine pins one at a time when a provider does not say.
     # Optional attribute `prefetch: bool` (absent = True): False tells the engine not to
     # compute the next layer's router for `hint`, which such a provider would ignore.
+    # Optional method `wants_hint(layer) -> bool`, asked before each hint when present
+    # (instead of `prefetch`): a provider may pause hints that are not paying off.
 
 
 @dataclass(frozen=True)

@@ -62,7 +62,8 @@ class ExpertCache:
                  lossy_alpha: float = 0.0,
                  prefetch: bool = True, prefetch_width: int | None = None,
                  prefetch_min_prob: float = 0.2, record_trace: bool = False,
-                 policy_options: dict | None = None):
+                 policy_options: dict | None = None,
+                 hint_probe: tuple[int, int] | None = (256, 1024)):
         self.layout = lay = ExpertLayout.from_reader(reader)
         self.reader, self.storage, self.pool = reader, storage, pool
         if lossy_alpha < 0:
@@ -105,6 +106,13 @@ class ExpertCache:
         self.prefetch = bool(prefetch)
         self.prefetch_width = prefetch_width or lay.top_k
         self.prefetch_min_prob = float(prefetch_min_prob)
+        # NOTE: a hint costs the engine a router product and this class some Python (~0.1 ms
+        # a layer on a 2-core CPU); it can only pay when it queues reads. After `window`
+        # hints of which fewer than 1 in 64 queued one, the engine is told to skip the next
+        # `pause` hints (wants_hint), then hints are probed again. None: never pause.
+        self.hint_probe = hint_probe
+        self._probe_seen = self._probe_queued = self._hint_skip = 0
+        self.hint_pauses = 0
         # (priority, order, job): reads ahead of a routed step (0) before hints (1)
         self._jobs: queue.PriorityQueue = queue.PriorityQueue()
         self._order = itertools.count()
@@ -202,6 +210,29 @@ class ExpertCache:
                 assert info.pins > 0, f"layer {layer} expert {e} released more often than acquired"
                 info.pins -= 1
 
+    def wants_hint(self, layer: int) -> bool:
+        """Whether the engine should compute a hint for `layer` now (prefetch on, not paused)."""
+        if not self.prefetch:
+            return False
+        if self._hint_skip:
+            self._hint_skip -= 1
+            if layer in self.counters:
+                self.counters[layer].hints_skipped += 1
+            return False
+        return True
+
+    def _probe(self, queued: bool) -> None:
+        if self.hint_probe is None:
+            return
+        window, pause = self.hint_probe
+        self._probe_seen += 1
+        self._probe_queued += queued
+        if self._probe_seen >= window:
+            if self._probe_queued * 64 < window:
+                self._hint_skip = pause
+                self.hint_pauses += 1
+            self._probe_seen = self._probe_queued = 0
+
     def hint(self, layer: int, probs: torch.Tensor) -> None:
         """Queue loads of the experts an upcoming `layer` will probably route to: per token its
         top `prefetch_width` with probability >= `prefetch_min_prob`, ranked by summed
@@ -209,10 +240,11 @@ class ExpertCache:
         they are all resident or on their way."""
         if not self.prefetch or layer not in self.quota:
             return
-        p = probs.detach().float().reshape(-1, probs.shape[-1])
-        top_p, top = torch.topk(p, self.prefetch_width, dim=-1)                   # [T, w]
+        self.counters[layer].hints += 1
+        p = probs if probs.dim() == 2 else probs.reshape(-1, probs.shape[-1])
+        top_p, top = torch.topk(p.float(), self.prefetch_width, dim=-1)            # [T, w]
         if p.shape[0] == 1:                                                         # decode
-            ranked = [int(e) for e, q in zip(top[0].tolist(), top_p[0].tolist())
+            ranked = [e for e, q in zip(top.tolist()[0], top_p.tolist()[0])
                       if q >= self.prefetch_min_prob]
         else:                                                                       # prefill
             cand = torch.unique(top[top_p >= self.prefetch_min_prob])
@@ -221,17 +253,21 @@ class ExpertCache:
         ranked = ranked[: self.quota[layer]]
         self._hinted[layer] = set(ranked)
         self.counters[layer].predicted += len(ranked)
-        with self._cv:
-            want = [e for e in ranked if (layer, e) not in self._where]
-            epoch = self._epoch[layer]
+        want = []
+        if ranked:
+            with self._cv:
+                want = [e for e in ranked if (layer, e) not in self._where]
+                epoch = self._epoch[layer]
+        self._probe(bool(want))
         if want:
+            self.counters[layer].hints_queued += 1
             self._jobs.put((1, next(self._order), (layer, want, epoch, "hint", frozenset(ranked))))
 
     def stats(self) -> dict:
         with self._cv:
             out = summarize(self.counters)
         out.update(provider="expert-cache", policy=self.policy.name.value, lossy_alpha=self.alpha,
-                   prefetch=self.prefetch, slots=self.num_slots, slot_bytes=self.pool.slot_size,
+                   prefetch=self.prefetch, hint_pauses=self.hint_pauses, slots=self.num_slots, slot_bytes=self.pool.slot_size,
                    quota={int(l): q for l, q in self.quota.items()}, read_mode=self.storage.mode)
         return out
 
@@ -239,6 +275,7 @@ class ExpertCache:
     def reset_stats(self) -> None:
         with self._cv:
             self.counters = {l: LayerCounters() for l in self.layers}
+            self.hint_pauses = 0
 
     def trace(self) -> dict[int, list[int]]:
         """Per layer, the experts acquired in order (record_trace=True): BeladyPolicy's future."""

@@ -32,6 +32,9 @@ class LayerCounters:
     prefetch_used: int = 0      # ... of which a later acquire used before eviction
     prefetch_errors: int = 0    # ... that failed verification (the slot was freed)
     predicted: int = 0          # experts named by hints of this layer
+    hints: int = 0              # hints received for this layer
+    hints_queued: int = 0       # ... that queued a read (a predicted expert was missing)
+    hints_skipped: int = 0      # hints the engine was told to skip (prefetch paused)
     demanded_after_hint: int = 0   # distinct experts routed in steps that had a hint
     demanded_and_predicted: int = 0
     evictions: int = 0
