@@ -119,15 +119,16 @@ def causal_mask(q_pos: torch.Tensor, S: int, window: int | None) -> torch.Tensor
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-              mask: torch.Tensor) -> torch.Tensor:
-    """q [H, T, D], k/v [Hk, S, D], mask [T, S] -> [T, H*D]."""
+              mask: torch.Tensor | None) -> torch.Tensor:
+    """q [H, T, D], k/v [Hk, S, D], mask [T, S] (None: every key visible) -> [T, H*D]."""
     H, T, D = q.shape
     rep = H // k.shape[0]
     if rep > 1:  # grouped-query attention: each kv head serves `rep` query heads
         k = k.repeat_interleave(rep, dim=0)
         v = v.repeat_interleave(rep, dim=0)
     scores = torch.matmul(q, k.transpose(1, 2)) * (D ** -0.5)        # [H, T, S]
-    scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
     probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
     out = torch.matmul(probs, v)                                      # [H, T, D]
     return out.transpose(0, 1).reshape(T, H * D)

@@ -146,6 +146,7 @@ class MoeLM:
         cos, sin = self.rotary.cos_sin(pos, self.dtype)
         h = F.embedding(torch.tensor(ids, dtype=torch.long, device=self.device),
                         w["model.embed_tokens.weight"])
+        masks: dict = {}
         for l in range(c.num_layers):
             p = f"model.layers.{l}."
             a = rms_norm(h, w[p + "input_layernorm.weight"], c.rms_eps)
@@ -155,7 +156,11 @@ class MoeLM:
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
             self.kv.write(seq, l, k, v)
             K, V = self.kv.gather(seq, l, start + T)
-            o = attention(q, K, V, causal_mask(pos, start + T, c.sliding_windows[l]))
+            win = c.sliding_windows[l]
+            if win not in masks:  # one mask per window size; none for a decode step seeing all
+                masks[win] = None if T == 1 and (win is None or start + 1 <= win) \
+                    else causal_mask(pos, start + T, win)
+            o = attention(q, K, V, masks[win])
             h = h + F.linear(o, w[p + "self_attn.o_proj.weight"])
             x_hat = rms_normalize(h, c.rms_eps)
             nxt = self._next_moe[l]
@@ -182,30 +187,58 @@ class MoeLM:
         c, w = self.cfg, self.w
         p = f"model.layers.{layer}.{c.moe_prefix}."
         probs, weights, topk = route(c, F.linear(x, w[p + "gate.weight"]))
-        use = self.provider.route(layer, probs, topk).to(x.device)     # [T, k] ids to compute with
-        out = torch.zeros_like(x)
-        experts = sorted(set(use.flatten().tolist()))
+        use = self.provider.route(layer, probs, topk)                  # [T, k] ids to compute with
+        rows = use.tolist()
+        experts = sorted({e for row in rows for e in row})
+        if x.shape[0] == 1:
+            out = self._moe_one_token(layer, x, rows[0], weights[0], experts)
+        else:
+            out = self._moe_tokens(layer, x, use.to(x.device), weights, experts)
+        if c.shared_expert:
+            s = swiglu(x, w[p + "shared_expert.gate_proj.weight"],
+                       w[p + "shared_expert.up_proj.weight"], w[p + "shared_expert.down_proj.weight"])
+            out = out + torch.sigmoid(F.linear(x, w[p + "shared_expert_gate.weight"])) * s
+        return out
+
+    def _groups(self, experts: list[int]):
         # NOTE: a provider pins at most `max_acquire` experts at once (None = any number;
         # absent = 1, which any cache with two slots can serve even while a prefetch holds
         # one). Experts are summed in ascending id order whatever the grouping, so the
         # result depends neither on the budget nor on the cache state: exact mode is exact.
         group = getattr(self.provider, "max_acquire", 1) or len(experts)
-        for i in range(0, len(experts), group):
-            ids = experts[i:i + group]
+        return [experts[i:i + group] for i in range(0, len(experts), group)]
+
+    def _expert(self, ew, dtype):
+        return [t if t.dtype == dtype else t.to(dtype)
+                for t in (self._on_device(ew.gate), self._on_device(ew.up), self._on_device(ew.down))]
+
+    def _moe_one_token(self, layer, x, row: list[int], weights, experts) -> torch.Tensor:
+        """Decode step: the same sums, in the same order, as `_moe_tokens` on one row."""
+        out = None
+        for ids in self._groups(experts):
+            held = self.provider.acquire(layer, ids)
+            try:
+                for e in ids:
+                    y = swiglu(x, *self._expert(held[e], x.dtype))
+                    for j, r in enumerate(row):
+                        if r == e:
+                            term = y * weights[j]
+                            out = term if out is None else out + term
+            finally:
+                self.provider.release(layer, ids)
+        return out
+
+    def _moe_tokens(self, layer, x, use, weights, experts) -> torch.Tensor:
+        out = torch.zeros_like(x)
+        for ids in self._groups(experts):
             held = self.provider.acquire(layer, ids)
             try:
                 for e in ids:
                     tok, slot = torch.where(use == e)
-                    gate, up, down = (self._on_device(t).to(x.dtype) for t in
-                                      (held[e].gate, held[e].up, held[e].down))
-                    y = swiglu(x[tok], gate, up, down)
+                    y = swiglu(x[tok], *self._expert(held[e], x.dtype))
                     out.index_add_(0, tok, y * weights[tok, slot, None])
             finally:
                 self.provider.release(layer, ids)
-        if c.shared_expert:
-            s = swiglu(x, w[p + "shared_expert.gate_proj.weight"],
-                       w[p + "shared_expert.up_proj.weight"], w[p + "shared_expert.down_proj.weight"])
-            out = out + torch.sigmoid(F.linear(x, w[p + "shared_expert_gate.weight"])) * s
         return out
 
     def _on_device(self, t: torch.Tensor) -> torch.Tensor:
