@@ -444,3 +444,15 @@ def test_hint_pausing_can_be_turned_off(pack):
         cache.hint(0, torch.full((1, E), 1.0 / E))
     assert cache.wants_hint(0) and cache.stats()["hint_pauses"] == 0
     cache.close()
+
+
+def test_rank_hint_orders_by_confidence_and_caps():
+    from edgert.experts.hints import rank_hint
+    one = torch.tensor([[0.05, 0.5, 0.1, 0.3, 0.05]])
+    assert rank_hint(one, width=2, min_prob=0.2, limit=4) == [1, 3]
+    assert rank_hint(one, width=2, min_prob=0.4, limit=4) == [1]
+    assert rank_hint(one, width=3, min_prob=0.0, limit=2) == [1, 3]
+    many = torch.tensor([[0.6, 0.3, 0.1, 0.0],     # prefill: ranked by summed probability
+                         [0.0, 0.3, 0.1, 0.6],
+                         [0.0, 0.4, 0.0, 0.6]])
+    assert rank_hint(many, width=2, min_prob=0.25, limit=4) == [3, 1, 0]

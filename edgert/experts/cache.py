@@ -31,6 +31,7 @@ import torch
 
 from edgert.errors import BudgetExceeded, PackCorrupt
 from edgert.experts.api import ExpertLayout, ExpertWeights, _carve, slots_for_budget  # noqa: F401
+from edgert.experts.hints import HintGovernor, rank_hint
 from edgert.experts.policies import EvictionPolicy, make_policy
 from edgert.experts.stats import LayerCounters, summarize
 from edgert.experts.substitution import substitute
@@ -106,13 +107,7 @@ class ExpertCache:
         self.prefetch = bool(prefetch)
         self.prefetch_width = prefetch_width or lay.top_k
         self.prefetch_min_prob = float(prefetch_min_prob)
-        # NOTE: a hint costs the engine a router product and this class some Python (~0.1 ms
-        # a layer on a 2-core CPU); it can only pay when it queues reads. After `window`
-        # hints of which fewer than 1 in 64 queued one, the engine is told to skip the next
-        # `pause` hints (wants_hint), then hints are probed again. None: never pause.
-        self.hint_probe = hint_probe
-        self._probe_seen = self._probe_queued = self._hint_skip = 0
-        self.hint_pauses = 0
+        self._governor = HintGovernor(hint_probe)   # pauses hints that queue no reads
         # (priority, order, job): reads ahead of a routed step (0) before hints (1)
         self._jobs: queue.PriorityQueue = queue.PriorityQueue()
         self._order = itertools.count()
@@ -214,60 +209,40 @@ class ExpertCache:
         """Whether the engine should compute a hint for `layer` now (prefetch on, not paused)."""
         if not self.prefetch:
             return False
-        if self._hint_skip:
-            self._hint_skip -= 1
-            if layer in self.counters:
-                self.counters[layer].hints_skipped += 1
-            return False
-        return True
-
-    def _probe(self, queued: bool) -> None:
-        if self.hint_probe is None:
-            return
-        window, pause = self.hint_probe
-        self._probe_seen += 1
-        self._probe_queued += queued
-        if self._probe_seen >= window:
-            if self._probe_queued * 64 < window:
-                self._hint_skip = pause
-                self.hint_pauses += 1
-            self._probe_seen = self._probe_queued = 0
+        if self._governor.wants():
+            return True
+        if layer in self.counters:
+            self.counters[layer].hints_skipped += 1
+        return False
 
     def hint(self, layer: int, probs: torch.Tensor) -> None:
-        """Queue loads of the experts an upcoming `layer` will probably route to: per token its
-        top `prefetch_width` with probability >= `prefetch_min_prob`, ranked by summed
-        probability, at most the layer's quota. Nothing is queued (no worker wake-up) when
-        they are all resident or on their way."""
+        """Queue loads of the experts an upcoming `layer` will probably route to (`rank_hint`:
+        per token its top `prefetch_width` with probability >= `prefetch_min_prob`, at most the
+        layer's quota). Nothing is queued (no worker wake-up) when they are all resident or
+        on their way."""
         if not self.prefetch or layer not in self.quota:
             return
-        self.counters[layer].hints += 1
-        p = probs if probs.dim() == 2 else probs.reshape(-1, probs.shape[-1])
-        top_p, top = torch.topk(p.float(), self.prefetch_width, dim=-1)            # [T, w]
-        if p.shape[0] == 1:                                                         # decode
-            ranked = [e for e, q in zip(top.tolist()[0], top_p.tolist()[0])
-                      if q >= self.prefetch_min_prob]
-        else:                                                                       # prefill
-            cand = torch.unique(top[top_p >= self.prefetch_min_prob])
-            order = torch.argsort(p[:, cand].sum(0), descending=True, stable=True)
-            ranked = cand[order].tolist()
-        ranked = ranked[: self.quota[layer]]
+        c = self.counters[layer]
+        c.hints += 1
+        ranked = rank_hint(probs, self.prefetch_width, self.prefetch_min_prob, self.quota[layer])
         self._hinted[layer] = set(ranked)
-        self.counters[layer].predicted += len(ranked)
+        c.predicted += len(ranked)
         want = []
         if ranked:
             with self._cv:
                 want = [e for e in ranked if (layer, e) not in self._where]
                 epoch = self._epoch[layer]
-        self._probe(bool(want))
+        self._governor.observe(bool(want))
         if want:
-            self.counters[layer].hints_queued += 1
+            c.hints_queued += 1
             self._jobs.put((1, next(self._order), (layer, want, epoch, "hint", frozenset(ranked))))
 
     def stats(self) -> dict:
         with self._cv:
             out = summarize(self.counters)
         out.update(provider="expert-cache", policy=self.policy.name.value, lossy_alpha=self.alpha,
-                   prefetch=self.prefetch, hint_pauses=self.hint_pauses, slots=self.num_slots, slot_bytes=self.pool.slot_size,
+                   prefetch=self.prefetch, hint_pauses=self._governor.pauses,
+                   slots=self.num_slots, slot_bytes=self.pool.slot_size,
                    quota={int(l): q for l, q in self.quota.items()}, read_mode=self.storage.mode)
         return out
 
@@ -275,7 +250,7 @@ class ExpertCache:
     def reset_stats(self) -> None:
         with self._cv:
             self.counters = {l: LayerCounters() for l in self.layers}
-            self.hint_pauses = 0
+            self._governor.pauses = 0
 
     def trace(self) -> dict[int, list[int]]:
         """Per layer, the experts acquired in order (record_trace=True): BeladyPolicy's future."""
