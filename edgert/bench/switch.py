@@ -236,9 +236,9 @@ def main(args) -> int:
     raw = {c.name: {"ms": [], "bytes": []} for c in contenders}
     for i, task in enumerate(seq[1:]):
         k = i % len(contenders)
+        gc.collect()          # once a round: a collect right before a switch evicts its caches
         for c in contenders[k:] + contenders[:k]:   # alternate who goes first
-            gc.collect()                            # the last contender's garbage, not timed
-            gc.disable()
+            gc.disable()                            # no collector pause inside a timed switch
             try:
                 s, b = c.switch(task)
             finally:
