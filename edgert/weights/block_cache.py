@@ -111,6 +111,20 @@ class BlockCache:
         except BudgetExceeded:
             return False
 
+    def pin_resident(self, hashes: list[bytes]) -> list[int | None]:
+        """For each hash, the slot holding it, pinned (a hit), or None (not resident: nothing
+        changes). One pass for a whole switch; `unpin` each hash that got a slot."""
+        slot_of, lru, pins = self._slot, self._lru, self._pins
+        out = [slot_of.get(h) for h in hashes]
+        hits = 0
+        for h, s in zip(hashes, out):
+            if s is not None:
+                hits += 1
+                lru.pop(h, None)
+                pins[h] = pins.get(h, 0) + 1
+        self.counters.hits += hits
+        return out
+
     def unpin(self, h: bytes) -> None:
         n = self._pins.get(h, 0)
         assert n > 0, "unpin of a block that is not pinned"

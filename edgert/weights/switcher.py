@@ -160,10 +160,9 @@ class TaskSwitcher:
         diff = np.flatnonzero(self.block_hid[blk] != self._cur)
         blocks = self.reader.blocks
         hashes = [blocks[b].hash for b in blk[diff].tolist()]
-        hit = np.array([self.cache.contains(h) for h in hashes], bool)
-        hit_pos = diff[hit]
         # NOTE: pinned so that keeping displaced blocks cannot evict them mid-switch
-        srcs = [self.cache.get(b, pin=True) for b in blk[hit_pos].tolist()]
+        slots = self.cache.pin_resident(hashes)
+        hit = np.fromiter((s is not None for s in slots), bool, len(slots))
         try:
             if self.keep_displaced and self.active is not None:
                 res.kept = self._keep(diff)
@@ -173,13 +172,14 @@ class TaskSwitcher:
             except (PackCorrupt, OSError):
                 self._restore(written)
                 raise
-            run = self.run
-            for o, n, src in zip(self.pos_off[hit_pos].tolist(), self.pos_len[hit_pos].tolist(),
-                                 srcs):
-                run[o:o + n] = src[:n]
+            run, view = self.run, self.pool.view
+            for o, n, s in zip(self.pos_off[diff].tolist(), self.pos_len[diff].tolist(), slots):
+                if s is not None:
+                    run[o:o + n] = view(s)[:n]
         finally:
-            for i in np.flatnonzero(hit).tolist():
-                self.cache.unpin(hashes[i])
+            for h, s in zip(hashes, slots):
+                if s is not None:
+                    self.cache.unpin(h)
         self._cur[diff] = self.block_hid[blk[diff]]
         self._cur_blk[diff] = blk[diff]
         self.active = str(task)
