@@ -10,7 +10,8 @@ from hypothesis import strategies as st
 
 from edgert.config import DeviceConfig
 from edgert.errors import BudgetExceeded, PackCorrupt
-from edgert.experts.cache import ExpertCache, slots_for_budget
+from edgert.experts.api import slots_for_budget
+from edgert.experts.cache import ExpertCache
 from edgert.memory import Arena, Storage
 from edgert.pack import PackReader, PackWriter
 

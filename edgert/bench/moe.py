@@ -128,7 +128,8 @@ class OnDemandExperts:
 # --- one run ---------------------------------------------------------------------------------
 def make_provider(rt, pack, spec: dict):
     from ..experts.api import ExpertLayout, ResidentExperts
-    from ..experts.cache import ExpertCache, slots_for_budget
+    from ..experts.api import slots_for_budget
+    from ..experts.cache import ExpertCache
     from ..pack import PackReader
     reader = PackReader(pack)
     pool = rt.arena.pool("experts")
@@ -296,7 +297,6 @@ def main(args) -> int:
     _print(result)
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1)
         print(f"wrote {args.json}")

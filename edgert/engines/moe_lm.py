@@ -29,7 +29,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from edgert.errors import BudgetExceeded, EdgertError, UnsupportedModel
+from edgert.errors import EdgertError, UnsupportedModel
 from edgert.experts.api import ExpertLayout, slots_for_budget
 from edgert.experts.cache import ExpertCache
 from edgert.kv.paged import PagedKV, PagePool
@@ -111,7 +111,7 @@ class MoeLM:
             nb = math.prod(spec.shape) * item
             dst = _as_tensor(mem[offsets[name]: offsets[name] + nb], self.dtype).view(spec.shape)
             dst.copy_(raw)
-            self.w[name] = dst if self.device.type == "cpu" else self.rt.arena.on_gpu(dst)
+            self.w[name] = dst
         for l in c.moe_layers:
             # The hint for layer l applies l's router to l's post-attention norm of a state:
             # gate(norm_w * x_hat) = (gate * norm_w) x_hat, one matrix product per hint.
@@ -119,9 +119,11 @@ class MoeLM:
             name = _HINT.format(l)
             dst = _as_tensor(mem[offsets[name]: offsets[name] + math.prod(shapes[name]) * item],
                              self.dtype).view(shapes[name])
-            norm = self.w[p + "post_attention_layernorm.weight"].cpu()
-            dst.copy_(self.w[p + c.moe_prefix + ".gate.weight"].cpu() * norm[None, :])
-            self.w[name] = dst if self.device.type == "cpu" else self.rt.arena.on_gpu(dst)
+            norm = self.w[p + "post_attention_layernorm.weight"]
+            dst.copy_(self.w[p + c.moe_prefix + ".gate.weight"] * norm[None, :])
+            self.w[name] = dst
+        if self.device.type != "cpu":  # the same bytes, as the GPU sees them
+            self.w = {name: self.rt.arena.on_gpu(t) for name, t in self.w.items()}
         if "lm_head.weight" not in self.w:  # tie_word_embeddings (checked at pack time)
             self.w["lm_head.weight"] = self.w["model.embed_tokens.weight"]
         self._weight_bytes = n * pool.slot_size
@@ -258,7 +260,7 @@ class MoeLM:
         return v
 
     def _wants_hint(self, layer: int) -> bool:
-        ask = getattr(self.provider, "wants_hint", None)
+        ask = getattr(self.provider, "wants_hint", None)   # optional: see experts/api.py
         return ask(layer) if ask is not None else getattr(self.provider, "prefetch", True)
 
     # --- public surface -------------------------------------------------------------------
@@ -291,23 +293,14 @@ class MoeLM:
 
     def _generate_ids(self, ids, max_new, temperature, top_p, seed) -> Iterator[int]:
         gen = torch.Generator().manual_seed(seed)
-        seq = self.kv.new_sequence()
-        try:
-            t0 = time.perf_counter()
-            logits = self._forward(seq, ids, rows=slice(-1, None))[0].cpu()
-            self.counters["prefill_tokens"] += len(ids)
-            self.counters["prefill_s"] += time.perf_counter() - t0
+        with self.sequence() as s:
+            logits = s.feed(ids)
             for i in range(max_new):
-                tok = sample(logits, temperature, top_p, gen)
+                tok = sample(torch.from_numpy(logits), temperature, top_p, gen)
                 yield tok
                 if tok in self.cfg.eos_token_ids or i == max_new - 1:
                     break
-                t0 = time.perf_counter()
-                logits = self._forward(seq, [tok])[0].cpu()
-                self.counters["decode_tokens"] += 1
-                self.counters["decode_s"] += time.perf_counter() - t0
-        finally:
-            self.kv.release(seq)
+                logits = s.feed([tok])
 
     def _text_pieces(self, ids: Iterator[int]) -> Iterator[str]:
         st = self.tokenizer.stream()

@@ -30,15 +30,12 @@ import numpy as np
 import torch
 
 from edgert.errors import BudgetExceeded, PackCorrupt
-from edgert.experts.api import ExpertLayout, ExpertWeights, _carve, slots_for_budget  # noqa: F401
+from edgert.experts.api import ExpertLayout, ExpertWeights, _carve
 from edgert.experts.hints import HintGovernor, rank_hint
 from edgert.experts.policies import EvictionPolicy, make_policy
 from edgert.experts.stats import LayerCounters, summarize
 from edgert.experts.substitution import substitute
 from edgert.pack.format import block_hash
-
-SLOT_ALIGN = 4096
-
 
 @dataclass
 class _Slot:

@@ -139,12 +139,11 @@ class Arena:
         self._map = mmap.mmap(-1, max(self.mapped, SLOT_ALIGN), flags=flags)  # page aligned
         self._mem = np.frombuffer(self._map, dtype=np.uint8)
         self._device_base = _pin_for_gpu(self._map, cfg) if cfg.device == "cuda" else None
-        self.pinned = self._device_base is not None
         self._host_base = self._mem.ctypes.data
         # NOTE: a registration outlives the mapping unless undone, and a later arena mapped
         # at the same address would then fail to register: undo it when the arena goes.
         self._unpin = (weakref.finalize(self, _unpin, self._host_base, self._map)
-                       if self.pinned else None)
+                       if self._device_base is not None else None)
         self._pools: dict[str, SlotPool] = {}
         pos = 0
         for name in POOLS:
@@ -186,7 +185,6 @@ class Arena:
         if self._unpin is not None:
             self._unpin()
         self._device_base = None
-        self.pinned = False
 
     # --- the GPU's view of the same bytes ------------------------------------------------
     @property
@@ -270,13 +268,10 @@ _HOST_REGISTER_MAPPED = 2
 def _device_pointer(host: int) -> int | None:
     """cudaHostGetDevicePointer from the CUDA runtime torch has loaded (UVA fallback)."""
     import ctypes
-    lib = None
     try:
         with open("/proc/self/maps") as f:
-            paths = {line.split()[-1] for line in f if "libcudart" in line}
-        for path in sorted(paths):
-            lib = ctypes.CDLL(path)
-            break
+            paths = sorted({line.split()[-1] for line in f if "libcudart" in line})
+        lib = ctypes.CDLL(paths[0]) if paths else None
     except OSError:
         lib = None
     if lib is None:
