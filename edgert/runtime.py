@@ -37,10 +37,10 @@ class Runtime:
     def load(self, pack_path, **options):
         reader = PackReader(pack_path)
         if reader.kind == "onnx-tasks":
-            from .weights.task_model import TaskModel
+            from .kinds.task import TaskModel
             return TaskModel(self, reader, **options)
         if reader.kind == "moe":
-            from .engines.moe_lm import MoeLM
+            from .kinds.moe import MoeLM
             return MoeLM(self, reader, **options)
         reader.close()
         raise EdgertError(f"{pack_path}: pack kind {reader.kind!r} has no engine "

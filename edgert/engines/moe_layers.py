@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from edgert.errors import UnsupportedModel
-from edgert.pack.hf_import import family_of, moe_layers
+from edgert.pack.families import family_of, moe_layers
 
 
 @dataclass(frozen=True)

@@ -15,10 +15,10 @@ import msgpack
 import numpy as np
 
 from ..errors import PackCorrupt, UnsupportedModel
+from .families import SUPPORTED_ARCHITECTURES, family_of, moe_layers  # noqa: F401
 from .format import DEFAULT_BLOCK_SIZE
 from .writer import PackWriter
 
-SUPPORTED_ARCHITECTURES = ("MixtralForCausalLM", "Qwen2MoeForCausalLM")
 _DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
 
 
@@ -28,47 +28,6 @@ class CheckpointIncomplete(PackCorrupt):
     A subclass of PackCorrupt: the input to the packer is damaged in the same sense a pack
     can be, and callers that already handle PackCorrupt keep working.
     """
-
-
-@dataclass(frozen=True)
-class MoeFamily:
-    """Where a family keeps its experts and what each expert tensor is called."""
-    name: str
-    moe_prefix: str          # module under model.layers.N holding router + experts
-    gate: str                # expert tensor names (hub layout) for gate / up / down
-    up: str
-    down: str
-    num_experts_key: str
-    ffn_key: str
-
-
-FAMILIES = {
-    "MixtralForCausalLM": MoeFamily("mixtral", "block_sparse_moe", "w1", "w3", "w2",
-                                    "num_local_experts", "intermediate_size"),
-    "Qwen2MoeForCausalLM": MoeFamily("qwen2_moe", "mlp", "gate_proj", "up_proj", "down_proj",
-                                     "num_experts", "moe_intermediate_size"),
-}
-
-
-def family_of(config: dict) -> MoeFamily:
-    archs = config.get("architectures") or []
-    for a in archs:
-        if a in FAMILIES:
-            return FAMILIES[a]
-    raise UnsupportedModel(f"architectures {archs!r} is not supported; edgert packs "
-                           f"{', '.join(SUPPORTED_ARCHITECTURES)}")
-
-
-def moe_layers(config: dict, fam: MoeFamily) -> list[int]:
-    """Layer indices with a sparse MoE block (Qwen2-MoE may interleave dense MLP layers)."""
-    n = int(config["num_hidden_layers"])
-    if fam.name == "mixtral":
-        return list(range(n))
-    if int(config.get("num_experts", 0)) <= 0:
-        return []
-    dense = set(config.get("mlp_only_layers") or [])
-    step = int(config.get("decoder_sparse_step", 1) or 1)
-    return [i for i in range(n) if i not in dense and (i + 1) % step == 0]
 
 
 class _Checkpoint:

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..config import resolve
+from ...config import resolve
 
 SEED = 0
 
@@ -114,7 +114,7 @@ class Contender:
 
 class EdgertSwitch(Contender):
     def __init__(self, cfg, pack, mode: str, first: str):
-        from ..runtime import Runtime
+        from ...runtime import Runtime
         self.name, self.mode = {"warm": "(a) edgert warm", "cold": "(a) edgert cold",
                                 "mono": "(d) monolithic reload"}[mode], mode
         self.rt = Runtime(cfg)
@@ -148,7 +148,7 @@ class FreshSession(Contender):
     def switch(self, task):
         import onnxruntime as ort
 
-        from ..engines.onnx_engine import session_options
+        from ...engines.onnx_engine import session_options
         self.session = None
         gc.collect()
         if self.cold:
@@ -165,7 +165,7 @@ class ResidentSessions(Contender):
     def __init__(self, files, threads):
         import onnxruntime as ort
 
-        from ..engines.onnx_engine import session_options
+        from ...engines.onnx_engine import session_options
         gc.collect()
         before = _rss()
         self.sessions = {t: ort.InferenceSession(p, session_options(threads),
@@ -184,8 +184,8 @@ def steady_state(cfg, pack, files, task, x, runs: int) -> dict:
     """Plain ORT session vs edgert bound weights vs edgert pre-packed, alternated."""
     import onnxruntime as ort
 
-    from ..engines.onnx_engine import session_options
-    from ..runtime import Runtime
+    from ...engines.onnx_engine import session_options
+    from ...runtime import Runtime
     rt = Runtime(cfg)
     m = rt.load(pack, task=task, prepack="sync")
     plain = ort.InferenceSession(files[task], session_options(cfg.threads),
@@ -212,10 +212,10 @@ def steady_state(cfg, pack, files, task, x, runs: int) -> dict:
 
 
 def main(args) -> int:
-    from ..weights.cli import _ensure_pack
+    from ..tasks import _ensure_pack
     cfg = resolve(args.config)
     _ensure_pack(args.pack, args.models)
-    from ..pack import PackReader
+    from ...pack import PackReader
     with PackReader(args.pack) as r:
         tasks = r.tasks
     files = {t: os.path.join(args.models, f"{t}.onnx") for t in tasks}

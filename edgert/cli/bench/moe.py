@@ -33,8 +33,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..config import resolve
-from ..errors import EdgertError
+from ...config import resolve
+from ...errors import EdgertError
 
 PROMPT = 64
 BUDGETS = (0.25, 0.5, 0.75, 1.0)
@@ -70,7 +70,7 @@ def ensure_pack(model: Path) -> Path:
     pack = model / "model.edgepack"
     src = max(p.stat().st_mtime for p in model.glob("*.safetensors"))
     if not pack.exists() or pack.stat().st_mtime < src:
-        from ..pack.hf_import import pack_hf
+        from ...pack.hf_import import pack_hf
         pack_hf(str(model), str(pack), progress=False)
     return pack
 
@@ -79,8 +79,8 @@ class OnDemandExperts:
     """No cache: each acquire reads its experts into `top_k` arena slots; release drops them."""
 
     def __init__(self, reader, storage, pool):
-        from ..experts.api import ExpertLayout, _carve
-        from ..pack.format import block_hash
+        from ...experts.api import ExpertLayout, _carve
+        from ...pack.format import block_hash
         self.layout, self._hash = ExpertLayout.from_reader(reader), block_hash
         self.reader, self.storage = reader, storage
         _carve(pool, self.layout.slot_bytes)
@@ -93,7 +93,7 @@ class OnDemandExperts:
         return topk_idx
 
     def acquire(self, layer, expert_ids):
-        from ..errors import PackCorrupt
+        from ...errors import PackCorrupt
         t0, out = time.perf_counter(), {}
         for slot, e in zip(self._slots, expert_ids):
             idx = self.layout.block(layer, int(e))
@@ -127,10 +127,10 @@ class OnDemandExperts:
 
 # --- one run ---------------------------------------------------------------------------------
 def make_provider(rt, pack, spec: dict):
-    from ..experts.api import ExpertLayout, ResidentExperts
-    from ..experts.api import slots_for_budget
-    from ..experts.cache import ExpertCache
-    from ..pack import PackReader
+    from ...experts.api import ExpertLayout, ResidentExperts
+    from ...experts.api import slots_for_budget
+    from ...experts.cache import ExpertCache
+    from ...pack import PackReader
     reader = PackReader(pack)
     pool = rt.arena.pool("experts")
     if spec["kind"] == "resident":
@@ -198,8 +198,8 @@ def calibrate(rt, pack, ids: list[int], budget: float) -> tuple[str, dict, list]
 
 
 def measure_read_bandwidth(rt, pack, repeats: int = 3) -> dict:
-    from ..experts.api import ExpertLayout, _carve
-    from ..pack import PackReader
+    from ...experts.api import ExpertLayout, _carve
+    from ...pack import PackReader
     reader = PackReader(pack)
     lay = ExpertLayout.from_reader(reader)
     pool = rt.arena.pool("experts")
@@ -243,7 +243,7 @@ def contenders(best: str, best_opts: dict, budgets, full: bool, min_prob: float)
 
 
 def main(args) -> int:
-    from .. import Runtime
+    from ... import Runtime
     cfg = resolve(args.config)
     quick = args.quick
     model = Path(args.model or ("models/out/moe-tiny" if quick else "models/out/moe"))

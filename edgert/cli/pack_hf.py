@@ -1,7 +1,7 @@
-"""`edgert pack hf MODEL_DIR -o OUT.edgepack` (wired by edgert.pack.cli)."""
+"""`edgert pack hf MODEL_DIR -o OUT.edgepack` (wired by edgert.cli.pack)."""
 from __future__ import annotations
 
-from .format import DEFAULT_BLOCK_SIZE
+from ..pack.format import DEFAULT_BLOCK_SIZE
 
 
 def add_hf_parser(pack_subparsers) -> None:
@@ -18,7 +18,7 @@ def add_hf_parser(pack_subparsers) -> None:
 
 
 def _run_hf(args) -> int:
-    from .hf_import import pack_hf
+    from ..pack.hf_import import pack_hf
     s = pack_hf(args.model_dir, args.out, block_size=args.block_size, progress=not args.quiet)
     print(f"{args.out}: {s['family']}, {s['experts']} experts "
           f"({s['expert_bytes'] / 2**20:.1f} MiB), {s['tensors']} other tensors "

@@ -22,7 +22,7 @@ import numpy as np
 
 from ..engines.onnx_engine import OnnxEngine, PrepackedSession
 from ..errors import BudgetExceeded, UnsupportedModel
-from .switcher import SwitchResult, TaskSwitcher
+from ..weights.switcher import SwitchResult, TaskSwitcher
 
 log = logging.getLogger(__name__)
 SKELETON = "onnx_skeleton"

@@ -6,14 +6,14 @@ import importlib
 import logging
 import sys
 
-from .errors import EdgertError
+from ..errors import EdgertError
 
 # module -> registers these top-level commands
 COMMAND_MODULES = (
-    "edgert.pack.cli",      # pack, verify, inspect
-    "edgert.weights.cli",   # run, demo
-    "edgert.engines.cli",   # generate
-    "edgert.bench",         # bench switch | moe
+    "edgert.cli.pack",      # pack, verify, inspect
+    "edgert.cli.tasks",     # run, demo
+    "edgert.cli.generate",  # generate
+    "edgert.cli.bench",     # bench switch | moe
 )
 
 

@@ -1,10 +1,10 @@
 """`edgert bench NAME`: benchmarks that print a table, write JSON and plot (BENCHMARKS.md)."""
 from __future__ import annotations
 
-BENCHES = ("edgert.bench.switch", "edgert.bench.moe")  # each adds its own subcommand
+BENCHES = ("edgert.cli.bench.switch", "edgert.cli.bench.moe")  # each adds its own subcommand
 
 
 def register(sub) -> None:
-    from ..cli import register_modules
+    from .. import register_modules
     p = sub.add_parser("bench", help="measure edgert against named baselines")
     register_modules(p.add_subparsers(dest="bench", required=True), BENCHES)

@@ -34,10 +34,10 @@ from edgert.experts.api import ExpertLayout, slots_for_budget
 from edgert.experts.cache import ExpertCache
 from edgert.kv.paged import PagedKV, PagePool
 
-from .moe_layers import (MoeConfig, Rotary, apply_rope, attention, causal_mask, rms_norm,
+from edgert.engines.moe_layers import (MoeConfig, Rotary, apply_rope, attention, causal_mask, rms_norm,
                          rms_normalize, route, swiglu)
-from .sampling import sample
-from .tokenizer import tokenizer_for
+from edgert.engines.sampling import sample
+from edgert.engines.tokenizer import tokenizer_for
 
 log = logging.getLogger(__name__)
 _TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}

@@ -5,7 +5,7 @@ import json
 import sys
 
 from ..errors import PackCorrupt
-from .format import DEFAULT_BLOCK_SIZE
+from ..pack.format import DEFAULT_BLOCK_SIZE
 
 
 def register(sub) -> None:
@@ -22,7 +22,7 @@ def register(sub) -> None:
                    help="snap task blocks within this max abs difference to the base "
                         "(lossy; 0 = lossless, the default)")
     o.set_defaults(func=_run_onnx)
-    from .hf_cli import add_hf_parser
+    from .pack_hf import add_hf_parser
     add_hf_parser(psub)
 
     v = sub.add_parser("verify", help="check every block of a pack against its hash")
@@ -48,7 +48,7 @@ def parse_tasks(items: list[str]) -> dict[str, str]:
 
 
 def _run_onnx(args) -> int:
-    from .onnx_import import pack_onnx
+    from ..pack.onnx_import import pack_onnx
     rep = pack_onnx(args.base, parse_tasks(args.task), args.out, block_size=args.block_size,
                     align_tol=args.align_tol)
     print(f"wrote {args.out}: {len(rep.tasks)} tasks, {rep.blocks_stored} distinct blocks")
@@ -63,7 +63,7 @@ def _run_onnx(args) -> int:
 
 
 def _run_verify(args) -> int:
-    from .reader import PackReader
+    from ..pack.reader import PackReader
     try:
         with PackReader(args.pack) as r:
             problems = r.verify()
@@ -84,8 +84,8 @@ def _mib(n: int) -> str:
 
 
 def _run_inspect(args) -> int:
-    from .reader import PackReader
-    from .stats import summary
+    from ..pack.reader import PackReader
+    from ..pack.stats import summary
     try:
         with PackReader(args.pack) as r:
             s = summary(r)
