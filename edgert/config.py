@@ -37,12 +37,19 @@ def parse_bytes(value, key: str) -> int:
 
 @dataclass(frozen=True)
 class Budget:
-    """Bytes the runtime may hold. weights + experts + kv <= total."""
+    """Bytes the runtime may hold: ``total``, of which ``engine`` is set aside for memory
+    engines allocate themselves and the rest is the arena every model shares.
+    ``experts`` (the default expert cache of one MoE model) and ``kv`` (KV pages of all
+    models together) are caps inside the arena, not reservations."""
     total: int
-    weights: int
+    engine: int
     experts: int
     kv: int
     prefault: bool = False  # touch every arena page at start: no page faults on the hot path
+
+    @property
+    def arena(self) -> int:
+        return self.total - self.engine
 
 
 @dataclass(frozen=True)
@@ -100,16 +107,23 @@ def _build(doc, source: str) -> DeviceConfig:
     for key in ("name", "memory"):
         if key not in doc:
             raise ConfigError(f"missing key {key}")
-    mem = _check_keys(doc["memory"], {"total", "weights", "experts", "kv", "prefault"}, "memory")
+    if isinstance(doc["memory"], dict) and "weights" in doc["memory"]:
+        raise ConfigError("memory.weights is no longer used: every model shares the arena "
+                          "(memory.total - memory.engine); remove the key (docs/internals.md)")
+    mem = _check_keys(doc["memory"], {"total", "engine", "experts", "kv", "prefault"}, "memory")
     if "total" not in mem:
         raise ConfigError("missing key memory.total")
     total = parse_bytes(mem["total"], "memory.total")
-    parts = {k: parse_bytes(mem.get(k, 0), f"memory.{k}") for k in ("weights", "experts", "kv")}
+    parts = {k: parse_bytes(mem.get(k, 0), f"memory.{k}") for k in ("engine", "experts", "kv")}
     if total <= 0:
         raise ConfigError(f"memory.total must be positive, got {mem['total']!r}")
-    if sum(parts.values()) > total:
-        raise ConfigError(f"memory.weights + memory.experts + memory.kv = {sum(parts.values())} "
-                          f"bytes exceeds memory.total = {total} bytes")
+    if parts["engine"] >= total:
+        raise ConfigError(f"memory.engine = {parts['engine']} bytes leaves no arena in "
+                          f"memory.total = {total} bytes")
+    for k in ("experts", "kv"):
+        if parts[k] > total - parts["engine"]:
+            raise ConfigError(f"memory.{k} = {parts[k]} bytes exceeds the arena (memory.total "
+                              f"- memory.engine = {total - parts['engine']} bytes)")
     prefault = mem.get("prefault", False)
     if not isinstance(prefault, bool):
         raise ConfigError(f"memory.prefault must be true or false, got {prefault!r}")

@@ -57,3 +57,7 @@ class UnsupportedModel(EdgertError):
 
 class InputMismatch(EdgertError, ValueError):
     """Inputs to run() that do not match the graph: name, dtype or shape."""
+
+
+class ModelClosed(EdgertError):
+    """A model (or runtime) used after ``close()``."""

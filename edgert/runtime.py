@@ -1,28 +1,39 @@
-"""Runtime: the facade that wires config, arena and storage to the engines."""
+"""Runtime: the owner of one memory budget and of every model loaded from it."""
 from __future__ import annotations
 
 import logging
 import os
+import threading
+import weakref
+from pathlib import Path
 
 from .config import DeviceConfig, resolve
-from .errors import EdgertError
-from .memory import Arena, Storage
+from .errors import EdgertError, ModelClosed
+from .memory import Arena
 from .pack import PackReader
 
 log = logging.getLogger(__name__)
 
 
 class Runtime:
-    """Owns one device config and the arena sized from it.
+    """Owns one device config, the arena sized from it, and the models loaded into it.
 
-    ``rt.load(pack)`` opens a pack and returns the model object for its kind:
-    a ``TaskModel`` for ``onnx-tasks`` packs, a ``MoeLM`` for ``moe`` packs.
+    ``rt.load(pack)`` opens a pack and returns the model for its kind: a ``TaskModel``
+    for ``onnx-tasks`` packs, a ``MoeLM`` for ``moe`` packs. Models share the arena:
+    whatever one holds only as cache (spare task blocks, idle KV pages, unpinned experts
+    above a model's minimum) gives way when another load or request needs memory
+    (edgert/memory/arena.py says in which order). The runtime holds its models weakly:
+    dropping the last reference to a model releases it; ``rt.close()`` closes the rest.
     """
 
     def __init__(self, config: DeviceConfig | str | os.PathLike | None = None):
         self.config = resolve(config)
         self.arena = Arena(self.config)
+        self._models: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
+        self._loading: set[str] = set()
+        self._lock = threading.Lock()
         self._torch_threads_set = False
+        self._closed = False
 
     def set_torch_threads(self) -> None:
         """Give torch the config's thread count, once (torch's setting is process-wide)."""
@@ -31,26 +42,86 @@ class Runtime:
             torch.set_num_threads(self.config.threads)
             self._torch_threads_set = True
 
-    def open_storage(self, path) -> Storage:
-        return Storage(path, self.config.storage.read_mode)
+    def load(self, pack_path, *, name: str | None = None, **options):
+        """Load a pack; ``name`` labels the model in ``models()`` and ``stats()`` (default:
+        the file's stem, made unique). Options go to the model (see TaskModel, MoeLM).
+        A load that fails gives back everything it took."""
+        if self._closed:
+            raise ModelClosed("this runtime is closed")
+        path = os.fspath(pack_path)
+        if os.path.isdir(path):
+            raise EdgertError(f"{path}: is a directory, not a pack file")
+        try:
+            reader = PackReader(path, read_mode=self.config.storage.read_mode)
+        except OSError as e:
+            raise EdgertError(f"cannot open pack {path}: {e.strerror}") from None
+        try:
+            with self._lock:
+                name = self._unique(name or Path(path).stem)
+                self._loading.add(name)               # the name is taken while it loads
+            if reader.kind == "onnx-tasks":
+                from .kinds.task import TaskModel
+                model = TaskModel(self, reader, name, **options)
+            elif reader.kind == "moe":
+                from .kinds.moe import MoeLM
+                model = MoeLM(self, reader, name, **options)
+            else:
+                raise EdgertError(f"{path}: pack kind {reader.kind!r} has no engine "
+                                  "(known: onnx-tasks, moe)")
+        except BaseException:
+            reader.close()
+            with self._lock:
+                self._loading.discard(name)
+            raise
+        with self._lock:
+            self._loading.discard(name)
+            self._models[name] = model
+        return model
 
-    def load(self, pack_path, **options):
-        reader = PackReader(pack_path)
-        if reader.kind == "onnx-tasks":
-            from .kinds.task import TaskModel
-            return TaskModel(self, reader, **options)
-        if reader.kind == "moe":
-            from .kinds.moe import MoeLM
-            return MoeLM(self, reader, **options)
-        reader.close()
-        raise EdgertError(f"{pack_path}: pack kind {reader.kind!r} has no engine "
-                          "(known: onnx-tasks, moe)")
+    def _unique(self, name: str) -> str:
+        taken = set(self._models.keys()) | self._loading
+        if name not in taken:
+            return name
+        i = 2
+        while f"{name}#{i}" in taken:
+            i += 1
+        return f"{name}#{i}"
+
+    def models(self) -> list[dict]:
+        """Every open model: name, kind, pack, and its memory (held / reclaimable bytes)."""
+        with self._lock:
+            live = list(self._models.values())
+        return [{"name": m.name, "kind": m.kind, "path": m.path, **m.memory()}
+                for m in live if not m.closed]
+
+    def model(self, name: str):
+        m = self._models.get(name)
+        if m is None or m.closed:
+            known = ", ".join(x["name"] for x in self.models()) or "(none)"
+            raise EdgertError(f"no model {name!r} is loaded; loaded: {known}")
+        return m
+
+    def _memory_of(self, name: str) -> dict:
+        st = self.arena.stats()
+        prefix = f"{name}: "
+        held = sum(h["bytes"] for lab, h in st["holders"].items() if lab.startswith(prefix))
+        cache = sum(h["reclaimable"] for lab, h in st["holders"].items()
+                    if lab.startswith(prefix))
+        engine = sum(v for lab, v in st["engine"]["charges"].items() if lab.startswith(prefix))
+        return {"arena_bytes": held, "reclaimable_bytes": cache, "pinned_bytes": held - cache,
+                "engine_bytes": engine}
 
     def stats(self) -> dict:
-        return {"config": self.config.name, "arena": self.arena.stats()}
+        """The arena with every byte attributed to its holder, and the models."""
+        return {"config": self.config.name, "arena": self.arena.stats(), "models": self.models()}
 
     def close(self) -> None:
-        """Unpin the arena for the GPU (models loaded from this runtime must be closed)."""
+        """Close every model, then unpin the arena for the GPU. Idempotent."""
+        self._closed = True
+        with self._lock:
+            live = list(self._models.values())
+        for m in live:
+            m.close()
         self.arena.close()
 
     def __enter__(self):

@@ -1,13 +1,18 @@
 import numpy as np
 import pytest
 
-from edgert.config import DeviceConfig
+from edgert.config import DeviceConfig, parse_bytes
 from edgert.pack import PackWriter
 
 
 def small_config(weights="1 MiB", experts="1 MiB", kv="256 KiB", total="4 MiB", **kw):
-    doc = {"name": "test", "memory": {"total": total, "weights": weights, "experts": experts,
-                                      "kv": kv}}
+    """An arena of weights + experts + kv bytes (experts and kv are also the caps), the
+    rest of ``total`` the engine allowance."""
+    size = {k: parse_bytes(v, k) for k, v in
+            {"weights": weights, "experts": experts, "kv": kv, "total": total}.items()}
+    engine = size["total"] - size["weights"] - size["experts"] - size["kv"]
+    doc = {"name": "test", "memory": {"total": size["total"], "engine": engine,
+                                      "experts": size["experts"], "kv": size["kv"]}}
     doc.update(kw)
     return DeviceConfig.from_dict(doc)
 

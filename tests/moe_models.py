@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 import edgert
-from edgert.config import DeviceConfig
+from edgert.config import DeviceConfig, parse_bytes
 from edgert.experts.api import ExpertLayout, ExpertWeights
 
 VOCAB = 96
@@ -22,9 +22,14 @@ HAS_CACHE = importlib.util.find_spec("edgert.experts.cache") is not None
 
 def device_config(experts: str = "8 MiB", kv: str = "4 MiB", weights: str = "8 MiB",
                   dtype: str = "float32") -> DeviceConfig:
+    """An arena of weights + experts + kv; experts is the default expert cache, kv the cap
+    on KV pages."""
+    arena = sum(parse_bytes(v, k) for k, v in
+                {"weights": weights, "experts": experts, "kv": kv}.items())
     return DeviceConfig.from_dict({
         "name": "test", "threads": 1, "dtype": dtype,
-        "memory": {"total": "64 MiB", "weights": weights, "experts": experts, "kv": kv},
+        "memory": {"total": 64 << 20, "engine": (64 << 20) - arena, "experts": experts,
+                   "kv": kv},
         "storage": {"read_mode": "buffered"}})
 
 

@@ -57,11 +57,11 @@ def tiny(tmp_path_factory) -> TinyTasks:
 
 def config(weights: int | str = "4 MiB", extra: int | str = "8 MiB", read_mode="direct",
            threads=1) -> DeviceConfig:
-    """A config whose weight pool is ``weights`` and engine allowance ``extra``."""
+    """A config whose arena is ``weights`` bytes and engine allowance ``extra``."""
     w, e = parse_bytes(weights, "weights"), parse_bytes(extra, "extra")
     return DeviceConfig.from_dict({
         "name": "test-tasks", "threads": threads, "storage": {"read_mode": read_mode},
-        "memory": {"total": w + e, "weights": w, "experts": 0, "kv": 0}})
+        "memory": {"total": w + e, "engine": e, "experts": 0, "kv": 0}})
 
 
 def assert_matches(out: np.ndarray, ref: np.ndarray) -> None:

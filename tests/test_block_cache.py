@@ -2,16 +2,16 @@ import numpy as np
 import pytest
 
 from edgert import BudgetExceeded, PackCorrupt
-from edgert.memory import Arena, Storage
+from edgert.memory import Arena
 from edgert.pack import PackReader
 from edgert.weights.block_cache import BlockCache
 from conftest import small_config
 
 
 def _cache(pack_path, slots):
-    r = PackReader(pack_path)
-    pool = Arena(small_config(weights=f"{slots * 4} KiB")).pool("weights")
-    return BlockCache(pool, Storage(pack_path, "direct"), r), r
+    r = PackReader(pack_path, "direct")
+    arena = Arena(small_config(weights=f"{slots * 4} KiB", experts="0 MiB", kv="0 MiB"))
+    return BlockCache(arena, r, "test: blocks"), r
 
 
 def test_hits_misses_and_bytes(pack_path):
@@ -67,8 +67,8 @@ def test_corrupt_block_frees_its_slot(pack_path):
         f.seek(ent.offset + 7)
         f.write(b"\xff")
     c, r = _cache(pack_path, 4)
-    free_before = c.pool.free_count
+    held_before = c.pool.count
     with pytest.raises(PackCorrupt, match="block 1"):
         c.get(1)
-    assert c.pool.free_count == free_before and not c.contains(ent.hash)
+    assert c.pool.count == held_before and not c.contains(ent.hash)
     c.get(0)                            # the cache still works for other blocks

@@ -15,7 +15,7 @@ def test_shipped_configs_load_and_fit():
     for p in CONFIGS:
         cfg = DeviceConfig.load(p)
         b = cfg.budget
-        assert b.weights + b.experts + b.kv <= b.total
+        assert 0 < b.arena == b.total - b.engine and b.experts + b.kv <= b.arena
         assert cfg.name == p.stem
 
 
@@ -27,7 +27,7 @@ def test_default_is_cpu_dev():
 
 
 def _doc(**over):
-    doc = {"name": "x", "memory": {"total": "1 GiB", "weights": "256 MiB"}}
+    doc = {"name": "x", "memory": {"total": "1 GiB", "engine": "256 MiB"}}
     doc.update(over)
     return doc
 
@@ -36,7 +36,9 @@ def _doc(**over):
     (_doc(colour="blue"), "colour"),
     (_doc(memory={"total": "1 GiB", "wieghts": 5}), "memory.wieghts"),
     (_doc(storage={"read_mode": "direct", "speed": 1}), "storage.speed"),
-    (_doc(memory={"total": "1 GiB", "weights": "1 GiB", "kv": "1 MiB"}), "exceeds memory.total"),
+    (_doc(memory={"total": "1 GiB", "engine": "1 GiB"}), "leaves no arena"),
+    (_doc(memory={"total": "1 GiB", "engine": "512 MiB", "kv": "600 MiB"}), "memory.kv"),
+    (_doc(memory={"total": "1 GiB", "weights": "256 MiB"}), "memory.weights is no longer"),
     (_doc(memory={"total": 0}), "memory.total"),
     (_doc(memory={"total": "lots"}), "memory.total"),
     (_doc(providers=["cuda", "metal"]), "providers"),

@@ -1,5 +1,6 @@
 """ExpertCache: pins, loads, eviction within quotas, corruption, lossy band, prefetch, stats."""
 import threading
+import time
 
 import msgpack
 import numpy as np
@@ -12,7 +13,7 @@ from edgert.config import DeviceConfig
 from edgert.errors import BudgetExceeded, PackCorrupt
 from edgert.experts.api import slots_for_budget
 from edgert.experts.cache import ExpertCache
-from edgert.memory import Arena, Storage
+from edgert.memory import Arena
 from edgert.pack import PackReader, PackWriter
 
 L, E, K, HID, FFN = 3, 6, 2, 4, 8
@@ -45,8 +46,10 @@ def write_moe_pack(path, dtype="float32"):
 
 
 def arena(experts_bytes=1 << 20):
+    """An arena of just ``experts_bytes`` (the cache is its only user here)."""
     cfg = DeviceConfig.from_dict({"name": "test", "memory": {
-        "total": 4 << 20, "weights": 1 << 20, "experts": experts_bytes, "kv": 1 << 20}})
+        "total": 4 << 20, "engine": (4 << 20) - experts_bytes, "experts": experts_bytes,
+        "kv": 0}})
     return Arena(cfg)
 
 
@@ -58,11 +61,10 @@ def pack(tmp_path):
 
 
 def make_cache(pack, num_slots, **kw):
-    reader = PackReader(pack)
-    st_ = Storage(pack, read_mode=kw.pop("read_mode", "buffered"))
+    reader = PackReader(pack, read_mode=kw.pop("read_mode", "buffered"))
     ar = arena()
     kw.setdefault("prefetch", False)
-    cache = ExpertCache(reader, st_, ar.pool("experts"), num_slots, **kw)
+    cache = ExpertCache(reader, ar, "test: experts", num_slots, **kw)
     return cache, ar
 
 
@@ -128,17 +130,21 @@ def test_budget_accounting_and_quota(pack):
         slots_for_budget(1.5, 18, extent, 1 << 20)
 
     cache, ar = make_cache(pack, num_slots=7)
-    pool = ar.pool("experts")
+    pool = cache.pool
     assert pool.slot_size == 4096
     assert pool.in_use_bytes == 7 * 4096                  # every slot taken from the arena up front
+    assert ar.stats()["in_use_bytes"] == 7 * 4096
     assert cache.quota == {0: 3, 1: 2, 2: 2}
     cache.close()
-    assert pool.in_use_bytes == 0
+    cache.close()                                         # idempotent
+    assert ar.stats()["in_use_bytes"] == 0
 
-    with pytest.raises(BudgetExceeded):                   # more slots than the pool holds
-        ExpertCache(PackReader(pack), Storage(pack, "buffered"), arena(4 * 4096).pool("experts"), 5)
+    small = arena(4 * 4096)
+    with pytest.raises(BudgetExceeded):                   # more slots than the arena holds
+        ExpertCache(PackReader(pack), small, "test: experts", 5)
+    assert small.stats()["in_use_bytes"] == 0             # nothing kept by the failed load
     with pytest.raises(BudgetExceeded):                   # top-2 needs two slots
-        ExpertCache(PackReader(pack), Storage(pack, "buffered"), arena().pool("experts"), 1)
+        ExpertCache(PackReader(pack), arena(), "test: experts", 1)
 
 
 def test_eviction_stays_in_the_layer_and_never_takes_pinned(pack):
@@ -193,8 +199,8 @@ def test_corrupt_extent_raises_names_expert_and_cache_stays_usable(pack):
         f.seek(bad.offset + 10)
         f.write(b"\xff\xfe")
     cache, ar = make_cache(pack, num_slots=4)
-    pool_free = ar.pool("experts").free_count
-    with pytest.raises(PackCorrupt, match="expert 3 of layer 1"):
+    held = ar.stats()["in_use_bytes"]
+    with pytest.raises(PackCorrupt, match="layer 1 expert 3, block"):
         cache.acquire(1, [2, 3])
     assert cache.resident(1) == {2}          # expert 2 loaded fine, 3's slot went back
     got = cache.acquire(1, [2, 4])           # no pins leaked by the failed acquire
@@ -202,7 +208,7 @@ def test_corrupt_extent_raises_names_expert_and_cache_stays_usable(pack):
     cache.release(1, [2, 4])
     with pytest.raises(PackCorrupt):
         cache.acquire(1, [3])                # still corrupt, still a clean error
-    assert ar.pool("experts").free_count == pool_free
+    assert ar.stats()["in_use_bytes"] == held
     cache.close()
 
 
@@ -241,7 +247,7 @@ def test_lossy_substitutes_inside_the_band_highest_first(pack):
 def lossy_reference(p, sel, ready, alpha):
     """Independent statement of the rule, for the property test."""
     k = len(sel)
-    S = sorted(p, reverse=True)[k]
+    S = float(sorted(p, reverse=True)[k])   # the band in float64, as substitution.py does
     out, used = list(sel), set(sel)
     missing = sorted((j for j in range(k) if not ready[sel[j]] and p[sel[j]] < (1 + alpha) * S),
                      key=lambda j: -p[sel[j]])
@@ -280,37 +286,47 @@ def test_lossy_band_property(tmp_path_factory, scores, resident_mask, alpha):
     cache.close()
 
 
-class GatedStorage(Storage):
-    """Storage whose reads of one extent wait for `go` (to observe a read in flight)."""
+class GatedReader(PackReader):
+    """A pack reader whose reads of one extent wait for `go` (to observe a read in flight)."""
 
     def __init__(self, path, offset):
         super().__init__(path, "buffered")
         self.gated_offset, self.started, self.go = offset, threading.Event(), threading.Event()
         self.offsets = []
 
-    def read_into(self, offset, length, out):
-        self.offsets.append(offset)
-        if offset == self.gated_offset:
-            self.started.set()
-            self.go.wait(10)
-        super().read_into(offset, length, out)
+    def read_into(self, blocks, views, **kw):
+        for b in blocks:
+            offset = self.blocks[b].offset
+            self.offsets.append(offset)
+            if offset == self.gated_offset:
+                self.started.set()
+                self.go.wait(10)
+        return super().read_into(blocks, views, **kw)
 
 
 def test_prefetch_loads_hinted_experts_and_demand_waits_instead_of_rereading(pack):
     reader = PackReader(pack)
     target = reader.blocks[reader_expert_block(reader, 2, 5)].offset
-    storage = GatedStorage(pack, target)
-    cache = ExpertCache(reader, storage, arena().pool("experts"), 6, policy="gate", prefetch=True)
+    storage = GatedReader(pack, target)
+    cache = ExpertCache(storage, arena(), "test: experts", 6, policy="gate", prefetch=True)
     cache.hint(2, torch.tensor([[0.0, 0.0, 0.0, 0.0, 0.3, 0.7]]))    # predicts 5 then 4
     assert storage.started.wait(10)              # the worker is reading expert 5 of layer 2
     result = {}
     t = threading.Thread(target=lambda: result.update(cache.acquire(2, [5])))
     t.start()
+    deadline = time.monotonic() + 10
+    while True:   # NOTE: seen under the lock, a counted request means acquire is in wait()
+        with cache._cv:
+            if cache.counters[2].requests:
+                break
+        assert time.monotonic() < deadline, "acquire never started"
+        time.sleep(0.001)
     storage.go.set()
     t.join(10)
     cache.drain()
     assert torch.all(result[5].gate == expert_value(2, 5))
     assert storage.offsets.count(target) == 1     # read once, by the prefetch
+    assert cache.counters[2].inflight_waits == 1  # the demand waited for that read
     cache.route(2, torch.tensor([[0.0, 0.0, 0.0, 0.0, 0.3, 0.7]]), torch.tensor([[5, 4]]))
     cache.acquire(2, [4])
     cache.release(2, [4, 5])
@@ -350,7 +366,7 @@ def test_corrupt_prefetch_frees_the_slot_and_demand_reports_it(pack):
     cache.drain()
     assert cache.resident(0) == {1}
     assert cache.stats()["layers"][0]["prefetch_errors"] == 1
-    with pytest.raises(PackCorrupt, match="expert 2 of layer 0"):
+    with pytest.raises(PackCorrupt, match="layer 0 expert 2, block"):
         cache.acquire(0, [2])
     cache.close()
 
@@ -372,9 +388,8 @@ def test_trace_feeds_belady(pack):
 
 
 def test_read_ahead_reads_each_routed_miss_once(pack):
-    reader = PackReader(pack)
-    storage = GatedStorage(pack, offset=-1)       # nothing gated: records offsets
-    cache = ExpertCache(reader, storage, arena().pool("experts"), 6, policy="lru", prefetch=True)
+    reader = storage = GatedReader(pack, offset=-1)   # nothing gated: records offsets
+    cache = ExpertCache(reader, arena(), "test: experts", 6, policy="lru", prefetch=True)
     out = cache.route(1, torch.full((1, E), 1.0 / E), torch.tensor([[2, 5]]))
     got = cache.acquire(1, out.flatten().tolist())
     assert all(torch.all(w.gate == expert_value(1, e)) for e, w in got.items())

@@ -24,7 +24,8 @@ def pack(tmp_path_factory):
 
 def decode(rt, pack, ids, **cache_kw):
     """Teacher-forced one-token steps (the decode path); log-probs [N, V] and cache stats."""
-    cache = ExpertCache(PackReader(pack), rt.open_storage(pack), rt.arena.pool("experts"), **cache_kw)
+    cache = ExpertCache(PackReader(pack, rt.config.storage.read_mode), rt.arena, "test: experts",
+                        **cache_kw)
     lm = rt.load(pack, provider=cache)
     seq = lm.sequence()
     try:

@@ -142,7 +142,7 @@ def test_tokenizer_section_and_cli(tmp_path, capsys):
     assert "".join(lm.generate("hello world", max_new_tokens=12, stream=True)) == want
     capsys.readouterr()
     cfg = tmp_path / "dev.yaml"
-    cfg.write_text("name: t\nthreads: 1\nmemory: {total: 64 MiB, weights: 8 MiB, experts: 8 MiB, "
+    cfg.write_text("name: t\nthreads: 1\nmemory: {total: 64 MiB, engine: 44 MiB, experts: 8 MiB, "
                    "kv: 4 MiB}\nstorage: {read_mode: buffered}\n")
     assert main(["generate", str(out), "--prompt", "hello world", "--max-new-tokens", "12",
                  "--config", str(cfg)]) == 0

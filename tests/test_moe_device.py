@@ -13,6 +13,7 @@ import torch
 
 import edgert
 from edgert.config import DeviceConfig
+from edgert.memory import SlotPool
 from edgert.pack.hf_import import pack_hf
 from moe_models import HAS_CACHE, mixtral_config, prompt, qwen_config, save
 
@@ -23,7 +24,7 @@ gpu_only = pytest.mark.skipif(not HAS_GPU, reason="needs a GPU torch can use")
 def config(device: str) -> DeviceConfig:
     return DeviceConfig.from_dict({
         "name": f"test-{device}", "device": device, "threads": 1, "dtype": "float32",
-        "memory": {"total": "64 MiB", "weights": "8 MiB", "experts": "8 MiB", "kv": "4 MiB"},
+        "memory": {"total": "64 MiB", "engine": "44 MiB", "experts": "8 MiB", "kv": "4 MiB"},
         "storage": {"read_mode": "buffered"}})
 
 
@@ -65,8 +66,7 @@ def test_arena_views_alias_the_same_bytes_on_both_sides():
         gc.collect()
     rt = edgert.Runtime(config("cuda"))
     assert rt.arena.gpu_mapped
-    pool = rt.arena.pool("kv")
-    pool.carve(4096)
+    pool = SlotPool(rt.arena, "test", 4096)
     slot = pool.alloc(1)[0]
     host = torch.from_numpy(pool.view(slot)[:4096].view(np.float32))
     dev = rt.arena.on_gpu(host)
@@ -96,8 +96,7 @@ def test_cuda_logits_and_greedy_equal_cpu_with_no_copies(pack, budget):
     assert torch.cuda.memory_allocated() - before <= 512
     np.testing.assert_allclose(lm.logits(ids), cpu.logits(ids), atol=1e-4, rtol=0)
     assert lm.generate(ids[:8], max_new_tokens=32) == cpu.generate(ids[:8], max_new_tokens=32)
-    pools = rt.arena.stats()["pools"]
-    assert pools["experts"]["in_use_bytes"] <= rt.arena.pool("experts").bytes
+    assert rt.arena.stats()["in_use_bytes"] <= rt.arena.mapped
     assert lm.stats()["device"].startswith("cuda")
     lm.close()
     assert rt.arena.in_use_bytes() == 0

@@ -118,16 +118,21 @@ def test_weights_count_against_the_budget(models):
     pack, _ = models["mixtral"]
     rt = runtime()
     lm = rt.load(pack, expert_budget=1.0)
-    st = rt.arena.stats()["pools"]
+    st = rt.arena.stats()["holders"]
     distinct = {t.data_ptr(): t.numel() * 4 for t in lm.w.values()}
-    assert st["weights"]["in_use_bytes"] >= sum(distinct.values())
-    assert st["experts"]["in_use_bytes"] >= lm.layout.extent_bytes * len(lm.layout.table)
+    assert st[f"{lm.name}: dense weights"]["bytes"] >= sum(distinct.values())
+    assert st[f"{lm.name}: expert slots"]["bytes"] >= \
+        lm.layout.extent_bytes * len(lm.layout.table)
     lm.close()
     assert rt.arena.in_use_bytes() == 0
-    with pytest.raises(BudgetExceeded):
-        runtime(weights="16 KiB").load(pack, expert_budget=1.0)
-    with pytest.raises(BudgetExceeded):
-        runtime(experts="16 KiB").load(pack, expert_budget=1.0)
+    dense = lm._weight_bytes
+    experts = lm.layout.slot_bytes * len(lm.layout.table)
+    with pytest.raises(BudgetExceeded, match="dense weights"):
+        runtime(weights=dense - 4096, experts=0, kv=0).load(pack, expert_budget=1.0)
+    with pytest.raises(BudgetExceeded, match="expert slots"):
+        runtime(weights=dense + experts - 4096, experts=0, kv=0).load(pack, expert_budget=1.0)
+    small = runtime(weights=dense + experts, experts=0, kv=0)
+    small.load(pack, expert_budget=1.0).close()        # exactly enough: it fits
 
 
 class SubstitutingExperts(OnDemandExperts):

@@ -17,18 +17,19 @@ LAYERS, HEADS, DIM = 3, 2, 8  # one page: 3*2*2*16*8*4 B = 6 KiB -> an 8 KiB slo
 
 def make_pool(kv="64 KiB"):
     arena = Arena(device_config(kv=kv))
-    return arena, PagePool(arena.pool("kv"), LAYERS, HEADS, DIM)
+    cap = arena.budget.kv
+    return arena, PagePool(arena, "test: kv pages", LAYERS, HEADS, DIM, cap=cap)
 
 
 def test_pages_are_arena_slots():
     arena, pages = make_pool()
     assert pages.page_bytes == 8192 and pages.capacity == 8
     ids = pages.allocate(3)
-    assert arena.stats()["pools"]["kv"]["in_use_bytes"] == 3 * 8192
+    assert arena.stats()["holders"]["test: kv pages"]["bytes"] == 3 * 8192
     t = pages.page(ids[0])
     assert t.shape == (LAYERS, 2, HEADS, PAGE_TOKENS, DIM)
     t.fill_(7.0)  # zero copy: the bytes live in the arena
-    view = arena.pool("kv").view(ids[0])[: t.numel() * 4].view("float32")
+    view = arena.view(ids[0])[: t.numel() * 4].view("float32")
     assert (view == 7.0).all()
     pages.decref(ids)
     pages.close()

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from edgert.errors import BudgetExceeded, PackCorrupt, UnknownTask
-from edgert.memory import Arena, Storage
+from edgert.memory import Arena, SlotPool
 from edgert.pack import PackReader
 from edgert.pack.stats import switch_bytes
 from edgert.weights.switcher import TaskSwitcher
@@ -13,23 +13,23 @@ from task_packs import BLOCK, config, tiny  # noqa: F401  (tiny is a fixture)
 
 
 def make(pack, weights="4 MiB", **kw):
-    reader = PackReader(pack)
+    reader = PackReader(pack, "direct")
     arena = Arena(config(weights))
-    pool = arena.pool("weights")
-    pool.carve(BLOCK)
-    storage = Storage(pack, "direct")
-    return TaskSwitcher(reader, pool, storage, **kw), reader, storage
+    return TaskSwitcher(reader, arena, "test", **kw), reader, reader.storage
 
 
 def assert_views_are(sw, reader, task):
+    """The switcher's views equal the task's tensors (read by a reader of its own, so the
+    switcher's storage counters stay the switcher's)."""
     views = sw.tensors()
-    for name in reader.task(task):
-        np.testing.assert_array_equal(views[name], reader.read_tensor(task, name), err_msg=name)
+    with PackReader(reader.path) as ref:
+        for name in ref.task(task):
+            np.testing.assert_array_equal(views[name], ref.read_tensor(task, name), err_msg=name)
 
 
 def run_bytes(tiny):
     sw, _, _ = make(tiny.pack)
-    return sw.n_slots * BLOCK
+    return sw.run_bytes
 
 
 def test_cold_switch_moves_switch_bytes(tiny):
@@ -63,7 +63,7 @@ def test_random_sequences_keep_views_exact(tiny, spare):
     weights = "4 MiB" if spare == "roomy" else run_bytes(tiny)
     sw, reader, _ = make(tiny.pack, weights=weights)
     if spare == "none":
-        assert sw.pool.capacity == sw.n_slots
+        assert sw.arena.mapped == sw.run_bytes
     rng = np.random.default_rng(7)
     seq = list(rng.choice(tiny.names, size=14)) + [tiny.names[0]] * 2
     for t in seq:
@@ -72,6 +72,8 @@ def test_random_sequences_keep_views_exact(tiny, spare):
         assert_views_are(sw, reader, str(t))
     if spare == "roomy":
         assert sw.cache.counters.hits > 0
+    else:
+        assert sw.cache.pool.count == 0 and sw.cache.counters.inserts == 0
 
 
 def test_warm_switch_reads_nothing_after_prewarm(tiny):
@@ -99,8 +101,8 @@ def test_prewarm_prefers_blocks_shared_by_more_tasks(tiny):
             b = int(sw.task_blocks(t)[p])
             count[b] = count.get(b, 0) + 1
     assert max(count.values()) > 1, "fixture should have blocks shared by several tasks"
-    free = sw.pool.free_count
-    sw.pool.alloc(free - 10)                  # leave room for 10 blocks only
+    filler = SlotPool(sw.arena, "filler", BLOCK)
+    filler.alloc(sw.arena.free_pages - 10, reclaim=False)   # leave room for 10 blocks only
     sw.prewarm(others)
     resident = [b for b in count if sw.cache.contains(reader.blocks[b].hash)]
     assert len(resident) == 10
@@ -122,6 +124,7 @@ def test_task_larger_than_budget(tiny):
     with pytest.raises(BudgetExceeded) as e:
         make(tiny.pack, weights=need - BLOCK)
     assert e.value.needed == need and e.value.available == need - BLOCK
+    assert "test: task weights" in str(e.value)
 
 
 @pytest.mark.parametrize("spare", ["roomy", "none"])
@@ -129,14 +132,14 @@ def test_task_larger_than_budget(tiny):
 def test_corrupt_block_leaves_previous_task(tiny, tmp_path, spare, extent, monkeypatch):
     reads = []
     if extent == "one_block":  # every block its own read: the concurrent read path
-        import edgert.weights.switcher as switcher
-        monkeypatch.setattr(switcher, "MAX_EXTENT", 1)
-        real = TaskSwitcher._read_extent
-        monkeypatch.setattr(TaskSwitcher, "_read_extent",
-                            lambda self, g, blk: (reads.append(len(g)), real(self, g, blk)))
+        import edgert.pack.reader as pack_reader
+        monkeypatch.setattr(pack_reader, "MAX_EXTENT", 1)
+        real = pack_reader._read_extent
+        monkeypatch.setattr(pack_reader, "_read_extent",
+                            lambda st, ext: (reads.append(len(ext.at)), real(st, ext))[1])
     a, b = tiny.names[:2]
     pack = tiny.copy_pack(tmp_path)
-    idx = tiny.corrupt_block_of(pack, b, not_in=a)
+    idx = tiny.corrupt_block_of(pack, b, not_in=a)     # damaged before it is opened
     sw, reader, _ = make(pack, weights="4 MiB" if spare == "roomy" else run_bytes(tiny))
     sw.switch(a)
     before = {n: v.copy() for n, v in sw.tensors().items()}
@@ -151,3 +154,30 @@ def test_corrupt_block_leaves_previous_task(tiny, tmp_path, spare, extent, monke
         np.testing.assert_array_equal(v, before[n], err_msg=n)
     sw.switch(tiny.names[2])                   # still usable
     assert_views_are(sw, reader, tiny.names[2])
+
+
+@pytest.mark.parametrize("change", ["truncate", "overwrite", "replace"])
+def test_pack_changed_while_loaded_keeps_the_active_task(tiny, tmp_path, change):
+    a, b, c = tiny.names[:3]
+    pack = tiny.copy_pack(tmp_path)
+    sw, reader, _ = make(pack, keep_displaced=False)
+    sw.switch(a)
+    before = {n: v.copy() for n, v in sw.tensors().items()}
+    if change == "truncate":
+        with open(pack, "r+b") as f:
+            f.truncate(reader.blocks[len(reader.blocks) // 2].offset)
+    elif change == "overwrite":
+        tiny.corrupt_block_of(pack, b, not_in=a)
+    else:
+        other = tmp_path / "other.edgepack"
+        other.write_bytes(pack.read_bytes())
+        other.replace(pack)
+    with pytest.raises(PackCorrupt) as e:
+        sw.switch(b)
+    assert str(pack) in str(e.value)
+    assert sw.active == a
+    for n, v in sw.tensors().items():
+        np.testing.assert_array_equal(v, before[n], err_msg=n)
+    with pytest.raises(PackCorrupt):
+        sw.switch(c)
+    assert sw.active == a

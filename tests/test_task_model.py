@@ -16,7 +16,7 @@ def load(tiny, pack=None, weights="4 MiB", extra="8 MiB", **kw):
 
 def tight_weights(tiny) -> int:
     _, m = load(tiny, prepack="off")
-    return m.switcher.n_slots * BLOCK
+    return m.switcher.run_bytes
 
 
 def check(m, tiny, task):
@@ -30,7 +30,7 @@ def test_outputs_equal_reference_after_random_switches(tiny, prepack, budget):
     weights = "4 MiB" if budget == "roomy" else tight_weights(tiny)
     rt, m = load(tiny, weights=weights, prepack=prepack)
     if budget == "tight":
-        assert m.stats()["spare_slots"] == 0
+        assert m.stats()["spare_bytes"] == 0
     rng = np.random.default_rng(3)
     seq = [str(t) for t in rng.choice(tiny.names, size=12)]
     seq += [seq[-1], seq[-1]]                  # switch to self
@@ -39,8 +39,11 @@ def test_outputs_equal_reference_after_random_switches(tiny, prepack, budget):
         check(m, tiny, t)
         assert m.prepacked == (prepack == "sync")
     arena = rt.arena.stats()
-    assert arena["pools"]["weights"]["peak_bytes"] <= config(weights, "8 MiB").budget.weights
-    assert arena["extra"]["peak"] <= arena["extra"]["allowance"]
+    assert arena["peak_bytes"] <= arena["mapped"] == config(weights, "8 MiB").budget.arena
+    assert arena["engine"]["peak"] <= arena["engine"]["allowance"]
+    mem = m.memory()
+    assert mem["arena_bytes"] == arena["in_use_bytes"]        # every byte is the model's
+    assert mem["pinned_bytes"] == m.switcher.run_bytes          # the run; the rest is cache
 
 
 def test_run_with_task_switches_first(tiny):
@@ -111,4 +114,4 @@ def test_task_larger_than_weight_budget(tiny):
     with pytest.raises(BudgetExceeded) as e:
         load(tiny, weights=need - BLOCK)
     assert (e.value.needed, e.value.available) == (need, need - BLOCK)
-    assert str(need) in str(e.value)
+    assert str(need) in str(e.value) and "task weights" in str(e.value)

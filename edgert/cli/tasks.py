@@ -90,8 +90,8 @@ def _demo(args) -> int:
     m = rt.load(args.pack, prepack="auto")
     st = m.stats()
     print(f"loaded {args.pack} on {rt.config.name}: tasks {', '.join(m.tasks)}; dense task "
-          f"{m.dense_bytes / 1e6:.1f} MB in {st['run_bytes'] / 1e6:.1f} MB of slots, "
-          f"{st['spare_slots']} spare slots ({st['storage']['mode']} reads)")
+          f"{m.dense_bytes / 1e6:.1f} MB in a run of {st['run_bytes'] / 1e6:.1f} MB; arena "
+          f"{rt.arena.mapped / 1e6:.0f} MB shared by every model ({st['storage']['mode']} reads)")
     name, (dtype, shape) = next(iter(m.engine.inputs.items()))
     x = np.random.default_rng(0).standard_normal(
         [d if isinstance(d, int) else 1 for d in shape]).astype(dtype)
@@ -126,9 +126,10 @@ def _demo(args) -> int:
           f"{st['bytes_moved'] / 1e6:.1f} MB moved in {st['switches']} switches, "
           f"{st['bytes_read'] / 1e6:.1f} MB read from storage")
     print(f"task {m.active} kept running: pre-packed session "
-          f"{'swapped in' if st['engine']['prepacked'] else 'not built'}; weight pool peak "
-          f"{st['memory']['weights_pool']['peak_bytes'] / 1e6:.1f} MB, engine extra "
-          f"{st['memory']['engine_extra']['in_use'] / 1e6:.1f} MB (budget "
+          f"{'swapped in' if st['engine']['prepacked'] else 'not built'}; holds "
+          f"{st['memory']['arena_bytes'] / 1e6:.1f} MB of the arena "
+          f"({st['memory']['reclaimable_bytes'] / 1e6:.1f} MB of it spare blocks others may "
+          f"reclaim), engine {st['memory']['engine_bytes'] / 1e6:.1f} MB (budget "
           f"{rt.config.budget.total / 1e6:.0f} MB)")
     m.close()
     return 0

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from edgert.errors import BudgetExceeded, PackCorrupt
+from edgert.memory.arena import SlotPool
 
 ALIGN = 4096  # extents and slots are 4 KiB aligned so O_DIRECT reads land in place
 
@@ -72,28 +73,16 @@ class ExpertLayout:
 
     @classmethod
     def from_reader(cls, reader) -> "ExpertLayout":
-        raw = reader.sections.get("experts")
-        path = getattr(reader, "path", None)
-        if raw is None:
-            raise PackCorrupt("moe pack has no 'experts' section", path=path)
-        try:
-            sec = msgpack.unpackb(raw, raw=False, strict_map_key=False)
-            table = {(int(l), int(e)): int(b) for l, e, b in sec["table"]}
-            tensors = {k: dict(sec["tensors"][k]) for k in ("gate", "up", "down")}
-            layout = cls(int(sec["num_layers"]), int(sec["num_experts"]), int(sec["top_k"]),
-                         int(sec["extent_bytes"]), tensors, table,
-                         tuple(sorted({l for l, _ in table})))
-        except (KeyError, TypeError, ValueError, msgpack.UnpackException) as e:
-            raise PackCorrupt(f"malformed 'experts' section: {e!r}", path=path) from e
-        for name, t in tensors.items():
-            if t["dtype"] not in _TORCH_DTYPES:
-                raise PackCorrupt(f"expert tensor {name} has unsupported dtype {t['dtype']!r}")
-            item = np.dtype(_NP_STORAGE[t["dtype"]]).itemsize
-            end = t["offset"] + int(np.prod(t["shape"])) * item
-            if end > layout.extent_bytes:
-                raise PackCorrupt(f"expert tensor {name} ends at {end}, past the extent "
-                                  f"({layout.extent_bytes} B)", path=path)
-        return layout
+        """The layout of `reader`'s pack, from the "experts" section as the manifest decoded
+        and validated it when the pack was opened (`edgert.pack.manifest.ExpertsSection`)."""
+        sec = getattr(getattr(reader, "manifest", None), "experts", None)
+        if sec is None:
+            raise PackCorrupt("pack has no 'experts' section (not an MoE pack)",
+                              path=getattr(reader, "path", None))
+        tensors = {name: {"dtype": t.dtype, "shape": list(t.shape), "offset": t.offset}
+                   for name, t in sec.tensors.items()}
+        return cls(sec.num_layers, sec.num_experts, sec.top_k, sec.extent_bytes, tensors,
+                   dict(sec.table), sec.moe_layers)
 
     @property
     def slot_bytes(self) -> int:
@@ -125,35 +114,28 @@ class ExpertLayout:
 class ResidentExperts:
     """Every expert loaded once and kept: the exact, 100%-budget provider.
 
-    With `pool` (the arena's "experts" pool) the experts live in arena slots and count
-    against the budget; `BudgetExceeded` is raised before anything is read when they do
-    not all fit. Without a pool they live in host buffers (tests only).
+    With `arena` the experts live in arena slots (held, never reclaimed) and count against
+    the budget; `BudgetExceeded` is raised before anything is read when they do not all
+    fit. Without an arena they live in host buffers (tests only).
     """
 
     max_acquire = None  # everything is resident: a layer may pin all its experts at once
     prefetch = False    # nothing to prefetch: the engine skips the next layer's router
 
-    def __init__(self, reader, pool=None):
+    def __init__(self, reader, arena=None, label: str = "resident experts"):
         self.layout = ExpertLayout.from_reader(reader)
         keys = sorted(self.layout.table)
-        self._pool, self._slots = pool, []
-        if pool is not None:
-            _carve(pool, self.layout.slot_bytes)
-            if pool.free_count < len(keys):
-                raise BudgetExceeded("all experts resident", len(keys) * pool.slot_size,
-                                     pool.free_count * pool.slot_size)
-            self._slots = pool.alloc(len(keys))
-        self._weights: dict[tuple[int, int], ExpertWeights] = {}
-        self.bytes_read = 0
-        for i, key in enumerate(keys):
-            data = reader.read_block(self.layout.block(*key))  # verified; PackCorrupt otherwise
-            if pool is not None:
-                buf = pool.view(self._slots[i])
-                buf[: len(data)] = np.frombuffer(data, np.uint8)
-            else:
-                buf = np.frombuffer(bytearray(data), np.uint8)
-            self.bytes_read += len(data)
-            self._weights[key] = self.layout.views(buf)
+        self._pool = None
+        blocks = [self.layout.block(*k) for k in keys]
+        if arena is not None:
+            self._pool = SlotPool(arena, label, self.layout.slot_bytes)
+            slots = self._pool.alloc(len(keys), reclaim=True)
+            bufs = [self._pool.view(s) for s in slots]
+        else:
+            bufs = [np.zeros(self.layout.slot_bytes, np.uint8) for _ in keys]
+        self.bytes_read, _ = reader.read_into(blocks, bufs)   # verified; PackCorrupt otherwise
+        self._weights: dict[tuple[int, int], ExpertWeights] = {
+            key: self.layout.views(buf) for key, buf in zip(keys, bufs)}
         self.acquires = 0
 
     def route(self, layer, probs, topk_idx):
@@ -176,17 +158,16 @@ class ResidentExperts:
 
     def close(self) -> None:
         self._weights.clear()
-        if self._pool is not None and self._slots:
-            self._pool.free(self._slots)
-            self._slots = []
+        if self._pool is not None:
+            self._pool.close()
 
 
 def slots_for_budget(budget: float | int | None, total_experts: int, extent_bytes: int,
                      pool_capacity: int) -> int:
-    """Expert slots for `budget`: None is the whole experts pool; a float in (0, 1] is a
-    fraction of all experts (rounded, at least 1); an int is bytes (whole slots that fit).
-    `pool_capacity` is the bytes of the arena's experts pool; asking for more slots than it
-    holds raises BudgetExceeded. Never more slots than experts."""
+    """Expert slots for `budget`: None is `pool_capacity` bytes (the config's
+    ``memory.experts``); a float in (0, 1] is a fraction of all experts (rounded, at least
+    1); an int is bytes (whole slots that fit). Asking for more than `pool_capacity` bytes
+    (the arena, for explicit budgets) raises BudgetExceeded. Never more slots than experts."""
     slot = -(-extent_bytes // ALIGN) * ALIGN
     if budget is None:
         budget = pool_capacity
@@ -207,9 +188,3 @@ def slots_for_budget(budget: float | int | None, total_experts: int, extent_byte
     if n * slot > pool_capacity:
         raise BudgetExceeded(f"{n} expert slots", n * slot, pool_capacity)
     return n
-
-
-def _carve(pool, slot_bytes: int) -> None:
-    """Cut `pool` into `slot_bytes` slots unless it already is."""
-    if getattr(pool, "slot_size", None) != slot_bytes:
-        pool.carve(slot_bytes)

@@ -12,8 +12,17 @@ slot, else a victim from the layer furthest over its quota, else from any layer 
 unpinned expert. Borrowed slots flow back because an over-quota layer always evicts its own.
 `BudgetExceeded` only when every slot is pinned.
 
+Memory: the slots are a `SlotPool` of the cache's own (one expert extent each), taken at
+load (a load may reclaim other models' cache). Slots beyond the cache's *minimum* that
+hold no pinned expert are cache too: the arena may take them back for another model
+(`reclaimable`/`reclaim`, least recently used first); the cache then runs with fewer
+slots and grows back into free memory on later misses. The minimum is
+``max(2 * top_k, sparse layers)`` slots (capped by the budget): a routed step and a
+prefetch can always both hold their experts.
+
 Thread model: the engine calls route/acquire/release/hint from one thread; the prefetch
-worker reads on its own. `_cv` (a Condition) guards all state; reads and hash checks run
+worker reads on its own and holds only a weak reference to the cache, so dropping the
+cache stops it. `_cv` (a Condition) guards all state; reads and hash checks run
 outside it. NOTE: a slot being read has `ready=False`; such slots are never eviction
 candidates, and a demand for an expert in flight waits for that read instead of starting a
 second one.
@@ -24,18 +33,19 @@ import itertools
 import queue
 import threading
 import time
+import weakref
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from edgert.errors import BudgetExceeded, PackCorrupt
-from edgert.experts.api import ExpertLayout, ExpertWeights, _carve
+from edgert.errors import BudgetExceeded
+from edgert.experts.api import ExpertLayout, ExpertWeights
 from edgert.experts.hints import HintGovernor, rank_hint
 from edgert.experts.policies import EvictionPolicy, make_policy
 from edgert.experts.stats import LayerCounters, summarize
 from edgert.experts.substitution import substitute
-from edgert.pack.format import block_hash
+from edgert.memory.arena import PAGE, SlotPool
 
 @dataclass
 class _Slot:
@@ -46,6 +56,7 @@ class _Slot:
     pins: int = 0
     by_prefetch: bool = False
     used: bool = False
+    last: float = 0.0      # last acquire (time.monotonic), for the arena's reclaim order
 
 
 class ExpertCache:
@@ -56,14 +67,14 @@ class ExpertCache:
     `prefetch` enables `hint()` loads on the worker thread.
     """
 
-    def __init__(self, reader, storage, pool, num_slots: int, policy="gate",
+    def __init__(self, reader, arena, label: str, num_slots: int, policy="gate",
                  lossy_alpha: float = 0.0,
                  prefetch: bool = True, prefetch_width: int | None = None,
                  prefetch_min_prob: float = 0.2, record_trace: bool = False,
                  policy_options: dict | None = None,
                  hint_probe: tuple[int, int] | None = (256, 1024)):
         self.layout = lay = ExpertLayout.from_reader(reader)
-        self.reader, self.storage, self.pool = reader, storage, pool
+        self.reader, self.label = reader, label
         if lossy_alpha < 0:
             raise ValueError(f"lossy_alpha must be >= 0, got {lossy_alpha}")
         self.alpha = float(lossy_alpha)
@@ -73,21 +84,19 @@ class ExpertCache:
         if num_slots < lay.top_k:
             raise BudgetExceeded(f"expert cache: top-{lay.top_k} routing needs {lay.top_k} slots",
                                  lay.top_k * lay.slot_bytes, num_slots * lay.slot_bytes)
-        _carve(pool, lay.slot_bytes)
-        if pool.free_count < num_slots:
-            raise BudgetExceeded(f"{num_slots} expert slots", num_slots * pool.slot_size,
-                                 pool.free_count * pool.slot_size)
-        self._slots = pool.alloc(num_slots)
-        self.num_slots = num_slots
-        self.max_acquire = num_slots   # the engine may pin this many experts at once
-        # Weights views per slot, made once: a slot's bytes change in place on reload.
-        self._views = {s: lay.views(pool.view(s)) for s in self._slots}
-        base, extra = divmod(num_slots, len(self.layers))
-        self.quota = {l: base + (i < extra) for i, l in enumerate(self.layers)}
         self.policy: EvictionPolicy = policy if isinstance(policy, EvictionPolicy) else \
             make_policy(policy, lay.num_layers, lay.num_experts, **(policy_options or {}))
+        # BudgetExceeded before anything is read; other models' cache gives way first
+        self.pool = pool = SlotPool(arena, label, lay.slot_bytes)
+        pool.alloc(num_slots, reclaim=True)
+        self.num_slots = num_slots
+        self.minimum = min(num_slots, max(2 * lay.top_k, len(self.layers)))
+        # Weights views per slot, made once: a slot's bytes change in place on reload.
+        self._views = {s: lay.views(pool.view(s)) for s in pool._ids}
+        base, extra = divmod(num_slots, len(self.layers))
+        self.quota = {l: base + (i < extra) for i, l in enumerate(self.layers)}
         self._cv = threading.Condition()
-        self._free = list(self._slots)
+        self._free = sorted(pool._ids)
         self._info: dict[int, _Slot] = {}                 # slot -> what it holds
         self._where: dict[tuple[int, int], int] = {}      # (layer, expert) -> slot
         self._count = {l: 0 for l in self.layers}          # slots held (loaded or loading)
@@ -109,12 +118,20 @@ class ExpertCache:
         self._jobs: queue.PriorityQueue = queue.PriorityQueue()
         self._order = itertools.count()
         self._worker = None
+        self.reclaimed = 0
         if self.prefetch:
-            self._worker = threading.Thread(target=self._prefetch_loop,
-                                            name="edgert-expert-prefetch",
-                                            daemon=True)
+            # NOTE: the worker holds the queue and a weak reference, never the cache
+            self._worker = threading.Thread(target=_prefetch_loop,
+                                            args=(weakref.ref(self), self._jobs),
+                                            name="edgert-expert-prefetch", daemon=True)
             self._worker.start()
+        self._stop = weakref.finalize(self, _stop_worker, self._jobs, self._order)
+        arena.register(self)
 
+    @property
+    def max_acquire(self) -> int:
+        """How many experts the engine may pin at once: the slots held now."""
+        return max(1, self.pool.count)
     # --- ExpertProvider --------------------------------------------------------------------
     def route(self, layer: int, probs: torch.Tensor, topk_idx: torch.Tensor) -> torch.Tensor:
         """The experts to compute with. Exact (alpha = 0): `topk_idx` unchanged. Lossy: the
@@ -169,6 +186,7 @@ class ExpertCache:
         with self._cv:  # fast path: every expert loaded, one lock round
             slots = [self._where.get((layer, e)) for e in ids]
             if all(s is not None and self._info[s].ready for s in slots):
+                now = time.monotonic()
                 c = self.counters[layer]
                 c.requests += len(ids)
                 c.ready_hits += len(ids)
@@ -178,6 +196,7 @@ class ExpertCache:
                     if info.by_prefetch and not info.used:
                         c.prefetch_used += 1
                     info.used = True
+                    info.last = now
                     self.policy.on_access(layer, e)
                 if self._trace is not None:
                     self._trace[layer].extend(ids)
@@ -239,8 +258,10 @@ class ExpertCache:
             out = summarize(self.counters)
         out.update(provider="expert-cache", policy=self.policy.name.value, lossy_alpha=self.alpha,
                    prefetch=self.prefetch, hint_pauses=self._governor.pauses,
-                   slots=self.num_slots, slot_bytes=self.pool.slot_size,
-                   quota={int(l): q for l, q in self.quota.items()}, read_mode=self.storage.mode)
+                   slots=self.num_slots, slots_held=self.pool.count, minimum=self.minimum,
+                   reclaimed=self.reclaimed, slot_bytes=self.pool.slot_size,
+                   quota={int(l): q for l, q in self.quota.items()},
+                   read_mode=self.reader.storage.mode)
         return out
 
     # --- extras ------------------------------------------------------------------------------
@@ -263,17 +284,68 @@ class ExpertCache:
         self._jobs.join()
 
     def close(self) -> None:
-        if self._worker is not None:
-            self._jobs.put((9, next(self._order), None))
-            self._worker.join()
-            self._worker = None
+        """Stop the worker and give every slot back. Idempotent."""
+        self._stop()
+        w, self._worker = self._worker, None
+        if w is not None and w is not threading.current_thread():
+            w.join(timeout=10)
         with self._cv:
-            assert all(i.pins == 0 for i in self._info.values()), "closing with pinned experts"
+            self.pool.arena.unregister(self)
             self._info.clear()
             self._where.clear()
-            if self._slots:
-                self.pool.free(self._slots)
-            self._slots, self._free = [], []
+            self._free = []
+            self._ready[:] = False
+            self._loading[:] = False
+            self.pool.close()
+
+    # --- the arena takes cache back ------------------------------------------------------
+    def reclaimable(self) -> list[tuple[int, int, float]]:
+        """Free slots, then unpinned loaded experts by last use, down to the minimum."""
+        if not self._cv.acquire(blocking=False):
+            return []
+        try:
+            spare = self.pool.count - self.minimum
+            if spare <= 0:
+                return []
+            pages = self.pool.slot_size // PAGE
+            idle = sorted((i.last, s) for s, i in self._info.items() if i.ready and i.pins == 0)
+            out = [(s, pages, 0.0) for s in self._free] + [(s, pages, t) for t, s in idle]
+            return out[:spare]
+        finally:
+            self._cv.release()
+
+    def reclaim(self, slots: list[int]) -> int:
+        if not self._cv.acquire(blocking=False):
+            return 0
+        try:
+            gone = 0
+            for s in slots:
+                if self.pool.count <= self.minimum:
+                    break
+                if s in self._free:
+                    self._free.remove(s)
+                else:
+                    info = self._info.get(s)
+                    if info is None or not info.ready or info.pins:
+                        continue
+                    self._evict(info.layer, [info.expert], slot=s)
+                self._views.pop(s, None)
+                self.pool.free([s])
+                gone += 1
+            self.reclaimed += gone
+            return gone
+        finally:
+            self._cv.release()
+
+    def _grow(self, reclaim: bool) -> int | None:
+        """A slot given back to the arena earlier, taken again (never past num_slots), or
+        None. ``reclaim``: other models' cache may give way. Caller holds `_cv`."""
+        if self.pool.count >= self.num_slots:
+            return None
+        s = self.pool.try_alloc(reclaim=reclaim)
+        if s is not None:
+            self._views[s] = self.layout.views(self.pool.view(s))
+        return s
 
     # --- mechanism -----------------------------------------------------------------------
     def _acquire_one(self, layer: int, e: int) -> None:
@@ -305,6 +377,7 @@ class ExpertCache:
             if info.by_prefetch and not info.used:
                 c.prefetch_used += 1
             info.used = True
+            info.last = time.monotonic()
             self.policy.on_access(layer, e)
 
     def _demand_read(self, layer: int, e: int, slot: int, t0: float) -> None:
@@ -320,6 +393,7 @@ class ExpertCache:
         self._cv.acquire()
         self._mark_ready(slot)
         self._info[slot].used = True
+        self._info[slot].last = time.monotonic()
         c.loads += 1
         c.bytes_read += nbytes
         c.stall_s += time.perf_counter() - t0
@@ -331,6 +405,10 @@ class ExpertCache:
         """A slot for a new expert of `layer` (caller holds `_cv`), or None when the only way is
         to wait for a read in flight. Prefetch never borrows and never evicts pinned, loading,
         routed-this-step (`_protected`) or `keep` experts."""
+        if not self._free and self.pool.count < self.num_slots:
+            s = self._grow(reclaim=False)         # given back earlier: take it again if free
+            if s is not None:
+                self._free.append(s)
         if self._count[layer] < self.quota[layer] and self._free:
             return self._free.pop()
         if prefetch:
@@ -356,8 +434,13 @@ class ExpertCache:
             return self._evict(layer, own)
         if any(not i.ready and i.pins == 0 for i in self._info.values()):
             return None                            # a prefetch read will free up a candidate
-        # NOTE: every slot is pinned (or loading for a pinned demand); nothing can move.
-        raise BudgetExceeded(f"expert slots: all {self.num_slots} are pinned "
+        # NOTE: every slot is pinned (or loading for a pinned demand): a slot the arena took
+        # back earlier, other models' cache giving way, before refusing
+        s = self._grow(reclaim=True)
+        if s is not None:
+            self.counters[layer].borrowed += 1
+            return s
+        raise BudgetExceeded(f"expert slots: all {self.pool.count} are pinned "
                              f"(layer {layer} needs one more)", self.pool.slot_size, 0)
 
     def _candidates(self, layer: int, skip: frozenset) -> list[int]:
@@ -369,8 +452,8 @@ class ExpertCache:
         info.ready = True
         self._ready[info.layer, info.expert], self._loading[info.layer, info.expert] = True, False
 
-    def _evict(self, layer: int, candidates: list[int]) -> int:
-        e = self.policy.victim(layer, candidates)
+    def _evict(self, layer: int, candidates: list[int], slot: int | None = None) -> int:
+        e = self.policy.victim(layer, candidates) if slot is None else candidates[0]
         assert e in candidates, f"policy {self.policy.name} chose {e}, not a candidate"
         slot = self._where.pop((layer, e))
         del self._info[slot]
@@ -396,26 +479,11 @@ class ExpertCache:
         self._cv.notify_all()
 
     def _read(self, layer: int, e: int, slot: int) -> int:
-        """Read expert (layer, e) into `slot` and verify its content hash; bytes read."""
+        """Read expert (layer, e) into `slot` through the pack's verified read path (a
+        damaged extent raises PackCorrupt naming the layer and expert); bytes read."""
         idx = self.layout.block(layer, e)
-        entry = self.reader.blocks[idx]
-        view = self.pool.view(slot)
-        self.storage.read_into(entry.offset, entry.length, view)
-        if block_hash(view[: entry.length]) != entry.hash:
-            raise PackCorrupt(f"expert {e} of layer {layer}: content hash mismatch",
-                              path=self.reader.path, offset=entry.offset, block=idx,
-                              tensor=f"layer {layer} expert {e}")
-        return entry.length
-
-    def _prefetch_loop(self) -> None:
-        while True:
-            _, _, job = self._jobs.get()
-            try:
-                if job is None:
-                    return
-                self._prefetch(*job)
-            finally:
-                self._jobs.task_done()
+        self.reader.read_into([idx], [self.pool.view(slot)], tensors=[f"layer {layer} expert {e}"])
+        return self.reader.blocks[idx].length
 
     def _prefetch(self, layer: int, want: list[int], epoch: int, kind: str,
                   keep: frozenset) -> None:
@@ -449,3 +517,22 @@ class ExpertCache:
                 c.bytes_read += nbytes
                 self.policy.on_insert(layer, e)
                 self._cv.notify_all()
+
+
+def _prefetch_loop(ref, jobs: queue.PriorityQueue) -> None:
+    """The prefetch worker: runs jobs while the cache lives; a None job or a dead cache
+    ends it."""
+    while True:
+        _, _, job = jobs.get()
+        try:
+            cache = ref() if job is not None else None
+            if cache is None:
+                return
+            cache._prefetch(*job)
+            del cache
+        finally:
+            jobs.task_done()
+
+
+def _stop_worker(jobs: queue.PriorityQueue, order) -> None:
+    jobs.put((9, next(order), None))

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 import time
 from collections.abc import Iterator
 
@@ -29,49 +30,64 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from edgert.align import ALIGN, align_up
+from edgert.dtypes import np_storage, torch_dtype
 from edgert.errors import EdgertError, UnsupportedModel
 from edgert.experts.api import ExpertLayout, slots_for_budget
 from edgert.experts.cache import ExpertCache
+from edgert.experts.policies import PolicyName
 from edgert.kv.paged import PagedKV, PagePool
+from edgert.memory.arena import Lease
 
 from edgert.engines.moe_layers import (MoeConfig, Rotary, apply_rope, attention, causal_mask, rms_norm,
                          rms_normalize, route, swiglu)
 from edgert.engines.sampling import sample
 from edgert.engines.tokenizer import tokenizer_for
 
+from .base import LoadedModel
+
 log = logging.getLogger(__name__)
-_TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _HINT = "edgert.hint_router.{}"  # per sparse layer: its router with its norm weight folded in
-_ALIGN = 64  # byte alignment of each weight inside the run (keeps torch views aligned)
+STAGING_BLOCKS = 16  # blocks read at once into arena staging when the pack's dtype differs
 
 
-class MoeLM:
+class MoeLM(LoadedModel):
     """Mixtral / Qwen2-MoE language model. See docs/internals.md for the pack layout.
 
-    expert_budget: None = the device config's expert pool; a float in (0, 1] = that
+    expert_budget: None = the device config's ``memory.experts``; a float in (0, 1] = that
     fraction of all experts; an int = bytes. lossy_alpha > 0 lets the expert cache
     substitute a resident expert for a missing one inside the gate-score band.
+
+    Thread-safe: each forward step (a prefill, a decode token) runs under the model's lock,
+    so concurrent `generate()` calls interleave token by token and never pin experts
+    against each other.
     """
 
-    def __init__(self, rt, reader, expert_budget=None, lossy_alpha: float = 0.0, policy=None,
-                 provider=None):
-        self.rt, self.reader = rt, reader
-        self.cfg = MoeConfig.from_hf(reader.config)
-        self.dtype = _TORCH_DTYPES[rt.config.dtype]
+    kind = "moe"
+
+    def __init__(self, rt, reader, name: str, expert_budget=None, lossy_alpha: float = 0.0,
+                 policy=None, provider=None):
+        _check_options(expert_budget, lossy_alpha, policy)
+        self.cfg = MoeConfig.from_hf(reader.config)     # UnsupportedModel before anything
+        super().__init__(rt, reader, name)
+        self.dtype = torch_dtype(rt.config.dtype)
         rt.set_torch_threads()
         self.device = _pick_device(rt)
         self._gpu_views: dict[tuple, torch.Tensor] = {}
-        self._run = None
         self._own_provider = provider is None
         self.provider = None
         self.pages = None
+        self.w: dict[str, torch.Tensor] = {}
         try:
             self._load_weights()
             self.layout = ExpertLayout.from_reader(reader)
             self.provider = provider or self._make_provider(expert_budget, lossy_alpha, policy)
-            self.pages = PagePool(rt.arena.pool("kv"), self.cfg.num_layers, self.cfg.num_kv_heads,
-                                  self.cfg.head_dim, self.dtype,
-                                  to_device=None if self.device.type == "cpu" else rt.arena.on_gpu)
+            if self._own_provider:
+                self._own(self.provider)
+            self.pages = self._own(PagePool(
+                rt.arena, f"{name}: kv pages", self.cfg.num_layers, self.cfg.num_kv_heads,
+                self.cfg.head_dim, self.dtype, cap=rt.config.budget.kv or None,
+                to_device=None if self.device.type == "cpu" else rt.arena.on_gpu))
         except BaseException:
             self.close()
             raise
@@ -84,34 +100,46 @@ class MoeLM:
 
     # --- loading --------------------------------------------------------------------------
     def _load_weights(self) -> None:
-        """Every non-expert tensor into one run of the weights pool, in the compute dtype."""
+        """Every non-expert tensor into one extent of the arena, in the compute dtype, read
+        through the pack's verified read path (straight into place when the pack holds the
+        compute dtype, else through a few blocks of staging that are also arena memory)."""
         specs = self.reader.task("model")
-        pool = self.rt.arena.pool("weights")
-        if not pool.slot_size:
-            pool.carve(self.reader.block_size)
         item = torch.empty((), dtype=self.dtype).element_size()
         c = self.cfg
         shapes = {name: tuple(spec.shape) for name, spec in specs.items()}
         for l in c.moe_layers:  # prefetch routers, norm folded in (computed below)
             shapes[_HINT.format(l)] = (c.num_experts, c.hidden_size)
         offsets, pos = {}, 0
-        for name, shape in shapes.items():
+        for name, shape in shapes.items():     # 4 KiB-aligned: direct reads land in place
             offsets[name] = pos
-            pos += -(-math.prod(shape) * item // _ALIGN) * _ALIGN
-        n = max(1, -(-pos // pool.slot_size))
-        self._run = (pool, pool.alloc_run(n), n)  # BudgetExceeded before anything is read
-        mem = pool.view_run(self._run[1], n)
-        self.w: dict[str, torch.Tensor] = {}
+            pos = align_up(pos + math.prod(shape) * item)
+        # BudgetExceeded (naming the holders) before anything is read
+        lease = self._own(Lease(self.rt.arena, f"{self.name}: dense weights", max(pos, ALIGN)))
+        mem = lease.view
+        direct, staged = [], []
         for name, spec in specs.items():
-            raw = torch.from_numpy(self.reader.read_tensor("model", name))
-            if spec.dtype == "bfloat16":
-                raw = raw.view(torch.bfloat16)
-            if raw.dtype not in _TORCH_DTYPES.values():
+            if np_storage(spec.dtype).itemsize == item and torch_dtype(spec.dtype) == self.dtype:
+                direct.append(name)
+            elif spec.dtype in ("float32", "float16", "bfloat16"):
+                staged.append(name)
+            else:
                 raise UnsupportedModel(f"tensor {name} has dtype {spec.dtype}")
+        blocks, views, names = [], [], []
+        bs = self.reader.block_size
+        for name in direct:
+            o = offsets[name]
+            for k, b in enumerate(specs[name].blocks):
+                n = self.reader.blocks[b].length
+                blocks.append(b)
+                views.append(mem[o + k * bs:o + k * bs + align_up(n)])
+                names.append(name)
+        self.reader.read_into(blocks, views, tensors=names)
+        if staged:
+            self._load_staged(specs, staged, mem, offsets, item)
+        for name, spec in specs.items():
             nb = math.prod(spec.shape) * item
-            dst = _as_tensor(mem[offsets[name]: offsets[name] + nb], self.dtype).view(spec.shape)
-            dst.copy_(raw)
-            self.w[name] = dst
+            self.w[name] = _as_tensor(mem[offsets[name]: offsets[name] + nb],
+                                      self.dtype).view(spec.shape)
         for l in c.moe_layers:
             # The hint for layer l applies l's router to l's post-attention norm of a state:
             # gate(norm_w * x_hat) = (gate * norm_w) x_hat, one matrix product per hint.
@@ -126,15 +154,41 @@ class MoeLM:
             self.w = {name: self.rt.arena.on_gpu(t) for name, t in self.w.items()}
         if "lm_head.weight" not in self.w:  # tie_word_embeddings (checked at pack time)
             self.w["lm_head.weight"] = self.w["model.embed_tokens.weight"]
-        self._weight_bytes = n * pool.slot_size
+        self._weight_bytes = lease.nbytes
+
+    def _load_staged(self, specs, names, mem, offsets, item) -> None:
+        """Tensors stored in another dtype: blocks read into an arena staging extent, then
+        converted into place. The staging goes back when the load is done."""
+        bs = self.reader.block_size
+        staging = Lease(self.rt.arena, f"{self.name}: load staging",
+                        STAGING_BLOCKS * align_up(bs))
+        try:
+            buf = staging.view
+            jobs = [(name, k, b) for name in names for k, b in enumerate(specs[name].blocks)]
+            for i in range(0, len(jobs), STAGING_BLOCKS):
+                batch = jobs[i:i + STAGING_BLOCKS]
+                views = [buf[j * align_up(bs):(j + 1) * align_up(bs)] for j in range(len(batch))]
+                self.reader.read_into([b for _, _, b in batch], views,
+                                      tensors=[n for n, _, _ in batch])
+                for (name, k, b), v in zip(batch, views):
+                    src_dt = specs[name].dtype
+                    n = self.reader.blocks[b].length
+                    src = torch.from_numpy(v[:n].view(np_storage(src_dt)))
+                    if src_dt == "bfloat16":
+                        src = src.view(torch.bfloat16)
+                    first = k * bs // np_storage(src_dt).itemsize    # element index of the block
+                    o = offsets[name] + first * item
+                    _as_tensor(mem[o:o + src.numel() * item], self.dtype).copy_(src)
+        finally:
+            staging.close()
 
     def _make_provider(self, expert_budget, lossy_alpha, policy):
-        pool = self.rt.arena.pool("experts")
+        budget = self.rt.config.budget
         total = len(self.layout.table)
-        slots = slots_for_budget(expert_budget, total, self.layout.extent_bytes, pool.bytes)
-        storage = self.rt.open_storage(self.reader.path)
-        return ExpertCache(self.reader, storage, pool, slots, policy=policy or "gate",
-                           lossy_alpha=lossy_alpha, prefetch=True)
+        cap = budget.experts if expert_budget is None else self.rt.arena.mapped
+        slots = slots_for_budget(expert_budget, total, self.layout.extent_bytes, cap)
+        return ExpertCache(self.reader, self.rt.arena, f"{self.name}: expert slots", slots,
+                           policy=policy or "gate", lossy_alpha=lossy_alpha, prefetch=True)
 
     # --- the forward pass -----------------------------------------------------------------
     @torch.inference_mode()
@@ -272,6 +326,7 @@ class MoeLM:
 
     def sequence(self) -> "Sequence":
         """A sequence in the paged KV cache, fed token by token (see `Sequence.feed`)."""
+        self._check_open()
         return Sequence(self)
 
     def generate(self, token_ids_or_text, max_new_tokens: int = 64, temperature: float = 0.0,
@@ -281,6 +336,7 @@ class MoeLM:
         stream=True returns an iterator of text pieces (text prompt) or ids.
         Stops after max_new_tokens or at the config's EOS (which is included).
         """
+        self._check_open()
         as_text = isinstance(token_ids_or_text, str)
         ids = self._ids(token_ids_or_text)
         it = self._generate_ids(ids, max_new_tokens, temperature, top_p, seed)
@@ -327,31 +383,22 @@ class MoeLM:
         return ids
 
     def stats(self) -> dict:
-        c = self.counters
-        return {"device": str(self.device), "experts": self.provider.stats(),
-                "kv": self.pages.stats(), "weights_bytes": self._weight_bytes, **c,
-                "decode_tokens_per_s": c["decode_tokens"] / c["decode_s"] if c["decode_s"] else 0.0}
+        with self._lock:
+            self._check_open()
+            c = dict(self.counters)
+            return {"name": self.name, "kind": self.kind, "device": str(self.device),
+                    "experts": self.provider.stats(), "kv": self.pages.stats(),
+                    "weights_bytes": self._weight_bytes, **c, "memory": self.memory(),
+                    "decode_tokens_per_s": c["decode_tokens"] / c["decode_s"]
+                    if c["decode_s"] else 0.0}
 
     def close(self) -> None:
-        """Give the arena back: KV pages, expert slots, the weights run."""
-        if self.pages is not None:
-            self.pages.close()
-            self.pages = None
-        if self._own_provider and self.provider is not None and hasattr(self.provider, "close"):
-            self.provider.close()
-        self.provider = None
-        self._gpu_views.clear()
-        if self._run is not None:
-            pool, first, n = self._run
-            pool.free_run(first, n)
-            self._run = None
+        """Give the arena back: KV pages, expert slots, the weights; stop the prefetch worker;
+        close the pack. Idempotent; waits for a forward step in flight."""
+        with self._lock:
+            super().close()
+            self._gpu_views.clear()
             self.w = {}
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
 
 
 class Sequence:
@@ -366,6 +413,7 @@ class Sequence:
 
     def __init__(self, lm: MoeLM):
         self.lm, self._seq = lm, lm.kv.new_sequence()
+        self._pages = lm.pages
 
     @property
     def length(self) -> int:
@@ -375,18 +423,25 @@ class Sequence:
         """Logits (float32) of the last token [vocab], or of every token fed [T, vocab]."""
         lm = self.lm
         ids = lm._ids(token_ids)
-        t0 = time.perf_counter()
-        out = lm._forward(self._seq, ids, rows=None if all_logits else slice(-1, None))
-        out = out.float().cpu().numpy()
-        key = "decode" if len(ids) == 1 and self._seq.length > 1 else "prefill"
-        lm.counters[key + "_tokens"] += len(ids)
-        lm.counters[key + "_s"] += time.perf_counter() - t0
+        with lm._lock:          # one forward step at a time per model
+            lm._check_open()
+            if self._seq is None:
+                raise EdgertError("this sequence is closed")
+            t0 = time.perf_counter()
+            out = lm._forward(self._seq, ids, rows=None if all_logits else slice(-1, None))
+            out = out.float().cpu().numpy()
+            key = "decode" if len(ids) == 1 and self._seq.length > 1 else "prefill"
+            lm.counters[key + "_tokens"] += len(ids)
+            lm.counters[key + "_s"] += time.perf_counter() - t0
         return out if all_logits else out[0]
 
     def close(self) -> None:
-        if self._seq is not None:
-            self.lm.kv.release(self._seq)
-            self._seq = None
+        """Give the sequence's KV pages back (nothing to do once its model is closed)."""
+        seq, self._seq = self._seq, None
+        if seq is not None and not self.lm.closed:
+            with self.lm._lock:
+                if not self.lm.closed:
+                    self.lm.kv.release(seq)
 
     def __enter__(self):
         return self
@@ -408,6 +463,21 @@ def _pick_device(rt) -> torch.device:
 
 
 def _as_tensor(u8: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
-    if dtype == torch.bfloat16:
-        return torch.from_numpy(u8.view(np.uint16)).view(torch.bfloat16)
-    return torch.from_numpy(u8.view({torch.float32: np.float32, torch.float16: np.float16}[dtype]))
+    """A torch view of arena bytes in ``dtype`` (bfloat16 through its uint16 storage)."""
+    name = str(dtype).removeprefix("torch.")
+    t = torch.from_numpy(u8.view(np_storage(name)))
+    return t.view(torch.bfloat16) if dtype == torch.bfloat16 else t
+
+
+def _check_options(expert_budget, lossy_alpha, policy) -> None:
+    """Refuse bad options before a load takes anything."""
+    if expert_budget is not None and (isinstance(expert_budget, bool) or not isinstance(
+            expert_budget, (int, float)) or not expert_budget > 0
+            or (isinstance(expert_budget, float) and expert_budget > 1.0)):
+        raise ValueError(f"expert_budget must be a fraction in (0, 1] or a byte count, "
+                         f"got {expert_budget!r}")
+    if not isinstance(lossy_alpha, (int, float)) or not lossy_alpha >= 0:
+        raise ValueError(f"lossy_alpha must be >= 0, got {lossy_alpha!r}")
+    if isinstance(policy, str) and policy not in {p.value for p in PolicyName}:
+        raise ValueError(f"policy {policy!r}; choose one of "
+                         f"{', '.join(p.value for p in PolicyName)}")

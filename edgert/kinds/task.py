@@ -16,13 +16,16 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import weakref
 from collections import deque
 
 import numpy as np
 
 from ..engines.onnx_engine import OnnxEngine, PrepackedSession
 from ..errors import BudgetExceeded, UnsupportedModel
+from ..stats import summary
 from ..weights.switcher import SwitchResult, TaskSwitcher
+from .base import Call, LoadedModel
 
 log = logging.getLogger(__name__)
 SKELETON = "onnx_skeleton"
@@ -33,39 +36,44 @@ PREPACK_MODES = ("auto", "sync", "off")
 HISTORY = 1024           # switch and run timings kept for stats()
 
 
-class TaskModel:
-    def __init__(self, rt, reader, *, task: str | None = None, prepack: str = "auto",
-                 keep_displaced: bool = True):
+class TaskModel(LoadedModel):
+    """Task models of one ``onnx-tasks`` pack, one active at a time. Thread-safe: every
+    public method takes the model's lock; ``run(inputs, task=t)`` switches and runs under
+    it, so callers sharing one model each get their own task's outputs."""
+
+    kind = "tasks"
+
+    def __init__(self, rt, reader, name: str, *, task: str | None = None,
+                 prepack: str = "auto", keep_displaced: bool = True):
         if prepack not in PREPACK_MODES:
             raise ValueError(f"prepack={prepack!r}; choose one of {', '.join(PREPACK_MODES)}")
         if SKELETON not in reader.sections:
             raise UnsupportedModel(f"{reader.path}: no {SKELETON!r} section; pack it with "
                                    "`edgert pack onnx`")
-        self.rt, self.reader, self.prepack = rt, reader, prepack
-        self.storage = rt.open_storage(reader.path)
-        self.switcher = TaskSwitcher(reader, rt.arena.pool("weights"), self.storage,
-                                     keep_displaced=keep_displaced)
-        cfg = rt.config
-        try:
-            self.engine = OnnxEngine(reader.sections[SKELETON], self.switcher.tensors(),
-                                     providers=cfg.providers, threads=cfg.threads)
-        except BaseException:
-            self.switcher.close()           # give the run of slots back
-            raise
-        self._lock = threading.RLock()
+        if task is not None:
+            reader.task(task)                   # UnknownTask before anything is taken
+        super().__init__(rt, reader, name)
+        self.prepack = prepack
+        self._charge = f"{name}: pre-packed session"
         self._gen = 0                       # bumped by every switch that changes weights
         self._fast: PrepackedSession | None = None
         self._building: threading.Thread | None = None
-        self._charge = f"onnx pre-packed session ({reader.path})"
         self._runs_since_switch = 0
         self._run_ms: deque[float] = deque(maxlen=HISTORY)
         self._prepack_builds: list[float] = []
         self._prepack_skipped = ""
-        self.dense_bytes = sum(a.nbytes for a in self.switcher.tensors().values())
         try:
-            self.switch(task if task is not None else reader.tasks[0])
+            self.switcher = self._own(TaskSwitcher(reader, rt.arena, name,
+                                                   keep_displaced=keep_displaced,
+                                                   lock=self._lock))
+            self._own(Call(rt.arena.discharge, self._charge))
+            cfg = rt.config
+            self.engine = OnnxEngine(reader.sections[SKELETON], self.switcher.tensors(),
+                                     providers=cfg.providers, threads=cfg.threads)
+            self.dense_bytes = sum(a.nbytes for a in self.switcher.tensors().values())
+            self._switch(task if task is not None else reader.tasks[0])
         except BaseException:
-            self.switcher.close()
+            self.close()                        # a failed load gives back what it took
             raise
 
     @property
@@ -76,29 +84,41 @@ class TaskModel:
     def tasks(self) -> list[str]:
         return self.reader.tasks
 
+    @property
+    def storage(self):
+        """The pack's storage (read mode, counters)."""
+        return self.reader.storage
+
     # --- switching -----------------------------------------------------------------------
     def switch(self, task: str) -> SwitchResult:
         """Make ``task`` active. UnknownTask, PackCorrupt or BudgetExceeded leave the
         previous task active and runnable."""
         with self._lock:
-            if len(self.switcher.changed_positions(task)):
-                self._drop_fast()           # NOTE: before any weight byte changes
-            res = self.switcher.switch(task)
-            self._runs_since_switch = 0
-            self._prepack_skipped = ""
-            if self.prepack == "sync":
-                self._start_prepack(wait=True)
-            return res
+            self._check_open()
+            return self._switch(task)
+
+    def _switch(self, task: str) -> SwitchResult:
+        if len(self.switcher.changed_positions(task)):
+            self._drop_fast()           # NOTE: before any weight byte changes
+        res = self.switcher.switch(task)
+        self._runs_since_switch = 0
+        self._prepack_skipped = ""
+        if self.prepack == "sync":
+            self._start_prepack(wait=True)
+        return res
 
     def prewarm(self, tasks: list[str]) -> dict:
         with self._lock:
+            self._check_open()
             return self.switcher.prewarm(list(tasks))
 
     # --- running -------------------------------------------------------------------------
     def run(self, inputs: dict, task: str | None = None) -> dict[str, np.ndarray]:
+        """Outputs of the active task, or of ``task`` (switched to first, atomically)."""
         with self._lock:
+            self._check_open()
             if task is not None and task != self.active:
-                self.switch(task)
+                self._switch(task)
             if self.active is None:
                 raise RuntimeError("no task is active (a failed switch could not restore it); "
                                    "call switch()")
@@ -134,21 +154,20 @@ class TaskModel:
             return
         gen = self._gen
         if wait:
-            self._build(gen)
+            _build(weakref.ref(self), self.engine, gen)
             return
-        self._building = threading.Thread(target=self._build, args=(gen,), daemon=True,
-                                          name="edgert-prepack")
+        # NOTE: the thread holds a weak reference: a model dropped mid-build is collected
+        self._building = threading.Thread(target=_build, args=(weakref.ref(self), self.engine,
+                                                               gen),
+                                          daemon=True, name="edgert-prepack")
         self._building.start()
 
-    def _build(self, gen: int) -> None:
-        try:
-            sess = self.engine.build_prepacked()
-        except Exception as e:  # ORT refused: keep running on bound weights
-            log.warning("pre-packed session build failed: %s", e)
-            sess = None
+    def _built(self, sess, gen: int) -> None:
         with self._lock:
             if threading.current_thread() is self._building:
                 self._building = None
+            if self.closed:
+                return
             if sess is not None and gen == self._gen:
                 self._fast = sess
                 self._prepack_builds.append(sess.build_seconds)
@@ -162,45 +181,50 @@ class TaskModel:
         self._fast = None
         if self._building is None:
             self.rt.arena.discharge(self._charge)
-        # NOTE: a build still running copies weights that are about to change; _build sees
+        # NOTE: a build still running copies weights that are about to change; _built sees
         # the generation moved on, throws the session away and discharges.
 
     # --- accounting ----------------------------------------------------------------------
     def stats(self) -> dict:
         with self._lock:
+            self._check_open()
             sw = self.switcher.stats()
             hist = self.switcher.history
             runs = list(self._run_ms)
             return {**sw,
+                    "name": self.name, "kind": self.kind,
                     "tasks": self.tasks,
                     "last_switch": vars(hist[-1]) if hist else None,
-                    "switch_ms": _summary([1e3 * r.seconds for r in hist]),
-                    "run_ms": _summary(runs), "runs": len(runs),
-                    "storage": self.storage.stats(),
+                    "switch_ms": summary([1e3 * r.seconds for r in hist]),
+                    "run_ms": summary(runs), "runs": len(runs),
+                    "storage": self.reader.storage.stats(),
                     "engine": {"providers": self.engine.active_providers,
                                "session_build_s": self.engine.build_seconds,
                                "prepacked": self._fast is not None,
                                "prepack_mode": self.prepack,
                                "prepack_builds_s": list(self._prepack_builds),
                                "prepack_skipped": self._prepack_skipped},
-                    "memory": {"dense_task_bytes": self.dense_bytes,
-                               "weights_pool": self.switcher.pool.stats(),
-                               "engine_extra": self.rt.arena.stats()["extra"]}}
+                    "memory": {"dense_task_bytes": self.dense_bytes, **self.memory()}}
 
     def close(self) -> None:
+        """Stop a pre-packing build, give back the run, spare blocks, charge and pack file."""
         with self._lock:
-            self._drop_fast()
+            if not self.closed:
+                self._drop_fast()
             building = self._building
-        if building is not None:
+        if building is not None and building is not threading.current_thread():
             building.join()
-        with self._lock:
-            self.switcher.close()
-            self.storage.close()
+        super().close()
+        self._fast = None
 
 
-def _summary(xs: list[float]) -> dict:
-    if not xs:
-        return {}
-    a = np.asarray(xs)
-    return {"n": len(a), "p50": float(np.median(a)), "p99": float(np.percentile(a, 99)),
-            "min": float(a.min()), "max": float(a.max())}
+def _build(ref, engine, gen: int) -> None:
+    """Build a pre-packed session off the caller's thread; hand it to the model if it lives."""
+    try:
+        sess = engine.build_prepacked()
+    except Exception as e:  # ORT refused: keep running on bound weights
+        log.warning("pre-packed session build failed: %s", e)
+        sess = None
+    m = ref()
+    if m is not None:
+        m._built(sess, gen)

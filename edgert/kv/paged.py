@@ -8,7 +8,8 @@ per 16 tokens, whatever the depth of the model.
 Two layers, vLLM style:
 - ``PagePool`` owns pages: arena slots, ref counts, and an O(1) LRU list of pages whose
   ref count fell to zero. Such a page keeps its arena slot and its contents until it is
-  handed out again (oldest first); ``on_evict(page_id)`` is called at that moment.
+  handed out again (oldest first) or the arena reclaims it for another model;
+  ``on_evict(page_id)`` is called at that moment.
   NOTE: that is the seam for prefix reuse: a hash -> page map can revive a ref-0 page
   with ``incref`` and forgets it in ``on_evict``; host/disk tiers copy ``page(id)`` out.
 - ``PagedKV`` owns sequences: a block table (page ids in token order) and a length per
@@ -17,52 +18,69 @@ Two layers, vLLM style:
 """
 from __future__ import annotations
 
+import threading
+import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
+from edgert.align import align_up
 from edgert.errors import BudgetExceeded
+from edgert.memory.arena import PAGE, SlotPool
 
 PAGE_TOKENS = 16
-SLOT_ALIGN = 4096
 
 _NP_OF = {torch.float32: np.float32, torch.float16: np.float16, torch.bfloat16: np.uint16}
 
 
 class PagePool:
-    """Fixed-size KV pages over an arena slot pool, addressed by id (= arena slot id)."""
+    """Fixed-size KV pages, each its own arena slot, addressed by id (= the slot id).
 
-    def __init__(self, pool, num_layers: int, num_kv_heads: int, head_dim: int,
-                 dtype: torch.dtype = torch.float32, to_device=None):
+    Pages come from free arena memory first (so idle pages stay cached), then from the
+    pool's own idle pages (oldest first), then from other models' cache (the arena
+    reclaims it). ``cap`` bounds the bytes of pages (the config's ``memory.kv``). Idle
+    pages are cache: the arena may take them back (`reclaimable` / `reclaim`), calling
+    ``on_evict`` as when they are handed out again.
+    """
+
+    def __init__(self, arena, label: str, num_layers: int, num_kv_heads: int, head_dim: int,
+                 dtype: torch.dtype = torch.float32, to_device=None, cap: int | None = None):
         """`to_device(cpu_view) -> tensor`: where the engine reads pages (None = the CPU
         view itself; `Arena.on_gpu` for a zero-copy CUDA view of the same slot)."""
         self.page_shape = (num_layers, 2, num_kv_heads, PAGE_TOKENS, head_dim)
         self.dtype = dtype
         nbytes = int(np.prod(self.page_shape)) * torch.empty((), dtype=dtype).element_size()
-        self.page_bytes = -(-nbytes // SLOT_ALIGN) * SLOT_ALIGN
-        if pool.slot_size != self.page_bytes:
-            pool.carve(self.page_bytes)  # RuntimeError if another user holds slots
-        self._pool = pool
+        self.page_bytes = align_up(nbytes)
+        self.label = label
+        self._pool = SlotPool(arena, label, self.page_bytes, cap=cap)
         self._to_device = to_device
         self._nbytes = nbytes
         self._pages: dict[int, torch.Tensor] = {}   # page id -> tensor view (held pages)
         self.ref: dict[int, int] = {}                # page id -> ref count (held pages)
-        self._idle: OrderedDict[int, None] = OrderedDict()  # ref 0, oldest first
+        self._idle: OrderedDict[int, float] = OrderedDict()  # ref 0, oldest first -> since
+        self._lock = threading.Lock()   # NOTE: not reentrant: the arena's reclaim from inside
+        #                                 our own allocate() skips us instead of re-entering
         self.on_evict = None                         # callable(page_id) or None
         self.allocations = 0
         self.peak_in_use = 0
+        self.reclaimed = 0
+        arena.register(self)
 
     @property
-    def capacity(self) -> int:
-        """Pages this pool can ever hold (the arena's kv pool / page size)."""
-        return self._pool.capacity
+    def capacity(self) -> int | None:
+        """Pages this pool may ever hold (its cap), None when uncapped."""
+        return self._pool.cap
 
     @property
     def num_free(self) -> int:
-        """Pages that `allocate` can hand out now (never used + idle)."""
-        return self._pool.free_count + len(self._idle)
+        """Pages `allocate` can hand out without taking other models' cache: idle pages,
+        plus new ones that fit the arena's free memory and the cap."""
+        room = self._pool.arena.free_pages * PAGE // self.page_bytes
+        if self._pool.cap is not None:
+            room = min(room, self._pool.cap - self._pool.count)
+        return len(self._idle) + max(0, room)
 
     @property
     def num_in_use(self) -> int:
@@ -70,60 +88,105 @@ class PagePool:
 
     def allocate(self, n: int) -> list[int]:
         """`n` pages with ref count 1. BudgetExceeded before any change when they do not fit."""
-        if n > self.num_free:
-            raise BudgetExceeded(f"kv pages ({n} x {PAGE_TOKENS} tokens)", n * self.page_bytes,
-                                 self.num_free * self.page_bytes)
-        fresh = self._pool.alloc(min(n, self._pool.free_count)) if n else []
-        for pid in fresh:
-            view = self._pool.view(pid)[: self._nbytes].view(_NP_OF[self.dtype])
-            t = torch.from_numpy(view)
-            if self.dtype == torch.bfloat16:
-                t = t.view(torch.bfloat16)
-            t = t.view(self.page_shape)
-            self._pages[pid] = t if self._to_device is None else self._to_device(t)
-        reused = []
-        while len(fresh) + len(reused) < n:
-            pid, _ = self._idle.popitem(last=False)
-            if self.on_evict is not None:
-                self.on_evict(pid)
-            reused.append(pid)
-        ids = fresh + reused
-        for pid in ids:
-            self.ref[pid] = 1
-        self.allocations += n
-        self.peak_in_use = max(self.peak_in_use, self.num_in_use)
-        return ids
+        with self._lock:
+            fresh: list[int] = []
+            while len(fresh) < n:
+                s = self._pool.try_alloc(reclaim=False)
+                if s is None:
+                    break
+                fresh.append(s)
+            reuse = min(n - len(fresh), len(self._idle))
+            more = n - len(fresh) - reuse
+            if more:
+                try:
+                    fresh += self._pool.alloc(more, reclaim=True)
+                except BudgetExceeded as e:
+                    self._pool.free(fresh)
+                    raise BudgetExceeded(f"{self.label}: {n} kv pages ({n * PAGE_TOKENS} "
+                                         f"tokens); {e}", n * self.page_bytes,
+                                         (len(fresh) + reuse) * self.page_bytes) from None
+            for pid in fresh:
+                view = self._pool.view(pid)[: self._nbytes].view(_NP_OF[self.dtype])
+                t = torch.from_numpy(view)
+                if self.dtype == torch.bfloat16:
+                    t = t.view(torch.bfloat16)
+                t = t.view(self.page_shape)
+                self._pages[pid] = t if self._to_device is None else self._to_device(t)
+            reused = []
+            for _ in range(reuse):
+                pid, _ = self._idle.popitem(last=False)
+                if self.on_evict is not None:
+                    self.on_evict(pid)
+                reused.append(pid)
+            ids = fresh + reused
+            for pid in ids:
+                self.ref[pid] = 1
+            self.allocations += n
+            self.peak_in_use = max(self.peak_in_use, self.num_in_use)
+            return ids
 
     def incref(self, pid: int) -> None:
         """Share a held page (also revives an idle one, e.g. a cached prefix page)."""
-        assert pid in self.ref, f"page {pid} is not held"
-        if self.ref[pid] == 0:
-            del self._idle[pid]
-        self.ref[pid] += 1
-        self.peak_in_use = max(self.peak_in_use, self.num_in_use)
+        with self._lock:
+            assert pid in self.ref, f"page {pid} is not held"
+            if self.ref[pid] == 0:
+                del self._idle[pid]
+            self.ref[pid] += 1
+            self.peak_in_use = max(self.peak_in_use, self.num_in_use)
 
     def decref(self, pids) -> None:
-        for pid in pids:
-            assert self.ref.get(pid, 0) > 0, f"page {pid} released more often than taken"
-            self.ref[pid] -= 1
-            if self.ref[pid] == 0:
-                self._idle[pid] = None  # most recently freed at the end
+        with self._lock:
+            now = time.monotonic()
+            for pid in pids:
+                assert self.ref.get(pid, 0) > 0, f"page {pid} released more often than taken"
+                self.ref[pid] -= 1
+                if self.ref[pid] == 0:
+                    self._idle[pid] = now  # most recently freed at the end
 
     def page(self, pid: int) -> torch.Tensor:
         """Page `pid` as a tensor [layers, 2, kv_heads, 16, head_dim] (zero copy)."""
         return self._pages[pid]
 
+    # --- the arena takes idle pages back -------------------------------------------------
+    def reclaimable(self) -> list[tuple[int, int, float]]:
+        if not self._lock.acquire(blocking=False):
+            return []
+        try:
+            pages = self.page_bytes // PAGE
+            return [(pid, pages, t) for pid, t in self._idle.items()]
+        finally:
+            self._lock.release()
+
+    def reclaim(self, pids: list[int]) -> int:
+        if not self._lock.acquire(blocking=False):
+            return 0
+        try:
+            gone = [p for p in pids if p in self._idle]
+            for pid in gone:
+                del self._idle[pid]
+                if self.on_evict is not None:
+                    self.on_evict(pid)
+                del self.ref[pid], self._pages[pid]
+            self._pool.free(gone)
+            self.reclaimed += len(gone)
+            return len(gone)
+        finally:
+            self._lock.release()
+
     def close(self) -> None:
-        """Give every slot back to the arena. All sequences must be released first."""
-        assert self.num_in_use == 0, f"{self.num_in_use} kv pages still referenced"
-        if self._pages:
-            self._pool.free(list(self._pages))
-        self._pages.clear(), self.ref.clear(), self._idle.clear()
+        """Give every page back to the arena (sequences still holding pages lose them)."""
+        with self._lock:
+            self._pool.arena.unregister(self)
+            self._pages.clear(), self.ref.clear(), self._idle.clear()
+            self._pool.close()
 
     def stats(self) -> dict:
-        return {"page_tokens": PAGE_TOKENS, "page_bytes": self.page_bytes,
-                "capacity": self.capacity, "in_use": self.num_in_use, "idle": len(self._idle),
-                "peak_in_use": self.peak_in_use, "allocations": self.allocations}
+        with self._lock:
+            return {"page_tokens": PAGE_TOKENS, "page_bytes": self.page_bytes,
+                    "cap_pages": self.capacity, "held": self._pool.count,
+                    "in_use": self.num_in_use, "idle": len(self._idle),
+                    "peak_in_use": self.peak_in_use, "allocations": self.allocations,
+                    "reclaimed": self.reclaimed}
 
 
 @dataclass

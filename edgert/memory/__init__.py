@@ -1,5 +1,5 @@
-"""The memory edgert owns (Arena, SlotPool) and the reads that fill it (Storage)."""
-from .arena import Arena, SlotPool
+"""The memory edgert owns (Arena, its Leases and SlotPools) and the reads that fill it."""
+from .arena import Arena, Lease, SlotPool
 from .storage import Storage
 
-__all__ = ["Arena", "SlotPool", "Storage"]
+__all__ = ["Arena", "Lease", "SlotPool", "Storage"]

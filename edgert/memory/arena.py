@@ -1,126 +1,67 @@
-"""Arena: the one block of memory edgert owns, cut into fixed-size slots per pool.
+"""Arena: the one block of memory edgert owns, shared by every model loaded from a Runtime.
 
-The arena maps ``weights + experts + kv`` bytes once, at start. Each pool is a fixed
-byte range of it; a consumer carves its pool into equal slots of the size it needs
-(a pack's block size, an expert's extent, a KV page). Equal slots mean no
-fragmentation inside a pool by construction.
+The arena maps ``memory.total - memory.engine`` bytes once, at start, and hands them out
+as *extents*: runs of whole 4 KiB pages, each owned by one consumer under a label
+("tasks.edgepack: task weights", "moe.edgepack: expert slots", ...). Consumers keep their
+own geometry: a task run is one extent, a block cache or an expert cache is a `SlotPool`
+of equal slots of the size *it* needs, each slot its own extent. Nothing depends on which
+model was loaded first.
 
-``memory.total`` minus the three pools is the allowance for memory an engine must
-allocate itself (for example ONNX Runtime's pre-packed weights); it is not mapped
-here but is accounted with ``charge()``/``discharge()`` so that it, too, never
-passes the budget.
+Memory is *held* (a task's weights, an MoE model's dense weights, pinned experts, KV pages
+in use) or *cached* (spare task blocks, unpinned experts above a model's minimum, idle KV
+pages). Caches register a `Reclaimer` with the arena. When an allocation does not fit in
+free pages and may reclaim (a load, a KV page for a request), the arena takes cache back:
+
+1. the least recently used cached extent, across every consumer, that is large enough;
+2. for a request larger than any cached extent (a model's weights), the cached extents
+   of the window of free-or-cached pages that needs the fewest cached pages evicted.
+
+Held memory is never taken. If free + cached memory cannot hold the request (or no window
+without held pages exists), `BudgetExceeded` says who holds what; nothing has changed.
+Caches that grow on their own (a block kept on switch, a prefetched expert) use only free
+memory and then recycle their own slots.
+
+``memory.engine`` is the allowance for memory an engine allocates itself (ONNX Runtime's
+pre-packed sessions): not mapped here, accounted with ``charge()``/``discharge()``.
 """
 from __future__ import annotations
 
-import heapq
+import bisect
 import logging
 import mmap
+import threading
 import weakref
+from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 
+from ..align import ALIGN
 from ..config import DeviceConfig
 from ..errors import BudgetExceeded
 
 log = logging.getLogger(__name__)
-POOLS = ("weights", "experts", "kv")
-SLOT_ALIGN = 4096  # O_DIRECT needs 4 KiB-aligned buffers; every slot starts on one
+PAGE = ALIGN            # allocation unit: O_DIRECT-aligned, so every extent is a read target
+RECLAIM_ROUNDS = 64     # reclaim attempts per allocation before giving up (caches may be busy)
 
 
-class SlotPool:
-    """Fixed-size slots over one byte range of the arena: free list, runs, accounting."""
+class Reclaimer(Protocol):
+    """A consumer whose memory is partly cache. Both calls may be made from any thread and
+    must not block on the consumer's own lock (try it; report nothing when it is busy)."""
+    label: str
 
-    def __init__(self, name: str, memory: np.ndarray):
-        self.name = name
-        self._mem = memory          # uint8 view of this pool's bytes
-        self.bytes = len(memory)
-        self.slot_size = 0
-        self.capacity = 0
-        self._used = bytearray()    # 1 = slot in use; index = slot id
-        self._free: list[int] = []  # min-heap of free slot ids: low ids first keeps runs open
-        self.in_use = 0
-        self.peak = 0
+    def reclaimable(self) -> list[tuple[int, int, float]]:
+        """Extents it would give back now: (first page, pages, last use as time.monotonic())."""
 
-    def carve(self, slot_size: int) -> int:
-        """Cut the pool into slots of ``slot_size`` bytes; returns how many fit."""
-        if slot_size <= 0 or slot_size % SLOT_ALIGN:
-            raise ValueError(f"slot size {slot_size} must be a positive multiple of {SLOT_ALIGN}")
-        if self.in_use:
-            raise RuntimeError(f"pool {self.name}: cannot re-carve with {self.in_use} slots in use")
-        self.slot_size = slot_size
-        self.capacity = self.bytes // slot_size
-        self._used = bytearray(self.capacity)
-        self._free = list(range(self.capacity))  # sorted, so already a heap
-        return self.capacity
+    def reclaim(self, pages: list[int]) -> int:
+        """Give back the extents starting at `pages` that are still reclaimable (each via
+        `arena.free`); returns how many it gave back."""
 
-    def _need(self, n: int, what: str) -> None:
-        if not self.slot_size:
-            raise RuntimeError(f"pool {self.name} has not been carved into slots")
-        if n > len(self._free):
-            raise BudgetExceeded(f"{self.name} pool: {what}", n * self.slot_size,
-                                 len(self._free) * self.slot_size)
 
-    def _mark(self, ids) -> None:
-        for i in ids:
-            self._used[i] = 1
-        self.in_use += len(ids)
-        self.peak = max(self.peak, self.in_use)
-
-    def alloc(self, n: int = 1) -> list[int]:
-        """``n`` slots (not necessarily adjacent). BudgetExceeded before any change."""
-        self._need(n, f"{n} slots")
-        ids = [heapq.heappop(self._free) for _ in range(n)]
-        self._mark(ids)
-        return ids
-
-    def alloc_run(self, n: int) -> int:
-        """``n`` adjacent slots, first fit; the first slot id."""
-        self._need(n, f"a run of {n} adjacent slots")
-        start = self._used.find(bytes(n)) if n else 0
-        if start < 0:
-            raise BudgetExceeded(f"{self.name} pool: no run of {n} adjacent free slots",
-                                 n * self.slot_size, (self.capacity - self.in_use) * self.slot_size)
-        ids = range(start, start + n)
-        taken = set(ids)
-        self._free = [i for i in self._free if i not in taken]
-        heapq.heapify(self._free)
-        self._mark(ids)
-        return start
-
-    def free(self, ids) -> None:
-        for i in ids:
-            assert self._used[i], f"pool {self.name}: slot {i} freed twice"
-            self._used[i] = 0
-            heapq.heappush(self._free, i)
-            self.in_use -= 1
-
-    def free_run(self, first: int, n: int) -> None:
-        self.free(range(first, first + n))
-
-    def view(self, slot: int) -> np.ndarray:
-        """The slot's bytes (uint8, zero copy)."""
-        assert 0 <= slot < self.capacity
-        return self._mem[slot * self.slot_size:(slot + 1) * self.slot_size]
-
-    def view_run(self, first: int, n: int) -> np.ndarray:
-        assert 0 <= first and first + n <= self.capacity
-        return self._mem[first * self.slot_size:(first + n) * self.slot_size]
-
-    @property
-    def free_count(self) -> int:
-        return len(self._free)
-
-    @property
-    def in_use_bytes(self) -> int:
-        return self.in_use * self.slot_size
-
-    @property
-    def peak_bytes(self) -> int:
-        return self.peak * self.slot_size
-
-    def stats(self) -> dict:
-        return {"bytes": self.bytes, "slot_size": self.slot_size, "slots": self.capacity,
-                "in_use_bytes": self.in_use_bytes, "peak_bytes": self.peak_bytes}
+@dataclass
+class _Extent:
+    pages: int
+    label: str
 
 
 class Arena:
@@ -129,55 +70,204 @@ class Arena:
     def __init__(self, cfg: DeviceConfig):
         b = cfg.budget
         self.budget = b
-        sizes = {"weights": b.weights, "experts": b.experts, "kv": b.kv}
-        # round each pool down to whole 4 KiB pages so every slot is page aligned
-        sizes = {k: v - v % SLOT_ALIGN for k, v in sizes.items()}
-        self.mapped = sum(sizes.values())
+        self.mapped = (b.total - b.engine) // PAGE * PAGE
         flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
         if b.prefault and hasattr(mmap, "MAP_POPULATE"):
             flags |= mmap.MAP_POPULATE  # back every page now, not on the first switch
-        self._map = mmap.mmap(-1, max(self.mapped, SLOT_ALIGN), flags=flags)  # page aligned
+        self._map = mmap.mmap(-1, max(self.mapped, PAGE), flags=flags)  # page aligned
         self._mem = np.frombuffer(self._map, dtype=np.uint8)
+        self.pages = self.mapped // PAGE
         self._device_base = _pin_for_gpu(self._map, cfg) if cfg.device == "cuda" else None
         self._host_base = self._mem.ctypes.data
         # NOTE: a registration outlives the mapping unless undone, and a later arena mapped
         # at the same address would then fail to register: undo it when the arena goes.
         self._unpin = (weakref.finalize(self, _unpin, self._host_base, self._map)
                        if self._device_base is not None else None)
-        self._pools: dict[str, SlotPool] = {}
-        pos = 0
-        for name in POOLS:
-            self._pools[name] = SlotPool(name, self._mem[pos:pos + sizes[name]])
-            pos += sizes[name]
-        self.extra_allowance = b.total - sum((b.weights, b.experts, b.kv))
+        self._lock = threading.Lock()
+        # free runs of pages, sorted by start; parallel lists so bisect works on starts
+        self._free_start: list[int] = [0] if self.pages else []
+        self._free_len: list[int] = [self.pages] if self.pages else []
+        self._extents: dict[int, _Extent] = {}      # first page -> extent
+        self._by_label: dict[str, int] = {}         # label -> pages held
+        self.in_use_pages = 0
+        self.peak_pages = 0
+        self.reclaimed_bytes = 0
+        self._reclaimers: weakref.WeakSet = weakref.WeakSet()
+        self.extra_allowance = b.engine
         self._charges: dict[str, int] = {}
         self.extra_peak = 0
 
-    def pool(self, name: str) -> SlotPool:
-        try:
-            return self._pools[name]
-        except KeyError:
-            raise KeyError(f"no pool {name!r}; pools are {', '.join(POOLS)}") from None
+    # --- extents ---------------------------------------------------------------------------
+    def alloc(self, label: str, nbytes: int, *, reclaim: bool = True) -> int:
+        """A contiguous extent of at least ``nbytes`` (whole pages); its first page.
 
-    # --- memory an engine allocates outside the mapped pools -----------------------------
+        ``reclaim``: take cached memory of any consumer when free pages do not suffice.
+        BudgetExceeded before anything changes when the extent cannot be had."""
+        n = max(1, -(-int(nbytes) // PAGE))
+        with self._lock:
+            first = self._take(n, label)
+        if first is not None:
+            return first
+        if not reclaim:
+            raise self._refusal(label, n, "free memory (caches may not grow into others')")
+        for _ in range(RECLAIM_ROUNDS):
+            if not self._reclaim_for(n):
+                break
+            with self._lock:
+                first = self._take(n, label)
+            if first is not None:
+                return first
+        raise self._refusal(label, n, "free and reclaimable memory")
+
+    def free(self, first: int) -> None:
+        with self._lock:
+            ext = self._extents.pop(first)
+            self._by_label[ext.label] -= ext.pages
+            if not self._by_label[ext.label]:
+                del self._by_label[ext.label]
+            self.in_use_pages -= ext.pages
+            self._insert_free(first, ext.pages)
+
+    def view(self, first: int, nbytes: int | None = None) -> np.ndarray:
+        """The bytes of the extent at ``first`` (uint8, zero copy); ``nbytes`` of them."""
+        ext = self._extents[first]
+        n = ext.pages * PAGE if nbytes is None else nbytes
+        assert n <= ext.pages * PAGE
+        return self._mem[first * PAGE:first * PAGE + n]
+
+    def extent_pages(self, first: int) -> int:
+        return self._extents[first].pages
+
+    def register(self, reclaimer: Reclaimer) -> None:
+        """A cache the arena may take memory back from (held weakly)."""
+        self._reclaimers.add(reclaimer)
+
+    def unregister(self, reclaimer: Reclaimer) -> None:
+        self._reclaimers.discard(reclaimer)
+
+    # --- allocator internals (caller holds _lock) ----------------------------------------------
+    def _take(self, n: int, label: str) -> int | None:
+        for i, length in enumerate(self._free_len):   # first fit: low pages first
+            if length >= n:
+                first = self._free_start[i]
+                if length == n:
+                    del self._free_start[i], self._free_len[i]
+                else:
+                    self._free_start[i] += n
+                    self._free_len[i] -= n
+                self._extents[first] = _Extent(n, label)
+                self._by_label[label] = self._by_label.get(label, 0) + n
+                self.in_use_pages += n
+                self.peak_pages = max(self.peak_pages, self.in_use_pages)
+                return first
+        return None
+
+    def _insert_free(self, first: int, n: int) -> None:
+        i = bisect.bisect_left(self._free_start, first)
+        starts, lens = self._free_start, self._free_len
+        if i > 0 and starts[i - 1] + lens[i - 1] == first:          # merge with the left run
+            i -= 1
+            lens[i] += n
+        else:
+            starts.insert(i, first)
+            lens.insert(i, n)
+        if i + 1 < len(starts) and starts[i] + lens[i] == starts[i + 1]:  # and the right one
+            lens[i] += lens[i + 1]
+            del starts[i + 1], lens[i + 1]
+
+    @property
+    def free_pages(self) -> int:
+        return sum(self._free_len)
+
+    # --- reclaim -------------------------------------------------------------------------------
+    def _candidates(self) -> list[tuple[float, int, int, Reclaimer]]:
+        out = []
+        for r in list(self._reclaimers):
+            for first, pages, last in r.reclaimable():
+                out.append((last, first, pages, r))
+        return out
+
+    def _reclaim_for(self, n: int) -> bool:
+        """Give back cache so that a run of ``n`` pages may fit; False when it cannot."""
+        cands = self._candidates()
+        if self.free_pages + sum(c[2] for c in cands) < n:
+            return False
+        big = sorted((c for c in cands if c[2] >= n), key=lambda c: c[0])
+        if big:
+            chosen = big[:1]
+        else:
+            chosen = self._window(n, cands)
+            if not chosen:
+                return False
+        by_owner: dict[int, tuple[Reclaimer, list[int]]] = {}
+        for _, first, pages, r in chosen:
+            by_owner.setdefault(id(r), (r, []))[1].append(first)
+        before = self.free_pages
+        for r, firsts in by_owner.values():
+            r.reclaim(firsts)
+        gained = self.free_pages - before
+        self.reclaimed_bytes += max(0, gained) * PAGE
+        return gained > 0
+
+    def _window(self, n: int, cands) -> list:
+        """The cached extents inside the window of ``n`` pages without held pages that needs
+        the fewest cached pages evicted (lowest address among equals)."""
+        with self._lock:
+            state = np.ones(self.pages, np.int8)          # 1 held, 0 free, 2 cached
+            for s, length in zip(self._free_start, self._free_len):
+                state[s:s + length] = 0
+        for _, first, pages, _ in cands:
+            state[first:first + pages] = 2
+        held = np.concatenate(([0], np.cumsum(state == 1)))
+        cached = np.concatenate(([0], np.cumsum(state == 2)))
+        ok = (held[n:] - held[:-n]) == 0
+        if not ok.any():
+            return []
+        cost = np.where(ok, cached[n:] - cached[:-n], np.iinfo(np.int64).max)
+        lo = int(np.argmin(cost))
+        return [c for c in cands if c[1] < lo + n and c[1] + c[2] > lo]
+
+    def _refusal(self, label: str, n: int, what: str) -> BudgetExceeded:
+        cached = {}
+        for _, _, pages, r in self._candidates():
+            cached[r.label] = cached.get(r.label, 0) + pages * PAGE
+        with self._lock:
+            holders = dict(self._by_label)
+            free = self.free_pages * PAGE
+            largest = max(self._free_len, default=0) * PAGE
+        parts = [f"{lab} {pages * PAGE / 2**20:.1f} MiB"
+                 + (f" ({cached[lab] / 2**20:.1f} reclaimable)" if cached.get(lab) else "")
+                 for lab, pages in sorted(holders.items(), key=lambda kv: -kv[1])]
+        err = BudgetExceeded(
+            f"{label}: a contiguous {n * PAGE} bytes from {what}; arena {self.mapped / 2**20:.1f}"
+            f" MiB, free {free / 2**20:.1f} MiB (largest run {largest / 2**20:.1f} MiB); held by: "
+            + ("; ".join(parts) or "nobody"), n * PAGE, free + sum(cached.values()))
+        err.holders = {lab: pages * PAGE for lab, pages in holders.items()}
+        return err
+
+    # --- memory an engine allocates outside the arena ---------------------------------------
     def charge(self, what: str, nbytes: int) -> None:
         """Account ``nbytes`` an engine allocates outside the arena; call before allocating.
-        Taken from the unpooled allowance (``total`` minus the three pools)."""
-        available = self.extra_allowance - sum(self._charges.values())
-        if nbytes > available:
-            raise BudgetExceeded(what, nbytes, available)
-        self._charges[what] = self._charges.get(what, 0) + nbytes
-        self.extra_peak = max(self.extra_peak, sum(self._charges.values()))
+        Taken from the engine allowance (``memory.engine``)."""
+        with self._lock:
+            available = self.extra_allowance - sum(self._charges.values())
+            if nbytes > available:
+                raise BudgetExceeded(f"{what} (engine allowance memory.engine)", nbytes,
+                                     available)
+            self._charges[what] = self._charges.get(what, 0) + nbytes
+            self.extra_peak = max(self.extra_peak, sum(self._charges.values()))
 
     def discharge(self, what: str) -> None:
-        self._charges.pop(what, None)
+        with self._lock:
+            self._charges.pop(what, None)
 
     @property
     def extra_in_use(self) -> int:
         return sum(self._charges.values())
 
     def in_use_bytes(self) -> int:
-        return sum(p.in_use_bytes for p in self._pools.values()) + self.extra_in_use
+        """Arena bytes held by anyone (cache included) plus engine charges."""
+        return self.in_use_pages * PAGE + self.extra_in_use
 
     def close(self) -> None:
         """Unpin the arena for the GPU now (else when the arena is garbage-collected). The
@@ -210,11 +300,125 @@ class Arena:
             t.shape, dtype=t.dtype, device="cuda")
 
     def stats(self) -> dict:
-        return {"budget_total": self.budget.total, "mapped": self.mapped,
-                "pools": {n: p.stats() for n, p in self._pools.items()},
-                "extra": {"allowance": self.extra_allowance, "in_use": self.extra_in_use,
-                          "peak": self.extra_peak, "charges": dict(self._charges)},
-                "in_use_bytes": self.in_use_bytes()}
+        """Every byte of the arena attributed: per label, held and reclaimable."""
+        cached: dict[str, int] = {}
+        for _, _, pages, r in self._candidates():
+            cached[r.label] = cached.get(r.label, 0) + pages * PAGE
+        with self._lock:
+            holders = {lab: {"bytes": pages * PAGE, "reclaimable": cached.get(lab, 0)}
+                       for lab, pages in sorted(self._by_label.items())}
+            return {"budget_total": self.budget.total, "mapped": self.mapped,
+                    "in_use_bytes": self.in_use_pages * PAGE,
+                    "free_bytes": self.free_pages * PAGE,
+                    "reclaimable_bytes": sum(cached.values()),
+                    "largest_free_run": max(self._free_len, default=0) * PAGE,
+                    "peak_bytes": self.peak_pages * PAGE,
+                    "reclaimed_bytes": self.reclaimed_bytes,
+                    "holders": holders,
+                    "engine": {"allowance": self.extra_allowance, "in_use": self.extra_in_use,
+                               "peak": self.extra_peak, "charges": dict(self._charges)}}
+
+
+class Lease:
+    """One extent held by its owner; given back by ``close()`` or when the lease is collected.
+
+    The finalizer holds the arena and the page number, never the owner."""
+
+    def __init__(self, arena: Arena, label: str, nbytes: int, *, reclaim: bool = True):
+        self.arena, self.label, self.nbytes = arena, label, int(nbytes)
+        self.first = arena.alloc(label, nbytes, reclaim=reclaim)
+        self._fin = weakref.finalize(self, arena.free, self.first)
+
+    @property
+    def view(self) -> np.ndarray:
+        return self.arena.view(self.first)
+
+    def close(self) -> None:
+        self._fin()
+
+    @property
+    def closed(self) -> bool:
+        return not self._fin.alive
+
+
+class SlotPool:
+    """Equal slots of one consumer, each its own extent of the arena, addressed by slot id
+    (= the extent's first page, unique across the arena). Grows on demand; ``cap`` bounds it.
+
+    Slots go back to the arena on ``free``, ``close()`` or when the pool is collected."""
+
+    def __init__(self, arena: Arena, label: str, slot_size: int, cap: int | None = None):
+        if slot_size <= 0:
+            raise ValueError(f"slot size {slot_size} must be positive")
+        self.arena, self.label = arena, label
+        self.slot_size = -(-int(slot_size) // PAGE) * PAGE
+        self.cap = None if cap is None else int(cap) // self.slot_size   # slots
+        self._ids: set[int] = set()
+        self.peak = 0
+        self._fin = weakref.finalize(self, _free_all, arena, self._ids)
+
+    def alloc(self, n: int = 1, *, reclaim: bool = True) -> list[int]:
+        """``n`` new slots. BudgetExceeded (nothing kept) when they cannot all be had."""
+        if self.cap is not None and len(self._ids) + n > self.cap:
+            raise BudgetExceeded(f"{self.label}: {n} more slots past its cap of {self.cap}",
+                                 n * self.slot_size, (self.cap - len(self._ids)) * self.slot_size)
+        got: list[int] = []
+        try:
+            for _ in range(n):
+                got.append(self.arena.alloc(self.label, self.slot_size, reclaim=reclaim))
+        except BaseException:
+            for s in got:
+                self.arena.free(s)
+            raise
+        self._ids.update(got)
+        self.peak = max(self.peak, len(self._ids))
+        return got
+
+    def try_alloc(self, *, reclaim: bool = False) -> int | None:
+        """One new slot, or None when the arena (or the cap) has no room."""
+        try:
+            return self.alloc(1, reclaim=reclaim)[0]
+        except BudgetExceeded:
+            return None
+
+    def free(self, ids) -> None:
+        for i in list(ids):
+            assert i in self._ids, f"{self.label}: slot {i} freed twice or not ours"
+            self._ids.discard(i)
+            self.arena.free(i)
+
+    def view(self, slot: int) -> np.ndarray:
+        """The slot's bytes (uint8, zero copy)."""
+        return self.arena._mem[slot * PAGE:slot * PAGE + self.slot_size]
+
+    def __contains__(self, slot: int) -> bool:
+        return slot in self._ids
+
+    @property
+    def count(self) -> int:
+        return len(self._ids)
+
+    @property
+    def in_use_bytes(self) -> int:
+        return len(self._ids) * self.slot_size
+
+    @property
+    def peak_bytes(self) -> int:
+        return self.peak * self.slot_size
+
+    def close(self) -> None:
+        self._fin()
+
+    def stats(self) -> dict:
+        return {"label": self.label, "slot_size": self.slot_size, "slots": len(self._ids),
+                "cap_slots": self.cap, "in_use_bytes": self.in_use_bytes,
+                "peak_bytes": self.peak_bytes}
+
+
+def _free_all(arena: Arena, ids: set) -> None:
+    for i in list(ids):
+        arena.free(i)
+    ids.clear()
 
 
 def _pin_for_gpu(buf: mmap.mmap, cfg: DeviceConfig) -> int | None:

@@ -1,11 +1,11 @@
 """TaskSwitcher: the active task's tensors as dense views over one run of weight slots.
 
 Every task of an ``onnx-tasks`` pack has the same tensors (names, dtypes, shapes), so
-one layout serves all of them: each tensor starts 4 KiB-aligned inside a contiguous run
-of weight-pool slots, and block k of a tensor always lands at the same byte offset (a
-*position*). A switch A -> B rewrites only the positions whose block hash differs,
-copying from the spare-slot BlockCache when the block is resident and reading from
-storage (coalesced, verified) otherwise. The slots outside the run are the cache.
+one layout serves all of them: each tensor starts 4 KiB-aligned inside one contiguous
+extent of the arena (the *run*), and block k of a tensor always lands at the same byte
+offset (a *position*). A switch A -> B rewrites only the positions whose block hash
+differs, copying from the spare-block BlockCache when the block is resident and reading
+from the pack (the reader's one verified read path) otherwise.
 
 NOTE: a switch is all-or-nothing. Displaced blocks are kept in the cache where a slot
 is free or evictable; if a storage block fails its checksum, the positions already
@@ -15,60 +15,19 @@ active and runnable.
 from __future__ import annotations
 
 import logging
-import os
-import sys
 import threading
 import time
-from contextlib import contextmanager
-from concurrent.futures import ThreadPoolExecutor, as_completed, wait
 from dataclasses import dataclass
 
 import numpy as np
 
+from ..align import ALIGN, align_up
 from ..errors import BudgetExceeded, IncompatibleModels, PackCorrupt
-from ..memory import SlotPool, Storage
+from ..memory.arena import Arena, Lease
 from ..pack import PackReader
 from .block_cache import BlockCache
 
 log = logging.getLogger(__name__)
-ALIGN = 4096
-MAX_EXTENT = 1 << 20  # coalesce adjacent block reads up to 1 MiB (O_DIRECT peaks near 1 MiB here)
-IOV_MAX = min(1024, os.sysconf("SC_IOV_MAX")) if hasattr(os, "sysconf") else 1024
-READ_THREADS = 4      # extents read and verified concurrently: O_DIRECT at queue depth 1 gets
-                      # ~0.6 GB/s on this machine's disk, ~2 GB/s with a few reads in flight
-
-
-_gil_lock = threading.Lock()
-_gil_depth = 0
-_gil_saved = 0.0
-
-
-@contextmanager
-def short_gil_turns(interval: float = 2e-4):
-    """Let threads take turns on the GIL every `interval` s (Python's default is 5 ms).
-
-    While this thread hashes under the GIL, a reader whose read completed waits for a
-    turn before it can issue the next read: at 5 ms turns that wait, not the disk, set
-    the cold-switch time (measured: 18 ms -> 12 ms per switch on the demo pack). The
-    process-wide setting is restored when the last user leaves.
-    """
-    global _gil_depth, _gil_saved
-    with _gil_lock:
-        if _gil_depth == 0:
-            _gil_saved = sys.getswitchinterval()
-            sys.setswitchinterval(min(interval, _gil_saved))
-        _gil_depth += 1
-    try:
-        yield
-    finally:
-        with _gil_lock:
-            _gil_depth -= 1
-            if _gil_depth == 0:
-                sys.setswitchinterval(_gil_saved)
-
-
-def _align_up(n: int) -> int:
-    return (n + ALIGN - 1) // ALIGN * ALIGN
 
 
 @dataclass
@@ -94,28 +53,29 @@ class Slot:
 
 
 class TaskSwitcher:
-    def __init__(self, reader: PackReader, pool: SlotPool, storage: Storage, *,
-                 cache: BlockCache | None = None, keep_displaced: bool = True):
-        self.reader, self.pool, self.storage = reader, pool, storage
-        self.cache = cache if cache is not None else BlockCache(pool, storage, reader)
+    """The active task of one pack over a run of arena memory, and its spare-block cache.
+
+    ``label`` names the owner in the arena's accounting; ``lock`` (the owner's) serialises
+    the switcher and its cache."""
+
+    def __init__(self, reader: PackReader, arena: Arena, label: str, *,
+                 keep_displaced: bool = True, lock: threading.RLock | None = None):
+        self.reader, self.arena = reader, arena
+        self.lock = lock if lock is not None else threading.RLock()
         self.keep_displaced = keep_displaced
         self.layout = _layout(reader)
-        self.run_bytes = _align_up(max((s.offset + s.nbytes for s in self.layout.values()),
-                                       default=0))
-        n = -(-self.run_bytes // pool.slot_size)
-        if n > pool.free_count + self.cache.evictable:
-            raise BudgetExceeded(f"dense weights of a task of {reader.path}", n * pool.slot_size,
-                                 (pool.free_count + self.cache.evictable) * pool.slot_size)
-        if pool.free_count < n:      # make room: spare blocks are only a cache
-            self.cache.clear()
-        self.first_slot, self.n_slots = pool.alloc_run(n), n
-        self.run = pool.view_run(self.first_slot, n)            # uint8 [n * slot_size]
-        self._positions(reader)
+        self.run_bytes = align_up(max((s.offset + s.nbytes for s in self.layout.values()),
+                                      default=0))
+        self._positions(reader)                 # IncompatibleModels before anything is taken
+        # BudgetExceeded (naming the holders) before anything is read; other models' cache
+        # gives way first
+        self._lease = Lease(arena, f"{label}: task weights", self.run_bytes)
+        self.run = self._lease.view[:self.run_bytes]            # uint8 [run_bytes]
+        self.cache = BlockCache(arena, reader, f"{label}: spare task blocks", lock=self.lock)
         self.active: str | None = None
         self._cur = np.full(len(self.pos_off), -1, np.int64)    # hash id per position, -1 = empty
         self._cur_blk = np.full(len(self.pos_off), -1, np.int64)
         self.history: list[SwitchResult] = []
-        self._readers: ThreadPoolExecutor | None = None
 
     # --- layout --------------------------------------------------------------------------
     def _positions(self, reader: PackReader) -> None:
@@ -154,6 +114,10 @@ class TaskSwitcher:
 
     # --- switching -----------------------------------------------------------------------
     def switch(self, task: str) -> SwitchResult:
+        with self.lock:
+            return self._switch(task)
+
+    def _switch(self, task: str) -> SwitchResult:
         blk = self.task_blocks(task)
         t0 = time.perf_counter()
         res = SwitchResult(str(task))
@@ -166,13 +130,15 @@ class TaskSwitcher:
         try:
             if self.keep_displaced and self.active is not None:
                 res.kept = self._keep(diff)
-            written: list[int] = []
-            try:
-                res.bytes_read, res.reads = self._read(diff[~hit], blk, written)
-            except (PackCorrupt, OSError):
-                self._restore(written)
-                raise
-            run, view = self.run, self.pool.view
+            missing = diff[~hit]
+            if len(missing):
+                self.reader.check_unchanged()   # a replaced or cut pack: refuse, change nothing
+                try:
+                    res.bytes_read, res.reads = self._read(missing, blk)
+                except (PackCorrupt, OSError):
+                    self._restore(missing.tolist())
+                    raise
+            run, view = self.run, self.cache.pool.view
             for o, n, s in zip(self.pos_off[diff].tolist(), self.pos_len[diff].tolist(), slots):
                 if s is not None:
                     run[o:o + n] = view(s)[:n]
@@ -200,73 +166,12 @@ class TaskSwitcher:
             kept += 1
         return kept
 
-    def _extents(self, positions: np.ndarray, blk: np.ndarray):
-        """Group positions whose blocks lie back to back in the file (in file order).
-
-        Each group is read with one scatter read into its (possibly scattered) positions
-        of the run; the pack writer lays blocks out by which tasks use them, so a switch's
-        blocks form a few long extents.
-        """
-        blocks = self.reader.blocks
-        order = sorted(positions.tolist(), key=lambda p: blocks[blk[p]].offset)
-        group: list[int] = []
-        start = end = 0
-        for p in order:
-            ent = blocks[blk[p]]
-            if group and (ent.offset != end or end - start >= MAX_EXTENT
-                          or len(group) >= IOV_MAX):
-                yield group
-                group = []
-            if not group:
-                start = ent.offset
-            group.append(p)
-            end = ent.offset + _align_up(ent.length)
-        if group:
-            yield group
-
-    def _read(self, positions: np.ndarray, blk: np.ndarray,
-              written: list[int]) -> tuple[int, int]:
-        """Read the blocks at ``positions`` from storage straight into the run; verify each.
-
-        Reader threads only read (the kernel does the work, the GIL is free); this thread
-        verifies each extent as its read completes, so hashing overlaps the reads still in
-        flight. NOTE: blake3 holds the GIL for 64 KiB inputs, so hashing on the reader
-        threads would stall the others' reads. On any failure every read has finished
-        before this raises, so the caller can restore ``written`` safely."""
-        groups = list(self._extents(positions, blk))
-        for g in groups:
-            written.extend(g)
-        if len(groups) <= 1:
-            for g in groups:
-                self._read_extent(g, blk)
-                self._verify_extent(g, blk)
-            return sum(self._extent_bytes(g, blk) for g in groups), len(groups)
-        if self._readers is None:
-            self._readers = ThreadPoolExecutor(READ_THREADS, thread_name_prefix="edgert-read")
-        with short_gil_turns():
-            futures = {self._readers.submit(self._read_extent, g, blk): g for g in groups}
-            try:
-                for f in as_completed(futures):
-                    f.result()                      # re-raises a failed read
-                    self._verify_extent(futures[f], blk)
-            except BaseException:
-                wait(futures)                       # no read may land after the restore
-                raise
-        return sum(self._extent_bytes(g, blk) for g in groups), len(groups)
-
-    def _extent_bytes(self, group: list[int], blk: np.ndarray) -> int:
-        first, last = self.reader.blocks[blk[group[0]]], self.reader.blocks[blk[group[-1]]]
-        return last.offset + last.length - first.offset
-
-    def _read_extent(self, group: list[int], blk: np.ndarray) -> None:
-        views = [self.run[o:o + _align_up(int(n))]
-                 for o, n in zip(self.pos_off[group], self.pos_len[group])]
-        self.storage.read_scatter(self.reader.blocks[blk[group[0]]].offset, views)
-
-    def _verify_extent(self, group: list[int], blk: np.ndarray) -> None:
-        for p in group:
-            o, n = self.pos_off[p], self.pos_len[p]
-            self.reader.check_block(int(blk[p]), self.run[o:o + n])
+    def _read(self, positions: np.ndarray, blk: np.ndarray) -> tuple[int, int]:
+        """Read the blocks at ``positions`` from the pack straight into the run, verified
+        (the pack's one read path: coalesced O_DIRECT scatter reads)."""
+        views = [self.run[o:o + align_up(int(n))]
+                 for o, n in zip(self.pos_off[positions], self.pos_len[positions])]
+        return self.reader.read_into(blk[positions].tolist(), views)
 
     def _restore(self, positions: list[int]) -> None:
         """Put the active task's blocks back at ``positions`` after a failed switch."""
@@ -280,9 +185,7 @@ class TaskSwitcher:
                 if src is not None:
                     self.run[o:o + n] = src[:n]
                 else:
-                    self.storage.read_into(self.reader.blocks[b].offset, n,
-                                           self.run[o:o + _align_up(n)])
-                    self.reader.check_block(b, self.run[o:o + n])
+                    self.reader.read_into([b], [self.run[o:o + align_up(int(n))]])
         except (PackCorrupt, OSError):
             log.error("cannot restore task %s after a failed switch; no task is active",
                       self.active)
@@ -301,6 +204,10 @@ class TaskSwitcher:
     def prewarm(self, tasks: list[str]) -> dict:
         """Fill spare slots with blocks the named tasks need and the active task lacks,
         blocks needed by more of them first. Returns counts of what was loaded."""
+        with self.lock:
+            return self._prewarm(tasks)
+
+    def _prewarm(self, tasks: list[str]) -> dict:
         need: dict[int, int] = {}          # block index -> how many named tasks need it
         first_seen: dict[int, int] = {}
         for rank, t in enumerate(tasks):
@@ -309,7 +216,7 @@ class TaskSwitcher:
                 need[b] = need.get(b, 0) + 1
                 first_seen.setdefault(b, rank)
         order = sorted(need, key=lambda b: (-need[b], first_seen[b], b))
-        room = self.pool.free_count + self.cache.evictable
+        room = self.arena.free_pages * ALIGN // self.cache.pool.slot_size + self.cache.evictable
         wanted = order[:room]
         hits = self.cache.counters.hits
         before = self.cache.counters.bytes_read
@@ -320,11 +227,11 @@ class TaskSwitcher:
                 "bytes_read": self.cache.counters.bytes_read - before}
 
     def close(self) -> None:
-        if self._readers is not None:
-            self._readers.shutdown()
-        self.cache.clear()
-        self.pool.free_run(self.first_slot, self.n_slots)
-        self.active = None
+        """Give the run and every spare block back to the arena (idempotent)."""
+        with self.lock:
+            self.cache.close()
+            self._lease.close()
+            self.active = None
 
     def stats(self) -> dict:
         h = self.history
@@ -333,8 +240,8 @@ class TaskSwitcher:
                 "bytes_read": sum(r.bytes_read for r in h),
                 "blocks_from_cache": sum(r.from_cache for r in h),
                 "blocks_from_storage": sum(r.from_storage for r in h),
-                "run_bytes": self.n_slots * self.pool.slot_size,
-                "spare_slots": self.pool.capacity - self.n_slots,
+                "run_bytes": self.run_bytes,
+                "spare_bytes": self.cache.pool.in_use_bytes,
                 "cache": self.cache.stats()}
 
 
@@ -353,5 +260,5 @@ def _layout(reader: PackReader) -> dict[str, Slot]:
     out, pos = {}, 0
     for name, s in ref.items():
         out[name] = Slot(pos, s.nbytes, s.np_dtype, tuple(s.shape))
-        pos = _align_up(pos + s.nbytes)
+        pos = align_up(pos + s.nbytes)
     return out

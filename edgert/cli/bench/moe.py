@@ -78,14 +78,14 @@ def ensure_pack(model: Path) -> Path:
 class OnDemandExperts:
     """No cache: each acquire reads its experts into `top_k` arena slots; release drops them."""
 
-    def __init__(self, reader, storage, pool):
-        from ...experts.api import ExpertLayout, _carve
-        from ...pack.format import block_hash
-        self.layout, self._hash = ExpertLayout.from_reader(reader), block_hash
-        self.reader, self.storage = reader, storage
-        _carve(pool, self.layout.slot_bytes)
-        self.pool, self.max_acquire = pool, self.layout.top_k
-        self._slots = pool.alloc(self.max_acquire)
+    def __init__(self, reader, arena):
+        from ...experts.api import ExpertLayout
+        from ...memory import SlotPool
+        self.layout = ExpertLayout.from_reader(reader)
+        self.reader = reader
+        self.pool = SlotPool(arena, "bench: on-demand experts", self.layout.slot_bytes)
+        self.max_acquire = self.layout.top_k
+        self._slots = self.pool.alloc(self.max_acquire)
         self.loads = self.bytes_read = 0
         self.stall_s = 0.0
 
@@ -93,17 +93,14 @@ class OnDemandExperts:
         return topk_idx
 
     def acquire(self, layer, expert_ids):
-        from ...errors import PackCorrupt
         t0, out = time.perf_counter(), {}
         for slot, e in zip(self._slots, expert_ids):
             idx = self.layout.block(layer, int(e))
-            entry, view = self.reader.blocks[idx], self.pool.view(slot)
-            self.storage.read_into(entry.offset, entry.length, view)
-            if self._hash(view[: entry.length]) != entry.hash:
-                raise PackCorrupt(f"expert {e} of layer {layer}: content hash mismatch", block=idx)
+            view = self.pool.view(slot)
+            self.reader.read_into([idx], [view])          # the pack's verified read path
             out[int(e)] = self.layout.views(view)
             self.loads += 1
-            self.bytes_read += entry.length
+            self.bytes_read += self.reader.blocks[idx].length
         self.stall_s += time.perf_counter() - t0
         return out
 
@@ -122,7 +119,7 @@ class OnDemandExperts:
                           "bytes_read": self.bytes_read, "stall_s": self.stall_s}}
 
     def close(self):
-        self.pool.free(self._slots)
+        self.pool.close()
 
 
 # --- one run ---------------------------------------------------------------------------------
@@ -131,18 +128,16 @@ def make_provider(rt, pack, spec: dict):
     from ...experts.api import slots_for_budget
     from ...experts.cache import ExpertCache
     from ...pack import PackReader
-    reader = PackReader(pack)
-    pool = rt.arena.pool("experts")
+    reader = PackReader(pack, read_mode=rt.config.storage.read_mode)
     if spec["kind"] == "resident":
-        return ResidentExperts(reader, pool)
-    storage = rt.open_storage(pack)
-    if storage.mode != "direct":
-        storage.drop_cache()
+        return ResidentExperts(reader, rt.arena, "bench: resident experts")
+    if reader.storage.mode != "direct":
+        reader.storage.drop_cache()
     if spec["kind"] == "on-demand":
-        return OnDemandExperts(reader, storage, pool)
+        return OnDemandExperts(reader, rt.arena)
     lay = ExpertLayout.from_reader(reader)
-    slots = slots_for_budget(spec["budget"], len(lay.table), lay.extent_bytes, pool.bytes)
-    return ExpertCache(reader, storage, pool, slots, policy=spec["policy"],
+    slots = slots_for_budget(spec["budget"], len(lay.table), lay.extent_bytes, rt.arena.mapped)
+    return ExpertCache(reader, rt.arena, "bench: expert slots", slots, policy=spec["policy"],
                        policy_options=spec.get("options"), lossy_alpha=spec.get("alpha", 0.0),
                        prefetch=spec.get("prefetch", False), record_trace=spec.get("trace", False),
                        prefetch_min_prob=spec.get("min_prob", 0.2))
@@ -198,27 +193,27 @@ def calibrate(rt, pack, ids: list[int], budget: float) -> tuple[str, dict, list]
 
 
 def measure_read_bandwidth(rt, pack, repeats: int = 3) -> dict:
-    from ...experts.api import ExpertLayout, _carve
+    from ...experts.api import ExpertLayout
+    from ...memory import SlotPool
     from ...pack import PackReader
-    reader = PackReader(pack)
+    reader = PackReader(pack, read_mode=rt.config.storage.read_mode)
+    storage = reader.storage
     lay = ExpertLayout.from_reader(reader)
-    pool = rt.arena.pool("experts")
-    _carve(pool, lay.slot_bytes)
-    slot = pool.alloc(1)
+    pool = SlotPool(rt.arena, "bench: read bandwidth", lay.slot_bytes)
+    slot = pool.alloc(1)[0]
     best = 0.0
-    storage = rt.open_storage(pack)
     try:
         for _ in range(repeats):
             if storage.mode != "direct":
                 storage.drop_cache()
             t0, n = time.perf_counter(), 0
-            for idx in sorted(lay.table.values()):
-                e = reader.blocks[idx]
-                storage.read_into(e.offset, e.length, pool.view(slot[0]))
-                n += e.length
+            for idx in sorted(lay.table.values()):     # one expert per read, as a miss reads
+                reader.read_into([idx], [pool.view(slot)])
+                n += reader.blocks[idx].length
             best = max(best, n / (time.perf_counter() - t0))
     finally:
-        pool.free(slot)
+        pool.close()
+        reader.close()
     return {"read_Bps": best, "read_mode": storage.mode, "extent_bytes": lay.extent_bytes,
             "experts": len(lay.table), "top_k": lay.top_k, "layers": len(lay.moe_layers)}
 

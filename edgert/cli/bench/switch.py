@@ -206,7 +206,7 @@ def steady_state(cfg, pack, files, task, x, runs: int) -> dict:
             times[k].append(1e3 * (time.perf_counter() - t))
     out = {"task": task, "ms": {k: _stats(v) for k, v in times.items()}, "raw_ms": times,
            "prepack_build_s": fast.build_seconds,
-           "prepack_charged_bytes": rt.arena.stats()["extra"]["in_use"]}
+           "prepack_charged_bytes": rt.arena.stats()["engine"]["in_use"]}
     m.close()
     return out
 
