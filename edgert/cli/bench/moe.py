@@ -35,6 +35,7 @@ import torch
 
 from ...config import resolve
 from ...errors import EdgertError
+from ...stats import summary
 
 PROMPT = 64
 BUDGETS = (0.25, 0.5, 0.75, 1.0)
@@ -318,9 +319,9 @@ def _aggregate(runs: list[dict]) -> dict:
     def mean(k):
         xs = [r[k] for r in runs if r.get(k) is not None]
         return float(np.mean(xs)) if xs else None
+    tpot = summary(1e3 * steps)
     return {"tok_s": float(np.median(tps)), "tok_s_min": float(min(tps)), "tok_s_max": float(max(tps)),
-            "tpot_p50_ms": 1e3 * float(np.percentile(steps, 50)),
-            "tpot_p90_ms": 1e3 * float(np.percentile(steps, 90)),
+            "tpot_p50_ms": tpot["p50"], "tpot_p90_ms": tpot["p90"],
             "ppl": float(np.exp(np.mean([np.log(r["ppl"]) for r in runs]))),
             "kl_mean": mean("kl_mean"), "kl_max": float(max(r["kl_max"] for r in runs)),
             "max_abs_logprob_diff": float(max(r["max_abs_logprob_diff"] for r in runs)),

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from ...config import resolve
+from ...stats import summary
 
 SEED = 0
 
@@ -49,13 +50,6 @@ def _drop_file_cache(path: str) -> None:
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
     finally:
         os.close(fd)
-
-
-def _stats(xs) -> dict:
-    a = np.asarray(xs, float)
-    return {"p50": float(np.median(a)), "p10": float(np.percentile(a, 10)),
-            "p90": float(np.percentile(a, 90)), "p99": float(np.percentile(a, 99)),
-            "min": float(a.min()), "max": float(a.max()), "n": len(a)}
 
 
 def measure_limits(pack: str, repeats: int) -> dict:
@@ -113,12 +107,18 @@ class Contender:
 
 
 class EdgertSwitch(Contender):
-    def __init__(self, cfg, pack, mode: str, first: str):
+    def __init__(self, cfg, pack, mode: str, first: str, lm_pack: str | None = None):
         from ...runtime import Runtime
         self.name, self.mode = {"warm": "(a) edgert warm", "cold": "(a) edgert cold",
-                                "mono": "(d) monolithic reload"}[mode], mode
+                                "mono": "(d) monolithic reload",
+                                "cold+lm": "(e) edgert cold, MoE LM beside"}[mode], mode
         self.rt = Runtime(cfg)
-        self.m = self.rt.load(pack, task=first, prepack="off", keep_displaced=(mode == "warm"))
+        self.lm = None
+        if lm_pack is not None:   # co-residence: an MoE LM in the same runtime, used once
+            self.lm = self.rt.load(lm_pack)
+            self.lm.generate(list(b"import os\ndef "), max_new_tokens=16)
+        self.m = self.rt.load(pack, task=first, prepack="off",
+                              keep_displaced=(mode == "warm"))
         if mode == "warm":
             self.m.prewarm(self.m.tasks)
             for t in self.m.tasks:          # every task's blocks pass through the run once
@@ -204,17 +204,30 @@ def steady_state(cfg, pack, files, task, x, runs: int) -> dict:
             t = time.perf_counter()
             fns[k]()
             times[k].append(1e3 * (time.perf_counter() - t))
-    out = {"task": task, "ms": {k: _stats(v) for k, v in times.items()}, "raw_ms": times,
+    out = {"task": task, "ms": {k: summary(v) for k, v in times.items()}, "raw_ms": times,
            "prepack_build_s": fast.build_seconds,
            "prepack_charged_bytes": rt.arena.stats()["engine"]["in_use"]}
     m.close()
     return out
 
 
+def _lm_pack(quick: bool) -> str:
+    """An MoE pack to load beside the task model: the demo's or the benchmark's model when
+    one was trained, else the recipe's quick model (seconds)."""
+    from .moe import ensure_model, ensure_pack
+    for d in ("models/out/moe", "models/out/moe-demo"):
+        if (Path(d) / "model.safetensors").exists():
+            return str(ensure_pack(Path(d)))
+    model = Path("models/out/moe-tiny")
+    ensure_model(model, quick=True)
+    return str(ensure_pack(model))
+
+
 def main(args) -> int:
     from ..tasks import _ensure_pack
     cfg = resolve(args.config)
     _ensure_pack(args.pack, args.models)
+    lm_pack = _lm_pack(args.quick)
     from ...pack import PackReader
     with PackReader(args.pack) as r:
         tasks = r.tasks
@@ -232,7 +245,8 @@ def main(args) -> int:
                   FreshSession(files, cfg.threads, cold=False),
                   FreshSession(files, cfg.threads, cold=True),
                   ResidentSessions(files, cfg.threads),
-                  EdgertSwitch(cfg, args.pack, "mono", seq[0])]
+                  EdgertSwitch(cfg, args.pack, "mono", seq[0]),
+                  EdgertSwitch(cfg, args.pack, "cold+lm", seq[0], lm_pack=lm_pack)]
     raw = {c.name: {"ms": [], "bytes": []} for c in contenders}
     for i, task in enumerate(seq[1:]):
         k = i % len(contenders)
@@ -245,7 +259,7 @@ def main(args) -> int:
                 gc.enable()
             raw[c.name]["ms"].append(1e3 * s)
             raw[c.name]["bytes"].append(b)
-    warm_c, cold_c, fresh_w, fresh_c, resident, mono = contenders
+    warm_c, cold_c, fresh_w, fresh_c, resident, mono, beside = contenders
     moved = np.asarray(raw[warm_c.name]["bytes"], float)
     limit_warm = 1e3 * moved / limits["copy_Bps"]
     limit_cold = 1e3 * moved / limits["read_Bps"]
@@ -255,23 +269,25 @@ def main(args) -> int:
     ).astype(np.float32)
     steady = steady_state(cfg, args.pack, files, seq[-1], x, runs)
     dense = warm_c.m.dense_bytes
-    memory = {warm_c.name: warm_c.rt.arena.stats()["pools"]["weights"]["peak_bytes"],
-              cold_c.name: cold_c.rt.arena.stats()["pools"]["weights"]["peak_bytes"],
-              mono.name: mono.rt.arena.stats()["pools"]["weights"]["peak_bytes"],
+    memory = {warm_c.name: warm_c.rt.arena.stats()["peak_bytes"],
+              cold_c.name: cold_c.rt.arena.stats()["peak_bytes"],
+              mono.name: mono.rt.arena.stats()["peak_bytes"],
+              beside.name + " (both models)": beside.rt.arena.stats()["peak_bytes"],
               resident.name: resident.memory, "dense task": dense,
               "pre-packed session (charged)": steady["prepack_charged_bytes"]}
     result = {"config": cfg.name, "quick": args.quick, "sequence": seq, "limits": limits,
-              "switch": {k: {"ms": _stats(v["ms"]), "bytes_p50": float(np.median(v["bytes"]))}
+              "switch": {k: {"ms": summary(v["ms"]), "bytes_p50": float(np.median(v["bytes"]))}
                          for k, v in raw.items()},
-              "raw": raw, "limit_ms": {"warm_copy": _stats(limit_warm),
-                                       "cold_read": _stats(limit_cold),
-                                       "cold_read_plus_verify": _stats(limit_cold_verified)},
-              "steady_state": steady, "memory_bytes": memory}
+              "raw": raw, "limit_ms": {"warm_copy": summary(limit_warm),
+                                       "cold_read": summary(limit_cold),
+                                       "cold_read_plus_verify": summary(limit_cold_verified)},
+              "steady_state": steady, "memory_bytes": memory,
+              "beside": {"lm_pack": lm_pack, "models": beside.rt.models()}}
     timed = cold_c.m.switcher.history[-(len(seq) - 1):]
     reads = sum(r.reads for r in timed)
     result["cold_reads"] = {"per_switch_mean": reads / len(timed),
                             "mean_read_bytes": sum(r.bytes_read for r in timed) / max(reads, 1)}
-    _print(result, warm_c.name, cold_c.name, fresh_w.name, fresh_c.name)
+    _print(result, warm_c.name, cold_c.name, fresh_w.name, fresh_c.name, beside.name)
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         with open(args.json, "w") as f:
@@ -282,7 +298,7 @@ def main(args) -> int:
     return 0
 
 
-def _print(res, warm, cold, fresh_w, fresh_c) -> None:
+def _print(res, warm, cold, fresh_w, fresh_c, beside) -> None:
     sw = res["switch"]
     print(f"\n{'switch latency (ms)':40s} {'p50':>8s} {'p10':>8s} {'p90':>8s} {'p99':>8s} "
           f"{'MB moved p50':>13s}")
@@ -300,6 +316,9 @@ def _print(res, warm, cold, fresh_w, fresh_c) -> None:
     print(f"vs physical limit (median): warm {w / lim['warm_copy']['p50']:.2f}x of copy, cold "
           f"{c / lim['cold_read']['p50']:.2f}x of read, {c / lim['cold_read_plus_verify']['p50']:.2f}x "
           "of read + blake3 verify (target <= 1.5x)")
+    print(f"co-residence (same run): cold switch with an MoE LM in the same runtime "
+          f"{sw[beside]['ms']['p50']:.2f} ms vs alone {c:.2f} ms at the median "
+          f"({sw[beside]['ms']['p50'] / c:.2f}x; LM {res['beside']['lm_pack']})")
     cr = res["cold_reads"]
     print(f"cold switch storage reads: {cr['per_switch_mean']:.1f} per switch, "
           f"{cr['mean_read_bytes'] / 1e6:.2f} MB each on average")
