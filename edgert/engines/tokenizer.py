@@ -59,23 +59,38 @@ class HFTokenizer:
 
 
 class _PrefixStream:
-    """Decodes the ids so far and emits what is new; holds back an incomplete character."""
+    """Emits the text each new id adds, decoding only a short window of recent ids.
+
+    The window holds the ids of the last emitted piece (context, so that decoders which
+    look at neighbours, e.g. a leading-space strip, see what a full decode sees) followed
+    by the ids not emitted yet. A piece is the window's text past the text of its context;
+    it is held back while it ends in an incomplete character (U+FFFD). The pieces and
+    flush() add up to ``decode(all ids)`` whenever decoding more ids only appends text:
+    always with byte-level BPE; with byte fallback (Llama, Mixtral) for ids of valid UTF-8
+    (a full decode of invalid byte runs shows one U+FFFD per byte and rewrites earlier ones).
+    """
 
     def __init__(self, tok: HFTokenizer):
-        self._tok, self._ids, self._sent = tok, [], 0
+        self._tok = tok
+        self._window: list[int] = []
+        self._context = 0   # window[:_context] was emitted with the previous piece
 
     def push(self, token_id: int) -> str:
-        self._ids.append(token_id)
-        text = self._tok.decode(self._ids)
-        if text.endswith("\ufffd"):
-            return ""
-        piece, self._sent = text[self._sent:], len(text)
-        return piece
+        self._window.append(token_id)
+        return self._emit(final=False)
 
     def flush(self) -> str:
-        text = self._tok.decode(self._ids)
-        piece, self._sent = text[self._sent:], len(text)
-        return piece
+        return self._emit(final=True)
+
+    def _emit(self, final: bool) -> str:
+        w, decode = self._window, self._tok.decode
+        done = decode(w[:self._context]) if self._context else ""
+        text = decode(w)
+        if len(text) <= len(done) or (text.endswith("\ufffd") and not final):
+            return ""
+        del w[:self._context]       # the new piece's ids are the next piece's context
+        self._context = len(w)
+        return text[len(done):]
 
 
 def tokenizer_for(sections: dict, config: dict):

@@ -14,10 +14,11 @@ from dataclasses import dataclass
 
 import blake3
 
+from ..align import ALIGN, align_up  # noqa: F401  (re-exported: pack code imports them here)
+
 MAGIC = b"EDGEPACK"
 FOOTER_MAGIC = b"EDGEFOOT"
 VERSION = 1
-ALIGN = 4096
 HEADER_SIZE = ALIGN
 HASH_BYTES = 16
 DEFAULT_BLOCK_SIZE = 64 * 1024
@@ -35,10 +36,6 @@ assert _FOOTER_BODY.size + 8 <= FOOTER_SIZE
 def block_hash(data) -> bytes:
     """Content name of a block: the first 16 bytes of its blake3 digest."""
     return blake3.blake3(data).digest(length=HASH_BYTES)
-
-
-def align_up(n: int, a: int = ALIGN) -> int:
-    return (n + a - 1) // a * a
 
 
 def encode_header() -> bytes:

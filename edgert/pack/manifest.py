@@ -2,25 +2,26 @@
 
 Nothing here trusts the bytes: every field is type-checked and every block reference is
 bounds-checked, so a damaged manifest becomes a ValueError (the reader turns it into
-PackCorrupt) rather than an IndexError deep inside a switch.
+PackCorrupt) rather than an IndexError deep inside a switch. That includes the known
+structured section "experts" (an MoE pack's expert table), decoded into `ExpertsSection`.
 """
 from __future__ import annotations
 
 import math
+from collections import Counter
 from dataclasses import dataclass, field
 
 import msgpack
 import numpy as np
 
+from ..dtypes import FLOATS, STORAGE
 from .format import ALIGN, HASH_BYTES, HEADER_SIZE, MAX_MANIFEST_BYTES
 
-# dtype name -> (numpy dtype used to hold the bytes, item size)
-DTYPES: dict[str, str] = {
-    "float64": "float64", "float32": "float32", "float16": "float16", "bfloat16": "uint16",
-    "int64": "int64", "int32": "int32", "int16": "int16", "int8": "int8",
-    "uint64": "uint64", "uint32": "uint32", "uint16": "uint16", "uint8": "uint8", "bool": "bool",
-}
+DTYPES = STORAGE   # dtype names a pack may hold (edgert/dtypes.py is the one table)
 MAX_RANK = 16
+MAX_LAYERS = 1 << 12      # far above any MoE model's depth; more is damage, not a model
+MAX_EXPERTS = 1 << 16
+EXPERT_TENSORS = ("gate", "up", "down")
 
 
 @dataclass(frozen=True)
@@ -38,7 +39,7 @@ class TensorSpec:
 
     @property
     def np_dtype(self) -> np.dtype:
-        return np.dtype(DTYPES[self.dtype])
+        return DTYPES[self.dtype]
 
     @property
     def nbytes(self) -> int:
@@ -54,6 +55,8 @@ class Manifest:
     tasks: dict[str, dict[str, TensorSpec]] = field(default_factory=dict)
     config: dict = field(default_factory=dict)
     sections: dict[str, bytes] = field(default_factory=dict)
+    # decoded from sections["experts"] (present in every "moe" pack); None elsewhere
+    experts: "ExpertsSection | None" = None
 
     def encode(self) -> bytes:
         doc = {
@@ -113,7 +116,12 @@ class Manifest:
         for k, v in sections.items():
             _expect(k, str, "section name")
             _expect(v, bytes, f"sections[{k}]")
-        return Manifest(kind, block_size, gen, blocks, tasks, config, sections)
+        experts = None
+        if "experts" in sections:
+            experts = ExpertsSection.decode(sections["experts"], blocks)
+        elif kind == "moe":
+            raise ValueError("moe pack has no 'experts' section")
+        return Manifest(kind, block_size, gen, blocks, tasks, config, sections, experts)
 
 
 def _expect(value, typ, what):
@@ -145,3 +153,103 @@ def _tensor(spec, blocks: list[BlockEntry], block_size: int, where: str) -> Tens
     if any(blocks[r].length > block_size for r in refs):
         raise ValueError(f"tensor {where} refers to a block larger than block_size {block_size}")
     return ts
+
+
+# --- the "experts" section (kind "moe"; docs/internals.md, "MoE pack layout") ----------------
+@dataclass(frozen=True)
+class ExpertTensor:
+    """One of gate/up/down inside every expert extent."""
+    dtype: str
+    shape: tuple[int, ...]
+    offset: int              # bytes from the start of the extent
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * DTYPES[self.dtype].itemsize
+
+
+@dataclass(frozen=True)
+class ExpertsSection:
+    num_layers: int
+    num_experts: int
+    top_k: int
+    extent_bytes: int
+    tensors: dict[str, ExpertTensor]        # gate, up [ffn, hidden]; down [hidden, ffn]
+    table: dict[tuple[int, int], int]       # (layer, expert) -> block index
+    moe_layers: tuple[int, ...]             # layers that have experts, ascending
+
+    @staticmethod
+    def decode(raw: bytes, blocks: list[BlockEntry]) -> "ExpertsSection":
+        """Parse and validate against the pack's blocks; ValueError naming what is wrong."""
+        try:
+            doc = msgpack.unpackb(raw, raw=False, strict_map_key=True, use_list=True)
+        except Exception as e:  # msgpack raises several unrelated types for bad bytes
+            raise ValueError(f"experts section is not valid msgpack: {type(e).__name__}: {e}") \
+                from None
+        _expect(doc, dict, "experts")
+        L = _count(doc.get("num_layers"), "experts.num_layers", 1, MAX_LAYERS)
+        E = _count(doc.get("num_experts"), "experts.num_experts", 1, MAX_EXPERTS)
+        k = _count(doc.get("top_k"), "experts.top_k", 1, E)
+        extent = _count(doc.get("extent_bytes"), "experts.extent_bytes", 1, None)
+        tensors = _expert_tensors(_expect(doc.get("tensors"), dict, "experts.tensors"), extent)
+        table: dict[tuple[int, int], int] = {}
+        for i, row in enumerate(_expect(doc.get("table"), list, "experts.table")):
+            where = f"experts.table[{i}]"
+            if not isinstance(row, list) or len(row) != 3:
+                raise ValueError(f"manifest field {where} is not [layer, expert, block]")
+            layer = _count(row[0], f"{where}.layer", 0, L - 1)
+            expert = _count(row[1], f"{where}.expert", 0, E - 1)
+            b = _count(row[2], f"{where}.block", 0, len(blocks) - 1)
+            if blocks[b].length != extent:
+                raise ValueError(f"{where}: block {b} holds {blocks[b].length} bytes, an expert "
+                                 f"extent is {extent}")
+            if (layer, expert) in table:
+                raise ValueError(f"{where}: expert {expert} of layer {layer} appears twice")
+            table[(layer, expert)] = b
+        if not table:
+            raise ValueError("experts.table is empty")
+        per_layer = Counter(l for l, _ in table)
+        layers = tuple(sorted(per_layer))
+        for l in layers:   # the router of a sparse layer may pick any of its E experts
+            if per_layer[l] != E:
+                raise ValueError(f"experts.table: layer {l} has {per_layer[l]} of {E} experts")
+        if "moe_layers" in doc:
+            listed = _expect(doc["moe_layers"], list, "experts.moe_layers")
+            if listed != list(layers):
+                raise ValueError(f"experts.moe_layers {listed!r} differ from the table's "
+                                 f"layers {list(layers)}")
+        return ExpertsSection(L, E, k, extent, tensors, table, layers)
+
+
+def _count(value, what: str, lo: int, hi: int | None) -> int:
+    _expect(value, int, what)
+    if value < lo or (hi is not None and value > hi):
+        raise ValueError(f"manifest field {what} = {value} is outside "
+                         f"{lo}..{'' if hi is None else hi}")
+    return value
+
+
+def _expert_tensors(doc: dict, extent: int) -> dict[str, ExpertTensor]:
+    if set(doc) != set(EXPERT_TENSORS):
+        raise ValueError(f"experts.tensors names {list(doc)!r}, expected {list(EXPERT_TENSORS)}")
+    out = {}
+    for name in EXPERT_TENSORS:
+        t, where = _expect(doc[name], dict, f"experts.tensors.{name}"), f"experts.tensors.{name}"
+        dtype = _expect(t.get("dtype"), str, f"{where}.dtype")
+        if dtype not in FLOATS:
+            raise ValueError(f"{where} has dtype {dtype!r}; experts are one of {FLOATS}")
+        shape = _expect(t.get("shape"), list, f"{where}.shape")
+        if len(shape) != 2 or any(not isinstance(d, int) or isinstance(d, bool) or d < 0
+                                  for d in shape):
+            raise ValueError(f"{where} has shape {shape!r}, expected two non-negative ints")
+        off = _count(t.get("offset"), f"{where}.offset", 0, extent)
+        ten = ExpertTensor(dtype, tuple(shape), off)
+        if off % DTYPES[dtype].itemsize or off + ten.nbytes > extent:
+            raise ValueError(f"{where} spans {off}..{off + ten.nbytes}, outside the "
+                             f"{extent}-byte extent or misaligned for {dtype}")
+        out[name] = ten
+    g, u, d = (out[n] for n in EXPERT_TENSORS)
+    if g.shape != u.shape or d.shape != g.shape[::-1] or len({g.dtype, u.dtype, d.dtype}) != 1:
+        raise ValueError(f"experts.tensors do not form a SwiGLU expert: gate {g.shape} "
+                         f"{g.dtype}, up {u.shape} {u.dtype}, down {d.shape} {d.dtype}")
+    return out
