@@ -128,12 +128,6 @@ class Storage:
             raise PackCorrupt(f"short read: {got} of {length} bytes", path=self.path,
                               offset=offset)
 
-    def read_scatter(self, offset: int, views: list[np.ndarray]) -> int:
-        """`readv` returning the bytes asked for (the task switcher's call until it reads
-        through `PackReader.read_into`; callers verify every block, catching short reads)."""
-        self.readv(offset, views)
-        return sum(len(v) for v in views)
-
     def drop_cache(self) -> None:
         """Ask the kernel to drop this file's cached pages (cold buffered reads)."""
         os.posix_fadvise(self._fds[0], 0, 0, os.POSIX_FADV_DONTNEED)
