@@ -10,19 +10,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
-import msgpack
 import numpy as np
 import torch
 
+from edgert.align import align_up
+from edgert.dtypes import np_storage, torch_dtype
 from edgert.errors import BudgetExceeded, PackCorrupt
 from edgert.memory.arena import SlotPool
-
-ALIGN = 4096  # extents and slots are 4 KiB aligned so O_DIRECT reads land in place
-
-_TORCH_DTYPES = {
-    "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
-}
-_NP_STORAGE = {"float32": np.float32, "float16": np.float16, "bfloat16": np.uint16}
 
 
 @dataclass
@@ -86,12 +80,12 @@ class ExpertLayout:
 
     @property
     def slot_bytes(self) -> int:
-        """Bytes of one expert slot: the extent rounded up to 4 KiB."""
-        return -(-self.extent_bytes // ALIGN) * ALIGN
+        """Bytes of one expert slot: the extent rounded up to 4 KiB (`edgert.align`)."""
+        return align_up(self.extent_bytes)
 
     @property
     def dtype(self) -> torch.dtype:
-        return _TORCH_DTYPES[self.tensors["gate"]["dtype"]]
+        return torch_dtype(self.tensors["gate"]["dtype"])
 
     def block(self, layer: int, expert: int) -> int:
         return self.table[(layer, expert)]
@@ -101,7 +95,7 @@ class ExpertLayout:
         assert buf.dtype == np.uint8 and buf.nbytes >= self.extent_bytes, (buf.dtype, buf.nbytes)
         out = {}
         for name, t in self.tensors.items():
-            np_dt = np.dtype(_NP_STORAGE[t["dtype"]])
+            np_dt = np_storage(t["dtype"])
             n = int(np.prod(t["shape"]))
             arr = buf[t["offset"]: t["offset"] + n * np_dt.itemsize].view(np_dt).reshape(t["shape"])
             ten = torch.from_numpy(arr)
@@ -168,7 +162,7 @@ def slots_for_budget(budget: float | int | None, total_experts: int, extent_byte
     ``memory.experts``); a float in (0, 1] is a fraction of all experts (rounded, at least
     1); an int is bytes (whole slots that fit). Asking for more than `pool_capacity` bytes
     (the arena, for explicit budgets) raises BudgetExceeded. Never more slots than experts."""
-    slot = -(-extent_bytes // ALIGN) * ALIGN
+    slot = align_up(extent_bytes)
     if budget is None:
         budget = pool_capacity
         if budget < slot:

@@ -1,9 +1,9 @@
 """Eviction policies of the expert cache: which resident expert of a layer leaves next.
 
-The mechanism (`edgert.experts.cache.ExpertCache`) owns slots, pins and loads; a policy only
-observes events and, when a slot is needed, picks the victim among the candidates the
-mechanism offers (resident, loaded, unpinned experts of one layer). A new policy is one
-class here plus one enum value; the mechanism has no `if policy == ...`.
+The mechanism (`ExpertCache` in cache.py over `ExpertSlots` in slots.py) owns slots, pins
+and loads; a policy only observes events and, when a slot is needed, picks the victim among
+the candidates the mechanism offers (resident, loaded, unpinned experts of one layer). A new
+policy is one class here plus one enum value; the mechanism has no `if policy == ...`.
 
 Slot partition: per layer. Each MoE layer owns a quota of slots (total // layers) and a
 victim is chosen among that layer's experts only. Why not one global ordering: a forward
@@ -12,7 +12,7 @@ the layer that runs next -- LRU over all layers evicts exactly what is needed so
 classic cyclic-scan failure. Per-layer quotas keep each layer's working set independent and
 match the mixtral-offloading baseline (a fixed number of slots per layer), so the benchmark
 compares policies, not partitions. (The mechanism lets a layer borrow a slot beyond its
-quota only when it must pin more experts at once than its quota holds; see cache.py.)
+quota only when it must pin more experts at once than its quota holds; see slots.py.)
 
 Events, in the order the mechanism sends them for one layer and one step:
 `observe(layer, probs)` with the router's probabilities of every expert (gate-score uses the

@@ -27,12 +27,11 @@ import numpy as np
 import torch
 
 from edgert.align import align_up
+from edgert.dtypes import np_storage
 from edgert.errors import BudgetExceeded
 from edgert.memory.arena import PAGE, SlotPool
 
 PAGE_TOKENS = 16
-
-_NP_OF = {torch.float32: np.float32, torch.float16: np.float16, torch.bfloat16: np.uint16}
 
 
 class PagePool:
@@ -51,6 +50,7 @@ class PagePool:
         view itself; `Arena.on_gpu` for a zero-copy CUDA view of the same slot)."""
         self.page_shape = (num_layers, 2, num_kv_heads, PAGE_TOKENS, head_dim)
         self.dtype = dtype
+        self._np_dtype = np_storage(str(dtype).removeprefix("torch."))   # holds its bytes
         nbytes = int(np.prod(self.page_shape)) * torch.empty((), dtype=dtype).element_size()
         self.page_bytes = align_up(nbytes)
         self.label = label
@@ -106,7 +106,7 @@ class PagePool:
                                          f"tokens); {e}", n * self.page_bytes,
                                          (len(fresh) + reuse) * self.page_bytes) from None
             for pid in fresh:
-                view = self._pool.view(pid)[: self._nbytes].view(_NP_OF[self.dtype])
+                view = self._pool.view(pid)[: self._nbytes].view(self._np_dtype)
                 t = torch.from_numpy(view)
                 if self.dtype == torch.bfloat16:
                     t = t.view(torch.bfloat16)
