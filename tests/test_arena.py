@@ -174,3 +174,28 @@ def test_never_past_the_budget(ops):
                        [(le.first, a.extent_pages(le.first)) for le in leases])
         for (s0, n0), (s1, _) in zip(spans, spans[1:]):
             assert s0 + n0 <= s1
+
+
+def test_a_cache_never_loses_more_than_its_cap():
+    a = Arena(small_config(weights="0 MiB", experts="1 MiB", kv="0 MiB", total="2 MiB"))
+    c = ToyCache(a, "experts", 64 * 1024, 16)          # the whole arena
+    c.reclaim_cap = lambda: 4 * 16                      # keeps 12 of its 16 slots
+    held = Lease(a, "weights", 4 * 64 * 1024)           # 4 slots' worth: allowed
+    assert len(c.last) == 12
+    c.reclaim_cap = lambda: 0
+    with pytest.raises(BudgetExceeded):
+        Lease(a, "more", 64 * 1024)
+    assert len(c.last) == 12 and not held.closed
+
+
+def test_busy_caches_are_asked_again():
+    a = Arena(small_config(weights="0 MiB", experts="1 MiB", kv="0 MiB", total="2 MiB"))
+    c = ToyCache(a, "blocks", 64 * 1024, 16)
+    real, calls = c.reclaimable, []
+
+    def busy_twice():
+        calls.append(1)
+        return None if len(calls) <= 2 else real()
+    c.reclaimable = busy_twice
+    Lease(a, "weights", 64 * 1024)                      # waits out two busy answers
+    assert len(calls) >= 3 and len(c.last) == 15

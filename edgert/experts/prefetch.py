@@ -10,9 +10,12 @@ the stop job and the thread ends once the jobs queued before it are done.
 from __future__ import annotations
 
 import itertools
+import logging
 import queue
 import threading
 import weakref
+
+log = logging.getLogger(__name__)
 
 AHEAD = 0    # routed experts that acquire will need next: before any hint
 HINT = 1     # predicted experts of an upcoming layer
@@ -53,7 +56,10 @@ def _loop(run: weakref.WeakMethod, jobs: queue.PriorityQueue) -> None:
             fn = run() if job is not None else None
             if fn is None:
                 return
-            fn(*job)
+            try:
+                fn(*job)
+            except Exception:   # NOTE: a failed job must not end the worker (drain would hang)
+                log.exception("expert prefetch job failed; prefetching goes on")
             del fn
         finally:
             jobs.task_done()

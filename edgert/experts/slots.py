@@ -28,6 +28,7 @@ arena's two calls only *try* it, so a busy cache is skipped. A slot being read h
 from __future__ import annotations
 
 import threading
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -133,7 +134,10 @@ class ExpertSlots:
 
     def claim(self, slot: int, layer: int, e: int, pins: int, by_prefetch: bool) -> None:
         """`slot` (from `reserve`) now holds expert (layer, e), not yet read."""
-        self.info[slot] = Slot(layer, e, pins=pins, by_prefetch=by_prefetch)
+        # NOTE: a claimed slot counts as used now, so a fresh prefetch is not the arena's
+        # oldest cache (it would be reclaimed before acquire could use it)
+        self.info[slot] = Slot(layer, e, pins=pins, by_prefetch=by_prefetch,
+                               last=time.monotonic())
         self.where[(layer, e)] = slot
         self.loading[layer, e] = True
         self._count[layer] += 1
@@ -199,20 +203,26 @@ class ExpertSlots:
             self.pool.close()
 
     # --- the arena takes cache back ----------------------------------------------------------
-    def reclaimable(self) -> list[tuple[int, int, float]]:
-        """Free slots, then unpinned loaded experts by last use, down to the minimum."""
+    def reclaimable(self) -> list[tuple[int, int, float]] | None:
+        """Free slots, then unpinned loaded experts by last use: every candidate, so the
+        arena can choose the ones that open a contiguous run; `reclaim_cap` says how many
+        it may take (the table keeps `minimum` slots)."""
         if not self.cv.acquire(blocking=False):
-            return []
+            return None                          # busy: the arena asks again in a moment
         try:
-            spare = self.pool.count - self.minimum
-            if spare <= 0:
+            if self.pool.count <= self.minimum:
                 return []
+            if any(not i.ready and not i.pins for i in self.info.values()):
+                return None                      # a prefetch read in flight: soon reclaimable
             pages = self.pool.slot_size // PAGE
             idle = sorted((i.last, s) for s, i in self.info.items() if i.ready and i.pins == 0)
-            out = [(s, pages, 0.0) for s in self._free] + [(s, pages, t) for t, s in idle]
-            return out[:spare]
+            return [(s, pages, 0.0) for s in self._free] + [(s, pages, t) for t, s in idle]
         finally:
             self.cv.release()
+
+    def reclaim_cap(self) -> int:
+        """Pages the arena may take at once: the slots above the minimum."""
+        return max(0, self.pool.count - self.minimum) * (self.pool.slot_size // PAGE)
 
     def reclaim(self, slots: list[int]) -> int:
         if not self.cv.acquire(blocking=False):

@@ -62,6 +62,7 @@ class PagePool:
         self._idle: OrderedDict[int, float] = OrderedDict()  # ref 0, oldest first -> since
         self._lock = threading.Lock()   # NOTE: not reentrant: the arena's reclaim from inside
         #                                 our own allocate() skips us instead of re-entering
+        self._allocating = 0            # thread id inside allocate(), else 0
         self.on_evict = None                         # callable(page_id) or None
         self.allocations = 0
         self.peak_in_use = 0
@@ -89,41 +90,49 @@ class PagePool:
     def allocate(self, n: int) -> list[int]:
         """`n` pages with ref count 1. BudgetExceeded before any change when they do not fit."""
         with self._lock:
-            fresh: list[int] = []
-            while len(fresh) < n:
-                s = self._pool.try_alloc(reclaim=False)
-                if s is None:
-                    break
-                fresh.append(s)
-            reuse = min(n - len(fresh), len(self._idle))
-            more = n - len(fresh) - reuse
-            if more:
-                try:
-                    fresh += self._pool.alloc(more, reclaim=True)
-                except BudgetExceeded as e:
-                    self._pool.free(fresh)
-                    raise BudgetExceeded(f"{self.label}: {n} kv pages ({n * PAGE_TOKENS} "
-                                         f"tokens); {e}", n * self.page_bytes,
-                                         (len(fresh) + reuse) * self.page_bytes) from None
-            for pid in fresh:
-                view = self._pool.view(pid)[: self._nbytes].view(self._np_dtype)
-                t = torch.from_numpy(view)
-                if self.dtype == torch.bfloat16:
-                    t = t.view(torch.bfloat16)
-                t = t.view(self.page_shape)
-                self._pages[pid] = t if self._to_device is None else self._to_device(t)
-            reused = []
-            for _ in range(reuse):
-                pid, _ = self._idle.popitem(last=False)
-                if self.on_evict is not None:
-                    self.on_evict(pid)
-                reused.append(pid)
-            ids = fresh + reused
-            for pid in ids:
-                self.ref[pid] = 1
-            self.allocations += n
-            self.peak_in_use = max(self.peak_in_use, self.num_in_use)
-            return ids
+            self._allocating = threading.get_ident()
+            try:
+                return self._allocate(n)
+            finally:
+                self._allocating = 0
+
+    def _allocate(self, n: int) -> list[int]:
+        """allocate() under the lock."""
+        fresh: list[int] = []
+        while len(fresh) < n:
+            s = self._pool.try_alloc(reclaim=False)
+            if s is None:
+                break
+            fresh.append(s)
+        reuse = min(n - len(fresh), len(self._idle))
+        more = n - len(fresh) - reuse
+        if more:
+            try:
+                fresh += self._pool.alloc(more, reclaim=True)
+            except BudgetExceeded as e:
+                self._pool.free(fresh)
+                raise BudgetExceeded(f"{self.label}: {n} kv pages ({n * PAGE_TOKENS} "
+                                     f"tokens); {e}", n * self.page_bytes,
+                                     (len(fresh) + reuse) * self.page_bytes) from None
+        for pid in fresh:
+            view = self._pool.view(pid)[: self._nbytes].view(self._np_dtype)
+            t = torch.from_numpy(view)
+            if self.dtype == torch.bfloat16:
+                t = t.view(torch.bfloat16)
+            t = t.view(self.page_shape)
+            self._pages[pid] = t if self._to_device is None else self._to_device(t)
+        reused = []
+        for _ in range(reuse):
+            pid, _ = self._idle.popitem(last=False)
+            if self.on_evict is not None:
+                self.on_evict(pid)
+            reused.append(pid)
+        ids = fresh + reused
+        for pid in ids:
+            self.ref[pid] = 1
+        self.allocations += n
+        self.peak_in_use = max(self.peak_in_use, self.num_in_use)
+        return ids
 
     def incref(self, pid: int) -> None:
         """Share a held page (also revives an idle one, e.g. a cached prefix page)."""
@@ -148,9 +157,11 @@ class PagePool:
         return self._pages[pid]
 
     # --- the arena takes idle pages back -------------------------------------------------
-    def reclaimable(self) -> list[tuple[int, int, float]]:
+    def reclaimable(self) -> list[tuple[int, int, float]] | None:
+        if self._allocating == threading.get_ident():
+            return []                        # our own allocate() asked the arena: skip us
         if not self._lock.acquire(blocking=False):
-            return []
+            return None                      # busy: asked again in a moment
         try:
             pages = self.page_bytes // PAGE
             return [(pid, pages, t) for pid, t in self._idle.items()]

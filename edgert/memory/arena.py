@@ -30,6 +30,7 @@ import bisect
 import logging
 import mmap
 import threading
+import time
 import weakref
 from dataclasses import dataclass
 from typing import Protocol
@@ -43,7 +44,9 @@ from .gpu import cuda_bytes, pin_for_gpu, unpin
 
 log = logging.getLogger(__name__)
 PAGE = ALIGN            # allocation unit: O_DIRECT-aligned, so every extent is a read target
-RECLAIM_ROUNDS = 64     # reclaim attempts per allocation before giving up (caches may be busy)
+RECLAIM_ROUNDS = 64     # reclaim attempts per allocation that each freed something
+RECLAIM_WAIT = 0.2      # seconds an allocation waits for busy caches (a lock held, a read in
+                        # flight) before it gives up: they are busy for microseconds to ms
 
 
 class Reclaimer(Protocol):
@@ -51,12 +54,18 @@ class Reclaimer(Protocol):
     must not block on the consumer's own lock (try it; report nothing when it is busy)."""
     label: str
 
-    def reclaimable(self) -> list[tuple[int, int, float]]:
-        """Extents it would give back now: (first page, pages, last use as time.monotonic())."""
+    def reclaimable(self) -> list[tuple[int, int, float]] | None:
+        """Extents it would give back now: (first page, pages, last use as time.monotonic());
+        None when it is busy (its lock is held, or a read into its memory is in flight), so
+        that the arena waits a moment and asks again."""
 
     def reclaim(self, pages: list[int]) -> int:
         """Give back the extents starting at `pages` that are still reclaimable (each via
         `arena.free`); returns how many it gave back."""
+
+    # Optional: reclaim_cap() -> int | None: at most this many pages of what `reclaimable`
+    # lists may be taken at once (a cache that keeps a minimum lists every candidate, so the
+    # arena can pick the ones that open a contiguous run, and says how many it may lose).
 
 
 @dataclass
@@ -111,9 +120,15 @@ class Arena:
             return first
         if not reclaim:
             raise self._refusal(label, n, "free memory (caches may not grow into others')")
-        for _ in range(RECLAIM_ROUNDS):
-            if not self._reclaim_for(n):
+        rounds, deadline = 0, time.monotonic() + RECLAIM_WAIT
+        while rounds < RECLAIM_ROUNDS:
+            progress, busy = self._reclaim_for(n)
+            if progress:
+                rounds += 1
+            elif not busy or time.monotonic() > deadline:
                 break
+            else:
+                time.sleep(0.001)            # a cache is busy: ask again in a moment
             with self._lock:
                 first = self._take(n, label)
             if first is not None:
@@ -181,25 +196,35 @@ class Arena:
         return sum(self._free_len)
 
     # --- reclaim -------------------------------------------------------------------------------
-    def _candidates(self) -> list[tuple[float, int, int, Reclaimer]]:
-        out = []
+    def _candidates(self) -> tuple[list[tuple[float, int, int, Reclaimer]], bool]:
+        """Every cached extent (last use, first page, pages, owner); and whether a cache was
+        busy and could not say."""
+        out, busy = [], False
         for r in list(self._reclaimers):
-            for first, pages, last in r.reclaimable():
+            got = r.reclaimable()
+            if got is None:
+                busy = True
+                continue
+            for first, pages, last in got:
                 out.append((last, first, pages, r))
-        return out
+        return out, busy
 
-    def _reclaim_for(self, n: int) -> bool:
-        """Give back cache so that a run of ``n`` pages may fit; False when it cannot."""
-        cands = self._candidates()
+    def _reclaim_for(self, n: int) -> tuple[bool, bool]:
+        """Give back cache so that a run of ``n`` pages may fit: (freed something, a cache
+        was busy)."""
+        cands, busy = self._candidates()
         if self.free_pages + sum(c[2] for c in cands) < n:
-            return False
-        big = sorted((c for c in cands if c[2] >= n), key=lambda c: c[0])
+            return False, busy
+        caps = {id(r): cap() for r in {id(c[3]): c[3] for c in cands}.values()
+                if (cap := getattr(r, "reclaim_cap", None)) is not None}
+        big = sorted((c for c in cands if c[2] >= n and caps.get(id(c[3]), c[2]) is not None
+                      and caps.get(id(c[3]), c[2]) >= c[2]), key=lambda c: c[0])
         if big:
             chosen = big[:1]
         else:
-            chosen = self._window(n, cands)
+            chosen = self._window(n, cands, caps)
             if not chosen:
-                return False
+                return False, busy
         by_owner: dict[int, tuple[Reclaimer, list[int]]] = {}
         for _, first, pages, r in chosen:
             by_owner.setdefault(id(r), (r, []))[1].append(first)
@@ -208,11 +233,12 @@ class Arena:
             r.reclaim(firsts)
         gained = self.free_pages - before
         self.reclaimed_bytes += max(0, gained) * PAGE
-        return gained > 0
+        return gained > 0, busy
 
-    def _window(self, n: int, cands) -> list:
+    def _window(self, n: int, cands, caps: dict[int, int | None]) -> list:
         """The cached extents inside the window of ``n`` pages without held pages that needs
-        the fewest cached pages evicted (lowest address among equals)."""
+        the fewest cached pages evicted (lowest address among equals), taking no more from a
+        cache than its ``reclaim_cap``."""
         with self._lock:
             state = np.ones(self.pages, np.int8)          # 1 held, 0 free, 2 cached
             for s, length in zip(self._free_start, self._free_len):
@@ -222,6 +248,15 @@ class Arena:
         held = np.concatenate(([0], np.cumsum(state == 1)))
         cached = np.concatenate(([0], np.cumsum(state == 2)))
         ok = (held[n:] - held[:-n]) == 0
+        for owner, cap in caps.items():                   # per-cache limits
+            if cap is None:
+                continue
+            mine = np.zeros(self.pages + 1, np.int64)
+            for _, first, pages, r in cands:
+                if id(r) == owner:
+                    mine[first + 1:first + pages + 1] = 1
+            mine = np.cumsum(mine)
+            ok &= (mine[n:] - mine[:-n]) <= cap
         if not ok.any():
             return []
         cost = np.where(ok, cached[n:] - cached[:-n], np.iinfo(np.int64).max)
@@ -230,7 +265,7 @@ class Arena:
 
     def _refusal(self, label: str, n: int, what: str) -> BudgetExceeded:
         cached = {}
-        for _, _, pages, r in self._candidates():
+        for _, _, pages, r in self._candidates()[0]:
             cached[r.label] = cached.get(r.label, 0) + pages * PAGE
         with self._lock:
             holders = dict(self._by_label)
@@ -303,7 +338,7 @@ class Arena:
     def stats(self) -> dict:
         """Every byte of the arena attributed: per label, held and reclaimable."""
         cached: dict[str, int] = {}
-        for _, _, pages, r in self._candidates():
+        for _, _, pages, r in self._candidates()[0]:
             cached[r.label] = cached.get(r.label, 0) + pages * PAGE
         with self._lock:
             holders = {lab: {"bytes": pages * PAGE, "reclaimable": cached.get(lab, 0)}

@@ -162,9 +162,9 @@ class BlockCache:
                 self.evict(next(iter(self._lru)))
 
     # --- the arena takes cache back ------------------------------------------------------
-    def reclaimable(self) -> list[tuple[int, int, float]]:
+    def reclaimable(self) -> list[tuple[int, int, float]] | None:
         if not self.lock.acquire(blocking=False):
-            return []
+            return None                      # busy (a switch runs): asked again in a moment
         try:
             pages = self.pool.slot_size // PAGE
             return [(self._slot[h], pages, t) for h, t in self._lru.items()]
