@@ -8,6 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from edgert import BudgetExceeded
+from edgert.config import DeviceConfig
 from edgert.memory import Arena, Lease, SlotPool
 from edgert.memory.arena import PAGE
 from conftest import small_config
@@ -199,3 +200,12 @@ def test_busy_caches_are_asked_again():
     c.reclaimable = busy_twice
     Lease(a, "weights", 64 * 1024)                      # waits out two busy answers
     assert len(calls) >= 3 and len(c.last) == 15
+
+
+def test_pages_are_backed_as_extents_are_handed_out():
+    a = Arena(DeviceConfig.from_dict({"name": "p", "memory": {
+        "total": "64 MiB", "engine": "0 MiB", "prefault": True}}))
+    assert not a._touched.any()                      # nothing backed at start
+    le = Lease(a, "x", MiB)
+    assert a._touched[le.first:le.first + MiB // PAGE].all()
+    assert a._touched.sum() == MiB // PAGE

@@ -29,6 +29,7 @@ from __future__ import annotations
 import bisect
 import logging
 import mmap
+import os
 import threading
 import time
 import weakref
@@ -80,11 +81,14 @@ class Arena:
     def __init__(self, cfg: DeviceConfig):
         b = cfg.budget
         self.budget = b
-        self.mapped = (b.total - b.engine) // PAGE * PAGE
-        flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
-        if b.prefault and hasattr(mmap, "MAP_POPULATE"):
-            flags |= mmap.MAP_POPULATE  # back every page now, not on the first switch
+        self.mapped = _fit_machine((b.total - b.engine) // PAGE * PAGE, cfg.name)
+        # NOTE: the mapping only reserves addresses; pages are backed as extents are handed
+        # out (prefault: touched at allocation, so start-up cost and resident memory follow
+        # what is loaded, not the configured budget)
+        flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_NORESERVE", 0)
         self._map = mmap.mmap(-1, max(self.mapped, PAGE), flags=flags)  # page aligned
+        self._prefault = b.prefault
+        self._touched = np.zeros(max(self.mapped, PAGE) // PAGE, bool)
         self._mem = np.frombuffer(self._map, dtype=np.uint8)
         self.pages = self.mapped // PAGE
         self._device_base = pin_for_gpu(self._map, cfg) if cfg.device == "cuda" else None
@@ -172,11 +176,21 @@ class Arena:
                     self._free_start[i] += n
                     self._free_len[i] -= n
                 self._extents[first] = _Extent(n, label)
+                if self._prefault:
+                    self._back(first, n)
                 self._by_label[label] = self._by_label.get(label, 0) + n
                 self.in_use_pages += n
                 self.peak_pages = max(self.peak_pages, self.in_use_pages)
                 return first
         return None
+
+    def _back(self, first: int, n: int) -> None:
+        """Fault in pages of a new extent never touched before (prefault), so the hot path
+        never takes a page fault. One byte written per page: anonymous pages read as zero."""
+        new = np.flatnonzero(~self._touched[first:first + n])
+        if len(new):
+            self._mem[(first + new) * PAGE] = 0
+            self._touched[first + new] = True
 
     def _insert_free(self, first: int, n: int) -> None:
         i = bisect.bisect_left(self._free_start, first)
@@ -353,6 +367,22 @@ class Arena:
                     "holders": holders,
                     "engine": {"allowance": self.extra_allowance, "in_use": self.extra_in_use,
                                "peak": self.extra_peak, "charges": dict(self._charges)}}
+
+
+def _fit_machine(nbytes: int, name: str) -> int:
+    """The arena size, capped to 90% of this machine's physical memory with a logged reason
+    (a budget written for a bigger device must not swap this one to death)."""
+    try:
+        phys = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return nbytes
+    cap = int(phys * 0.9) // PAGE * PAGE
+    if nbytes > cap:
+        log.warning("config %s asks for a %.1f GiB arena; this machine has %.1f GiB of memory: "
+                    "the arena is capped at %.1f GiB", name, nbytes / 2**30, phys / 2**30,
+                    cap / 2**30)
+        return cap
+    return nbytes
 
 
 class Lease:
