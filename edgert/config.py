@@ -59,6 +59,21 @@ class Storage:
 
 
 @dataclass(frozen=True)
+class KvCache:
+    """The prefix cache (docs/internals.md, "KV cache"): reuse computed prefixes
+    (``prefix``); ``chunk_tokens`` is the prefill chunk and the disk tier's chunk size (a
+    multiple of 16 tokens); ``host`` and ``disk`` are the budgets in bytes of the host
+    memory tier and the disk tier (0 = off; both are outside the arena); ``dir`` is where
+    the disk tier lives ("" = the user's cache directory, ~/.cache/edgert/kv). A config
+    without the section reuses prefixes in the arena only."""
+    prefix: bool = True
+    chunk_tokens: int = 256
+    host: int = 0
+    disk: int = 0
+    dir: str = ""
+
+
+@dataclass(frozen=True)
 class DeviceConfig:
     name: str
     budget: Budget
@@ -68,6 +83,7 @@ class DeviceConfig:
     threads: int = 2
     dtype: str = "float32"
     server: str = ""
+    kv_cache: KvCache = field(default_factory=KvCache)
     source: str = ""              # file it was read from
 
     @staticmethod
@@ -102,7 +118,8 @@ def _check_keys(doc, allowed: set[str], where: str) -> dict:
 
 
 def _build(doc, source: str) -> DeviceConfig:
-    top = {"name", "memory", "storage", "providers", "device", "threads", "dtype", "server"}
+    top = {"name", "memory", "storage", "providers", "device", "threads", "dtype", "server",
+           "kv_cache"}
     doc = _check_keys(doc, top, "")
     for key in ("name", "memory"):
         if key not in doc:
@@ -150,7 +167,24 @@ def _build(doc, source: str) -> DeviceConfig:
     return DeviceConfig(name=name, budget=Budget(total, **parts, prefault=prefault),
                         storage=Storage(read_mode, str(st.get("scratch_dir", "") or "")),
                         providers=tuple(providers), device=device, threads=threads,
-                        dtype=dtype, server=server, source=source)
+                        dtype=dtype, server=server, kv_cache=_kv_cache(doc), source=source)
+
+
+def _kv_cache(doc) -> KvCache:
+    kv = _check_keys(doc.get("kv_cache", {}) or {},
+                     {"prefix", "chunk_tokens", "host", "disk", "dir"}, "kv_cache")
+    prefix = kv.get("prefix", True)
+    if not isinstance(prefix, bool):
+        raise ConfigError(f"kv_cache.prefix must be true or false, got {prefix!r}")
+    chunk = kv.get("chunk_tokens", 256)
+    if not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 16 or chunk % 16:
+        raise ConfigError(f"kv_cache.chunk_tokens must be a positive multiple of 16 (the "
+                          f"page size), got {chunk!r}")
+    d = kv.get("dir", "") or ""
+    if not isinstance(d, str):
+        raise ConfigError(f"kv_cache.dir must be a string, got {d!r}")
+    return KvCache(prefix, chunk, parse_bytes(kv.get("host", 0), "kv_cache.host"),
+                   parse_bytes(kv.get("disk", 0), "kv_cache.disk"), os.path.expanduser(d))
 
 
 def resolve(cfg=None) -> DeviceConfig:
@@ -160,4 +194,5 @@ def resolve(cfg=None) -> DeviceConfig:
     return DeviceConfig.load(cfg)
 
 
-__all__ = ["DeviceConfig", "Budget", "Storage", "resolve", "parse_bytes", "DEFAULT_CONFIG"]
+__all__ = ["DeviceConfig", "Budget", "Storage", "KvCache", "resolve", "parse_bytes",
+           "DEFAULT_CONFIG"]

@@ -27,7 +27,7 @@ def test_pages_are_arena_slots():
     ids = pages.allocate(3)
     assert arena.stats()["holders"]["test: kv pages"]["bytes"] == 3 * 8192
     t = pages.page(ids[0])
-    assert t.shape == (LAYERS, 2, HEADS, PAGE_TOKENS, DIM)
+    assert t.shape == (LAYERS, 2, PAGE_TOKENS, HEADS, DIM)
     t.fill_(7.0)  # zero copy: the bytes live in the arena
     view = arena.view(ids[0])[: t.numel() * 4].view("float32")
     assert (view == 7.0).all()
@@ -77,10 +77,12 @@ def test_write_then_gather_is_the_concatenation(chunks):
             kv.write(seq, layer, k, v)
             if layer == 1:
                 ks.append(k), vs.append(v)
-        kv.advance(seq, n)
+        kv.advance(seq, [0] * n)
     assert len(seq.block_table) == -(-sum(chunks) // PAGE_TOKENS)
-    k, v = kv.gather(seq, 1, seq.length)
+    k, v = kv.read(seq, 1, seq.length)          # one gather over the arena's pages
     assert torch.equal(k, torch.cat(ks, 1)) and torch.equal(v, torch.cat(vs, 1))
+    k2, v2 = kv.gather(seq, 1, seq.length)      # page by page
+    assert torch.equal(k, k2) and torch.equal(v, v2)
     kv.release(seq)
     assert pages.num_in_use == 0
 
@@ -90,7 +92,7 @@ def test_reserve_fails_before_anything_changes():
     kv = PagedKV(pages)
     seq = kv.new_sequence()
     kv.reserve(seq, 40)
-    kv.advance(seq, 40)
+    kv.advance(seq, [0] * 40)
     with pytest.raises(BudgetExceeded):
         kv.reserve(seq, 40)
     assert len(seq.block_table) == 3 and seq.length == 40 and pages.num_free == 1
@@ -102,8 +104,9 @@ def test_engine_raises_budget_exceeded_and_recovers(tmp_path):
     from moe_models import mixtral_config, prompt, runtime, save
     d = save(mixtral_config(), tmp_path / "m")
     pack_hf(d, tmp_path / "m.edgepack", progress=False)
-    # page = 2 layers * K,V * 2 kv heads * 16 tokens * 8 dims * 4 B = 4 KiB; 3 pages = 48 tokens
-    lm = runtime(kv="12 KiB").load(tmp_path / "m.edgepack", expert_budget=1.0)
+    # page = 2 layers * K,V * 2 kv heads * 16 tokens * 8 dims * 4 B = 4 KiB, plus the last
+    # token's hidden state (32 * 4 B) for the prefix cache: an 8 KiB slot; 3 pages = 48 tokens
+    lm = runtime(kv="24 KiB").load(tmp_path / "m.edgepack", expert_budget=1.0)
     assert lm.pages.capacity == 3
     with pytest.raises(BudgetExceeded):
         lm.logits(prompt(60))

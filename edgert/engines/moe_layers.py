@@ -120,17 +120,21 @@ def causal_mask(q_pos: torch.Tensor, S: int, window: int | None) -> torch.Tensor
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
               mask: torch.Tensor | None) -> torch.Tensor:
-    """q [H, T, D], k/v [Hk, S, D], mask [T, S] (None: every key visible) -> [T, H*D]."""
+    """q [H, T, D], k/v [Hk, S, D] (any strides), mask [T, S] (None: every key visible)
+    -> [T, H*D].
+
+    Grouped-query attention without repeating K/V: query head h uses kv head h // rep
+    (the families' repeat_kv), so the `rep` heads of one group are one matrix product."""
     H, T, D = q.shape
-    rep = H // k.shape[0]
-    if rep > 1:  # grouped-query attention: each kv head serves `rep` query heads
-        k = k.repeat_interleave(rep, dim=0)
-        v = v.repeat_interleave(rep, dim=0)
-    scores = torch.matmul(q, k.transpose(1, 2)) * (D ** -0.5)        # [H, T, S]
+    Hk, S = k.shape[0], k.shape[1]
+    rep = H // Hk
+    qg = q.reshape(Hk, rep * T, D)
+    scores = torch.matmul(qg, k.transpose(1, 2)) * (D ** -0.5)      # [Hk, rep*T, S]
     if mask is not None:
-        scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+        scores = scores.view(Hk, rep, T, S).masked_fill(
+            ~mask, torch.finfo(scores.dtype).min).view(Hk, rep * T, S)
     probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
-    out = torch.matmul(probs, v)                                      # [H, T, D]
+    out = torch.matmul(probs, v).view(H, T, D)                        # [H, T, D]
     return out.transpose(0, 1).reshape(T, H * D)
 
 

@@ -5,7 +5,9 @@ Where the bytes live (one budget):
   to the device config's dtype and used through zero-copy torch views;
 - experts: the provider's slots in the "experts" pool (the expert cache, or every
   expert resident);
-- K/V: 16-token pages of the "kv" pool (edgert.kv.paged).
+- K/V: 16-token pages of the "kv" pool (edgert.kv.paged); prefixes already computed are
+  reused from the arena, the host tier or the disk tier (edgert.kv.cache), and a prompt is
+  prefilled in chunks of ``kv_cache.chunk_tokens``.
 
 Per layer: attention over the paged cache; then, before the MoE block, the next sparse
 layer's router is applied to the current hidden state and handed to `provider.hint` so
@@ -25,6 +27,7 @@ import math
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -36,7 +39,9 @@ from edgert.errors import EdgertError, UnsupportedModel
 from edgert.experts.api import ExpertLayout, slots_for_budget
 from edgert.experts.cache import ExpertCache
 from edgert.experts.policies import PolicyName
-from edgert.kv.paged import PagedKV, PagePool
+from edgert.kv.cache import KVCache
+from edgert.kv.paged import PAGE_TOKENS, PagePool
+from edgert.kv.prefix import extra_keys, model_fingerprint
 from edgert.memory.arena import Lease
 
 from edgert.engines.moe_layers import (MoeConfig, Rotary, apply_rope, attention, causal_mask, rms_norm,
@@ -57,6 +62,7 @@ class MoeLM(LoadedModel):
     expert_budget: None = the device config's ``memory.experts``; a float in (0, 1] = that
     fraction of all experts; an int = bytes. lossy_alpha > 0 lets the expert cache
     substitute a resident expert for a missing one inside the gate-score band.
+    prefix_cache: None = the device config's ``kv_cache.prefix``; True / False overrides it.
 
     Thread-safe: each forward step (a prefill, a decode token) runs under the model's lock,
     so concurrent `generate()` calls interleave token by token and never pin experts
@@ -66,8 +72,10 @@ class MoeLM(LoadedModel):
     kind = "moe"
 
     def __init__(self, rt, reader, name: str, expert_budget=None, lossy_alpha: float = 0.0,
-                 policy=None, provider=None):
+                 policy=None, provider=None, prefix_cache: bool | None = None):
         _check_options(expert_budget, lossy_alpha, policy)
+        if prefix_cache is not None and not isinstance(prefix_cache, bool):
+            raise ValueError(f"prefix_cache must be True, False or None, got {prefix_cache!r}")
         self.cfg = MoeConfig.from_hf(reader.config)     # UnsupportedModel before anything
         super().__init__(rt, reader, name)
         self.dtype = torch_dtype(rt.config.dtype)
@@ -76,22 +84,30 @@ class MoeLM(LoadedModel):
         self._gpu_views: dict[tuple, torch.Tensor] = {}
         self._own_provider = provider is None
         self.provider = None
-        self.pages = None
+        self.pages = self.kv = None
         self.w: dict[str, torch.Tensor] = {}
+        kv_opts = rt.config.kv_cache
+        if prefix_cache is not None:
+            kv_opts = replace(kv_opts, prefix=prefix_cache)
+        self.chunk_tokens = kv_opts.chunk_tokens
         try:
             self._load_weights()
             self.layout = ExpertLayout.from_reader(reader)
             self.provider = provider or self._make_provider(expert_budget, lossy_alpha, policy)
             if self._own_provider:
                 self._own(self.provider)
+            # with prefix reuse a page also keeps its last token's final hidden state, so a
+            # prompt that is entirely cached gets its logits without computing anything
+            tail = self.cfg.hidden_size if kv_opts.prefix else 0
             self.pages = self._own(PagePool(
                 rt.arena, f"{name}: kv pages", self.cfg.num_layers, self.cfg.num_kv_heads,
                 self.cfg.head_dim, self.dtype, cap=rt.config.budget.kv or None,
-                to_device=None if self.device.type == "cpu" else rt.arena.on_gpu))
+                to_device=None if self.device.type == "cpu" else rt.arena.on_gpu, tail=tail))
+            fp = model_fingerprint(reader, rt.config.dtype, self.pages.page_shape, tail)
+            self.kv = self._own(KVCache(self.pages, fp, kv_opts, self.device))
         except BaseException:
             self.close()
             raise
-        self.kv = PagedKV(self.pages)
         self.rotary = Rotary(self.cfg.head_dim, self.cfg.rope_theta, self.device)
         self.tokenizer = tokenizer_for(reader.sections, reader.config)
         self._next_moe = {l: next((m for m in self.cfg.moe_layers if m > l), None)
@@ -192,6 +208,34 @@ class MoeLM(LoadedModel):
 
     # --- the forward pass -----------------------------------------------------------------
     @torch.inference_mode()
+    def _step(self, seq, ids: list[int], all_logits: bool) -> torch.Tensor:
+        """Feed `ids` after what `seq` holds: cached pages first, the rest in chunks of
+        `chunk_tokens`; logits [T, vocab] (all_logits) or [1, vocab]. On an error the
+        sequence is as before."""
+        kv = self.kv
+        pages, length = len(seq.block_table), seq.length
+        try:
+            hit = 0 if all_logits else kv.match(seq, ids)
+            rest = ids[hit:]
+            if not rest:        # entirely cached: the last page kept its final hidden state
+                return self._logits(kv.tail(seq)[None])
+            kv.reserve(seq, len(rest))                    # BudgetExceeded before any compute
+            t0, outs = time.perf_counter(), []
+            for i in range(0, len(rest), self.chunk_tokens):
+                part = rest[i:i + self.chunk_tokens]
+                last = i + len(part) == len(rest)
+                out = self._forward(seq, part, None if all_logits else
+                                    slice(-1, None) if last else slice(0, 0))
+                if all_logits or last:
+                    outs.append(out)
+            if len(rest) > 1 or length == 0:
+                kv.note_compute(len(rest), time.perf_counter() - t0)
+            return outs[0] if len(outs) == 1 else torch.cat(outs)
+        except BaseException:
+            kv.truncate(seq, pages, length)
+            raise
+
+    @torch.inference_mode()
     def _forward(self, seq, ids: list[int], rows: slice | None = None) -> torch.Tensor:
         """Run `ids` after what `seq` holds; logits [T', vocab] of the `rows` asked for."""
         c, w = self.cfg, self.w
@@ -211,7 +255,7 @@ class MoeLM(LoadedModel):
             v = self._heads(a, p + "self_attn.v_proj", c.num_kv_heads)
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
             self.kv.write(seq, l, k, v)
-            K, V = self.kv.gather(seq, l, start + T)
+            K, V = self.kv.read(seq, l, start + T)
             win = c.sliding_windows[l]
             if win not in masks:  # one mask per window size; none for a decode step seeing all
                 masks[win] = None if T == 1 and (win is None or start + 1 <= win) \
@@ -229,10 +273,14 @@ class MoeLM(LoadedModel):
             else:
                 h = h + swiglu(a, w[p + "mlp.gate_proj.weight"], w[p + "mlp.up_proj.weight"],
                                w[p + "mlp.down_proj.weight"])
-        self.kv.advance(seq, T)
-        h = h if rows is None else h[rows]
-        h = rms_norm(h, w["model.norm.weight"], c.rms_eps)
-        return F.linear(h, w["lm_head.weight"])
+        self.kv.write_tails(seq, h)
+        self.kv.advance(seq, ids)
+        return self._logits(h if rows is None else h[rows])
+
+    def _logits(self, h: torch.Tensor) -> torch.Tensor:
+        """Logits of final hidden states h [T, hidden] (before the model's last norm)."""
+        h = rms_norm(h, self.w["model.norm.weight"], self.cfg.rms_eps)
+        return F.linear(h, self.w["lm_head.weight"])
 
     def _heads(self, x: torch.Tensor, name: str, n_heads: int) -> torch.Tensor:
         y = F.linear(x, self.w[name + ".weight"], self.w.get(name + ".bias"))
@@ -318,28 +366,33 @@ class MoeLM(LoadedModel):
         return ask(layer) if ask is not None else getattr(self.provider, "prefetch", True)
 
     # --- public surface -------------------------------------------------------------------
-    def logits(self, token_ids) -> np.ndarray:
-        """Logits [len, vocab] (float32) of a full prefill through the paged-cache path."""
+    def logits(self, token_ids, cache_salt=None) -> np.ndarray:
+        """Logits [len, vocab] (float32) of a full prefill through the paged-cache path
+        (every token is computed; the pages it fills are cached for later prompts)."""
         ids = self._ids(token_ids)
-        with self.sequence() as s:
+        with self.sequence(cache_salt) as s:
             return s.feed(ids, all_logits=True)
 
-    def sequence(self) -> "Sequence":
-        """A sequence in the paged KV cache, fed token by token (see `Sequence.feed`)."""
+    def sequence(self, cache_salt=None) -> "Sequence":
+        """A sequence in the paged KV cache, fed token by token (see `Sequence.feed`).
+        Sequences with different `cache_salt` (a str, bytes or int) never share pages."""
         self._check_open()
-        return Sequence(self)
+        return Sequence(self, extra_keys({"salt": cache_salt}))
 
     def generate(self, token_ids_or_text, max_new_tokens: int = 64, temperature: float = 0.0,
-                 top_p: float = 1.0, seed: int = 0, stream: bool = False):
+                 top_p: float = 1.0, seed: int = 0, stream: bool = False, cache_salt=None):
         """Continue a prompt. Text in -> text out; ids in -> list of new ids.
 
         stream=True returns an iterator of text pieces (text prompt) or ids.
         Stops after max_new_tokens or at the config's EOS (which is included).
+        The prompt's cached prefix is reused (see docs/internals.md, "KV cache"); prompts
+        with different `cache_salt` never share cached pages.
         """
         self._check_open()
         as_text = isinstance(token_ids_or_text, str)
         ids = self._ids(token_ids_or_text)
-        it = self._generate_ids(ids, max_new_tokens, temperature, top_p, seed)
+        extra = extra_keys({"salt": cache_salt})
+        it = self._generate_ids(ids, max_new_tokens, temperature, top_p, seed, extra)
         if as_text:
             it = self._text_pieces(it)
         if stream:
@@ -347,9 +400,9 @@ class MoeLM(LoadedModel):
         out = list(it)
         return "".join(out) if as_text else out
 
-    def _generate_ids(self, ids, max_new, temperature, top_p, seed) -> Iterator[int]:
+    def _generate_ids(self, ids, max_new, temperature, top_p, seed, extra) -> Iterator[int]:
         gen = torch.Generator().manual_seed(seed)
-        with self.sequence() as s:
+        with Sequence(self, extra) as s:
             logits = s.feed(ids)
             for i in range(max_new):
                 tok = sample(torch.from_numpy(logits), temperature, top_p, gen)
@@ -387,7 +440,7 @@ class MoeLM(LoadedModel):
             self._check_open()
             c = dict(self.counters)
             return {"name": self.name, "kind": self.kind, "device": str(self.device),
-                    "experts": self.provider.stats(), "kv": self.pages.stats(),
+                    "experts": self.provider.stats(), "kv": self.kv.stats(),
                     "weights_bytes": self._weight_bytes, **c, "memory": self.memory(),
                     "decode_tokens_per_s": c["decode_tokens"] / c["decode_s"]
                     if c["decode_s"] else 0.0}
@@ -411,13 +464,24 @@ class Sequence:
     Its KV pages go back to the pool on `close` (or leaving the `with`).
     """
 
-    def __init__(self, lm: MoeLM):
-        self.lm, self._seq = lm, lm.kv.new_sequence()
+    def __init__(self, lm: MoeLM, extra: tuple = (), seq=None):
+        self.lm = lm
+        self._seq = seq if seq is not None else lm.kv.new_sequence(extra)
         self._pages = lm.pages
 
     @property
     def length(self) -> int:
         return self._seq.length
+
+    def fork(self) -> "Sequence":
+        """A second sequence that shares every page of this one (a partial last page is
+        copied by whichever of the two writes into it first)."""
+        lm = self.lm
+        with lm._lock:
+            lm._check_open()
+            if self._seq is None:
+                raise EdgertError("this sequence is closed")
+            return Sequence(lm, seq=lm.kv.fork(self._seq))
 
     def feed(self, token_ids, all_logits: bool = False) -> np.ndarray:
         """Logits (float32) of the last token [vocab], or of every token fed [T, vocab]."""
@@ -428,7 +492,7 @@ class Sequence:
             if self._seq is None:
                 raise EdgertError("this sequence is closed")
             t0 = time.perf_counter()
-            out = lm._forward(self._seq, ids, rows=None if all_logits else slice(-1, None))
+            out = lm._step(self._seq, ids, all_logits)
             out = out.float().cpu().numpy()
             key = "decode" if len(ids) == 1 and self._seq.length > 1 else "prefill"
             lm.counters[key + "_tokens"] += len(ids)
