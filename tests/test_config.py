@@ -17,6 +17,8 @@ def test_shipped_configs_load_and_fit():
         b = cfg.budget
         assert 0 < b.arena == b.total - b.engine and b.experts + b.kv <= b.arena
         assert cfg.name == p.stem
+        kv = cfg.kv_cache            # every shipped config sizes both prefix-cache tiers
+        assert kv.prefix and kv.chunk_tokens % 16 == 0 and kv.host > 0 and kv.disk > 0
 
 
 def test_default_is_cpu_dev():
@@ -48,6 +50,12 @@ def _doc(**over):
     (_doc(dtype="int4"), "dtype"),
     ({"memory": {"total": 1}}, "name"),
     ([1, 2], "mapping"),
+    (_doc(kv_cache={"prefix": "yes"}), "kv_cache.prefix"),
+    (_doc(kv_cache={"chunk_tokens": 100}), "kv_cache.chunk_tokens"),
+    (_doc(kv_cache={"host": "lots"}), "kv_cache.host"),
+    (_doc(kv_cache={"disk": -1}), "kv_cache.disk"),
+    (_doc(kv_cache={"dir": 5}), "kv_cache.dir"),
+    (_doc(kv_cache={"tier": "cloud"}), "kv_cache.tier"),
 ])
 def test_bad_configs_name_the_key(doc, needle):
     with pytest.raises(ConfigError, match=needle):
@@ -71,3 +79,13 @@ def test_parse_bytes():
     for bad in ("-1", "1 XB", True, "1 GiBs"):
         with pytest.raises(ConfigError):
             parse_bytes(bad, "k")
+
+
+def test_kv_cache_section_and_its_defaults():
+    cfg = DeviceConfig.from_dict(_doc(kv_cache={"host": "64 MiB", "disk": "1 GiB",
+                                                "chunk_tokens": 128, "dir": "~/kv"}))
+    kv = cfg.kv_cache
+    assert (kv.prefix, kv.chunk_tokens, kv.host, kv.disk) == (True, 128, 64 << 20, 1 << 30)
+    assert not kv.dir.startswith("~")
+    bare = DeviceConfig.from_dict(_doc()).kv_cache   # no section: prefixes in the arena only
+    assert bare.prefix and bare.host == 0 and bare.disk == 0 and bare.chunk_tokens == 256

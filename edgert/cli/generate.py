@@ -20,9 +20,14 @@ def register(sub) -> None:
     g.add_argument("--lossy-alpha", type=float, default=0.0, metavar="A",
                    help="allow substituting a resident expert within the gate-score band "
                         "(lossy; 0 = exact, the default)")
+    g.add_argument("--no-prefix-cache", action="store_true",
+                   help="compute the whole prompt: do not reuse (nor keep) cached prefixes")
+    g.add_argument("--cache-salt", default=None, metavar="SALT",
+                   help="share cached prefixes only with prompts given the same salt")
     g.add_argument("--config", default=None, metavar="CFG", help="device config YAML")
     g.add_argument("--stats", action="store_true",
-                   help="print a summary of the expert cache and decode speed to stderr")
+                   help="print a summary of the expert cache, the prefix cache and decode "
+                        "speed to stderr")
     g.add_argument("--stats-json", action="store_true",
                    help="print every figure of lm.stats() as JSON to stderr")
     g.set_defaults(func=_run_generate)
@@ -36,7 +41,8 @@ def _budget(text: str):
 def _run_generate(args) -> int:
     from edgert.runtime import Runtime
     rt = Runtime(args.config)
-    lm = rt.load(args.pack, expert_budget=args.expert_budget, lossy_alpha=args.lossy_alpha)
+    lm = rt.load(args.pack, expert_budget=args.expert_budget, lossy_alpha=args.lossy_alpha,
+                 prefix_cache=False if args.no_prefix_cache else None)
     try:
         if lm.tokenizer is None:
             print(f"edgert generate: {args.pack} carries no tokenizer; use the Python API "
@@ -44,7 +50,7 @@ def _run_generate(args) -> int:
             return 2
         for piece in lm.generate(args.prompt, max_new_tokens=args.max_new_tokens,
                                  temperature=args.temperature, top_p=args.top_p,
-                                 seed=args.seed, stream=True):
+                                 seed=args.seed, stream=True, cache_salt=args.cache_salt):
             sys.stdout.write(piece)
             sys.stdout.flush()
         sys.stdout.write("\n")
@@ -74,4 +80,15 @@ def summary(st: dict) -> str:
             f"{1e3 * tot['stall_s']:.1f} ms stalled on loads")
     else:
         lines.append(f"experts: {ex.get('provider')}, {ex.get('experts', '?')} resident")
+    px = st["kv"].get("prefix", {})
+    if px.get("enabled"):
+        tiers = px["tiers"]
+        lines.append(
+            f"prefix cache: {px['lookups']} lookups, {px['hit_tokens']} tokens reused, "
+            f"{px['computed_tokens']} computed; "
+            + ", ".join(f"{t} {tiers[t]['hit_tokens']} hit / {tiers[t]['bytes_read'] / 1e6:.1f} MB "
+                        f"read / {tiers[t]['bytes_written'] / 1e6:.1f} MB written"
+                        for t in ("arena", "host", "disk")))
+    else:
+        lines.append("prefix cache: off")
     return "\n".join(lines)

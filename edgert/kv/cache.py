@@ -83,7 +83,7 @@ class Costs:
         return nbytes * read < tokens * self.compute_s_per_token
 
     def save(self) -> None:
-        if self.path is None:
+        if self.path is None or not self.path.parent.is_dir():
             return
         tmp = self.path.with_suffix(f".{os.getpid()}.tmp")
         try:
@@ -112,9 +112,7 @@ class KVCache:
         self.index = PageIndex()
         self.host = HostTier(options.host, pages.nbytes) \
             if self.prefix and options.host > 0 else None
-        self.disk = DiskTier(Path(options.dir) if options.dir else default_dir(), fingerprint,
-                             options.disk, pages.nbytes) \
-            if self.prefix and options.disk > 0 else None
+        self.disk = self._disk_tier(options) if self.prefix and options.disk > 0 else None
         self.costs = Costs(self.disk.dir / "costs.json" if self.disk else None)
         self._lock = threading.Lock()       # pending, stash, counters
         self._pending: dict[bytes, int] = {}    # page hash -> queued jobs that need its bytes
@@ -128,6 +126,14 @@ class KVCache:
         self._closed = False
         if self.prefix:
             pages.on_evict = self._on_evict
+
+    def _disk_tier(self, options: KvCache) -> DiskTier | None:
+        root = Path(options.dir) if options.dir else default_dir()
+        try:
+            return DiskTier(root, self.fp, options.disk, self.pages.nbytes)
+        except OSError as e:
+            log.warning("kv cache: no disk tier (%s); prefixes are kept in memory only", e)
+            return None
 
     # --- sequences (the paged mechanism) ----------------------------------------------------
     def new_sequence(self, extra: tuple = ()) -> Sequence:
@@ -203,6 +209,11 @@ class KVCache:
             if not got:
                 break
             k += got
+        if k and self.disk is not None:     # chunks in use stay on disk longest
+            first = len(seq.hashes)
+            names = [hashes[j - first] for j in range(first, first + k)
+                     if (j + 1) % self.chunk_pages == 0]
+            self.disk.touch(reversed(names))
         t = k * PAGE_TOKENS
         seq.length += t
         seq.tokens.extend(ids[:t])
@@ -245,7 +256,7 @@ class KVCache:
         total = sum(c for _, _, c in runs)
         if not total or not self._worth("disk", total):
             return 0
-        m, touched = 0, []
+        m = 0
         for name, first, count in runs:
             try:
                 pids = self.pages.allocate(count)
@@ -263,9 +274,7 @@ class KVCache:
             self._adopt(seq, pids, hashes[m:m + count])
             self._count("disk", hit_tokens=count * PAGE_TOKENS, bytes_read=nbytes)
             self._count("arena", bytes_written=nbytes)
-            touched.append(name)
             m += count
-        self.disk.touch(reversed(touched))
         return m
 
     def _adopt(self, seq, pids, hashes) -> None:
@@ -292,6 +301,9 @@ class KVCache:
         hashes = seq.hashes[lo:hi]
         if self.disk.has_chunk(hashes[-1]):
             return
+        if self.paged.device.type == "cuda":   # the writer reads what the kernels wrote
+            import torch
+            torch.cuda.current_stream().synchronize()
         parent = seq.hashes[lo - 1] if lo else self.fp
         tokens = seq.tokens[lo * PAGE_TOKENS:hi * PAGE_TOKENS]
         self._submit(("chunk", seq.block_table[lo:hi], hashes, parent, tokens), hashes)

@@ -85,11 +85,20 @@ class DiskTier:
         self.deleted_tmp = 0
         self.evictions = 0
         self.writes = 0
-        self.dir.mkdir(parents=True, exist_ok=True)
-        self._scan()
+        if not os.access(self._existing_ancestor(), os.W_OK):
+            raise PermissionError(f"{self.dir}: not writable")
+        self._scan()        # NOTE: nothing is created until the first chunk is written
+
+    def _existing_ancestor(self) -> Path:
+        p = self.dir
+        while not p.exists() and p != p.parent:
+            p = p.parent
+        return p
 
     # --- start-up: the index from the files -----------------------------------------------
     def _scan(self) -> None:
+        if not self.dir.is_dir():
+            return
         for sub in self.root.iterdir():
             if sub == self.dir or not sub.is_dir():
                 continue
@@ -310,6 +319,7 @@ class DiskTier:
         final = self.dir / (name.hex() + SUFFIX)
         tmp = self.dir / f".{name.hex()}.{os.getpid()}.{threading.get_ident()}.tmp"
         try:
+            self.dir.mkdir(parents=True, exist_ok=True)
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
             try:
                 view, done = memoryview(buf), 0
