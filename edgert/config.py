@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -10,7 +11,21 @@ import yaml
 
 from .errors import ConfigError
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "device_configs"
+def _config_dir() -> Path:
+    """Where the shipped device configs are: beside the source tree (a checkout, an editable
+    install) or, after `pip install`, the package's data files under <prefix>/share/edgert."""
+    here = Path(__file__).resolve().parent.parent / "device_configs"
+    if here.is_dir():
+        return here
+    installed = Path(__file__).resolve().parents[4]   # <prefix>/lib/pythonX.Y/site-packages/edgert
+    for prefix in (installed, sys.prefix, sys.base_prefix, os.path.expanduser("~/.local")):
+        d = Path(prefix) / "share" / "edgert" / "device_configs"
+        if d.is_dir():
+            return d
+    return here
+
+
+CONFIG_DIR = _config_dir()
 DEFAULT_CONFIG = CONFIG_DIR / "cpu-dev.yaml"
 PROVIDERS = ("tensorrt", "cuda", "cpu")
 DTYPES = ("float32", "float16", "bfloat16")
@@ -88,7 +103,15 @@ class DeviceConfig:
 
     @staticmethod
     def load(path=None) -> "DeviceConfig":
+        """From a YAML file, a shipped config's name (``jetson-orin-nano-8gb``), or None
+        (the embedded default, cpu-dev)."""
         p = Path(path) if path is not None else DEFAULT_CONFIG
+        if path is not None and not p.exists() and p.suffix == "" and os.sep not in str(path):
+            named = CONFIG_DIR / f"{path}.yaml"
+            if not named.exists():
+                raise ConfigError(f"no device config {path!r}: not a file, and not one of the "
+                                  f"shipped configs ({', '.join(shipped()) or 'none found'})")
+            p = named
         try:
             text = p.read_text()
         except OSError as e:
@@ -187,8 +210,14 @@ def _kv_cache(doc) -> KvCache:
                    parse_bytes(kv.get("disk", 0), "kv_cache.disk"), os.path.expanduser(d))
 
 
+def shipped() -> list[str]:
+    """Names of the device configs that ship with edgert."""
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+
+
 def resolve(cfg=None) -> DeviceConfig:
-    """A DeviceConfig from a DeviceConfig, a path, or None (the embedded default)."""
+    """A DeviceConfig from a DeviceConfig, a path, a shipped config's name, or None (the
+    embedded default)."""
     if isinstance(cfg, DeviceConfig):
         return cfg
     return DeviceConfig.load(cfg)

@@ -60,14 +60,14 @@ class Runtime:
                 name = self._unique(name or Path(path).stem)
                 self._loading.add(name)               # the name is taken while it loads
             if reader.kind == "onnx-tasks":
-                from .kinds.task import TaskModel
-                model = TaskModel(self, reader, name, **options)
+                from .kinds.task import TaskModel as kind
             elif reader.kind == "moe":
-                from .kinds.moe import MoeLM
-                model = MoeLM(self, reader, name, **options)
+                from .kinds.moe import MoeLM as kind
             else:
                 raise EdgertError(f"{path}: pack kind {reader.kind!r} has no engine "
                                   "(known: onnx-tasks, moe)")
+            _check_options(kind, path, reader.kind, options)
+            model = kind(self, reader, name, **options)
         except BaseException:
             reader.close()
             with self._lock:
@@ -129,3 +129,15 @@ class Runtime:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def _check_options(kind, path: str, pack_kind: str, options: dict) -> None:
+    """Options that the model kind does not take: one clear error before anything loads."""
+    import inspect
+    takes = [p for p in inspect.signature(kind.__init__).parameters
+             if p not in ("self", "rt", "reader", "name")]
+    wrong = [k for k in options if k not in takes]
+    if wrong:
+        what = {"onnx-tasks": "a task pack", "moe": "an MoE pack"}.get(pack_kind, pack_kind)
+        raise EdgertError(f"{path} is {what} (kind {pack_kind}): option(s) "
+                          f"{', '.join(wrong)} do not apply; it takes {', '.join(takes)}")

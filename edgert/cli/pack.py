@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 from ..errors import PackCorrupt
@@ -25,13 +26,18 @@ def register(sub) -> None:
     from .pack_hf import add_hf_parser
     add_hf_parser(psub)
 
-    v = sub.add_parser("verify", help="check every block of a pack against its hash")
-    v.add_argument("pack")
+    v = sub.add_parser("verify", help="check every block of a pack against its hash",
+                       description="Read every block of PACK and check it against its content "
+                       "hash; exit 1 naming the first bad block.")
+    v.add_argument("pack", help="the .edgepack file")
     v.set_defaults(func=_run_verify)
 
-    i = sub.add_parser("inspect", help="tasks, blocks, sharing and switch costs of a pack")
-    i.add_argument("pack")
-    i.add_argument("--json", action="store_true", help="machine-readable output")
+    i = sub.add_parser("inspect", help="tasks, blocks, sharing and switch costs of a pack",
+                       description="What a pack holds: a task pack's inputs and outputs, its "
+                       "tasks, stored vs dense bytes and the bytes each switch moves; an MoE "
+                       "pack's architecture, experts and tokenizer. Sizes in MiB.")
+    i.add_argument("pack", help="the .edgepack file")
+    i.add_argument("--json", action="store_true", help="machine-readable output (bytes)")
     i.set_defaults(func=_run_inspect)
 
 
@@ -62,8 +68,21 @@ def _run_onnx(args) -> int:
     return 0
 
 
+def _open_error(path: str) -> str | None:
+    """One line for a path that is not a pack file at all, else None."""
+    if os.path.isdir(path):
+        return f"{path}: is a directory, not a pack file"
+    if not os.path.exists(path):
+        return f"{path}: no such file"
+    return None
+
+
 def _run_verify(args) -> int:
     from ..pack.reader import PackReader
+    bad = _open_error(args.pack)
+    if bad:
+        print(f"FAIL {bad}", file=sys.stderr)
+        return 1
     try:
         with PackReader(args.pack) as r:
             problems = r.verify()
@@ -86,6 +105,10 @@ def _mib(n: int) -> str:
 def _run_inspect(args) -> int:
     from ..pack.reader import PackReader
     from ..pack.stats import summary
+    bad = _open_error(args.pack)
+    if bad:
+        print(f"FAIL {bad}", file=sys.stderr)
+        return 1
     try:
         with PackReader(args.pack) as r:
             s = summary(r)
@@ -97,9 +120,25 @@ def _run_inspect(args) -> int:
         return 0
     print(f"{s['path']}: kind {s['kind']}, generation {s['generation']}, "
           f"block size {s['block_size']} B")
-    print(f"  blocks: {s['blocks']}   stored: {_mib(s['bytes_stored'])}   "
-          f"dense (every task on its own): {_mib(s['bytes_dense'])}   "
+    dense = "" if "moe" in s else \
+        f"dense (every task on its own): {_mib(s['bytes_dense'])}   "
+    print(f"  blocks: {s['blocks']}   stored: {_mib(s['bytes_stored'])}   {dense}"
           f"file: {_mib(s['bytes_file'])}")
+    for kind in ("inputs", "outputs"):
+        for name, v in s.get(kind, {}).items():
+            print(f"  {kind[:-1]} {name}: {v['dtype']}[{', '.join(map(str, v['shape']))}]")
+    if "moe" in s:
+        m = s["moe"]
+        print(f"  model: {', '.join(m['architectures'] or ['?'])}, {m['layers']} layers, hidden "
+              f"{m['hidden_size']}, vocab {m['vocab_size']}, tokenizer "
+              f"{'in the pack' if m['tokenizer'] else 'none (pass token ids)'}")
+        if "experts" in m:
+            print(f"  experts: {m['experts_per_layer']} per layer in {m['moe_layers']} layers, "
+                  f"top-{m['top_k']}; {m['experts']} experts of {_mib(m['expert_bytes'])} "
+                  f"({m['expert_dtype']}), {_mib(m['experts_bytes'])} in all")
+        for t in s["tasks"]:
+            print(f"  dense (non-expert) weights: {_mib(s['task_bytes'][t])}")
+        return 0
     for t in s["tasks"]:
         print(f"  task {t}: {_mib(s['task_bytes'][t])} dense")
     tasks = s["tasks"]

@@ -119,6 +119,9 @@ class OnnxEngine:
                                              for d, a in zip(shape, arr.shape)):
                 raise InputMismatch(f"input {name!r} has shape {tuple(arr.shape)}, expected "
                                     f"[{', '.join(str(d) for d in shape)}]")
+            if arr.size == 0:
+                raise InputMismatch(f"input {name!r} is empty (shape {tuple(arr.shape)}): "
+                                    "a batch needs at least one item")
             out[name] = np.ascontiguousarray(arr)
         return out
 

@@ -17,7 +17,7 @@ import numpy as np
 from ..errors import PackCorrupt, UnsupportedModel
 from .families import SUPPORTED_ARCHITECTURES, family_of, moe_layers  # noqa: F401
 from .format import DEFAULT_BLOCK_SIZE
-from .writer import PackWriter
+from .writer import PackWriter, check_output
 
 _DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
 
@@ -52,8 +52,12 @@ class _Checkpoint:
                                                path=p)
         elif os.path.exists(single):
             from safetensors import safe_open
-            with safe_open(single, framework="np") as f:
-                self.where = {k: "model.safetensors" for k in f.keys()}
+            try:
+                with safe_open(single, framework="np") as f:
+                    self.where = {k: "model.safetensors" for k in f.keys()}
+            except Exception as e:  # safetensors raises its own error types
+                raise CheckpointIncomplete(f"not a readable safetensors file (truncated or "
+                                           f"damaged?): {e}", path=single) from None
         else:
             raise CheckpointIncomplete("no model.safetensors or model.safetensors.index.json",
                                        path=model_dir)
@@ -110,11 +114,17 @@ def pack_hf(model_dir, out_path, block_size: int = DEFAULT_BLOCK_SIZE,
             progress: bool = True) -> dict:
     """Pack a Mixtral / Qwen2-MoE checkpoint directory into `out_path`. Returns a summary."""
     model_dir = os.fspath(model_dir)
+    check_output(os.fspath(out_path))                 # before reading any tensor
     cfg_path = os.path.join(model_dir, "config.json")
     if not os.path.exists(cfg_path):
         raise CheckpointIncomplete("config.json missing", path=cfg_path)
-    with open(cfg_path) as f:
-        config = json.load(f)
+    try:
+        with open(cfg_path) as f:
+            config = json.load(f)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise CheckpointIncomplete(f"config.json is not valid JSON: {e}", path=cfg_path) from None
+    if not isinstance(config, dict):
+        raise CheckpointIncomplete("config.json is not a JSON object", path=cfg_path)
     fam = family_of(config)
     ckpt = _Checkpoint(model_dir)
     n_layers = int(config["num_hidden_layers"])

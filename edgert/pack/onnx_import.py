@@ -9,6 +9,7 @@ base block: lossy, opt-in, and reported per task with the output error it causes
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,7 +19,7 @@ from onnx import numpy_helper
 
 from ..errors import IncompatibleModels
 from .format import DEFAULT_BLOCK_SIZE, block_hash
-from .writer import PackWriter
+from .writer import PackWriter, check_output
 
 log = logging.getLogger(__name__)
 SKELETON = "onnx_skeleton"
@@ -138,8 +139,11 @@ def output_error(original: onnx.ModelProto, weights: dict[str, np.ndarray], tria
 
 def pack_onnx(base_path, tasks: dict[str, str | Path], out_path, *,
               block_size: int = DEFAULT_BLOCK_SIZE, align_tol: float = 0.0) -> PackReport:
+    if not (isinstance(align_tol, (int, float)) and align_tol >= 0):   # NaN fails too
+        raise ValueError(f"align_tol must be >= 0 (0 = lossless), got {align_tol!r}")
     if not tasks:
         raise ValueError("at least one --task NAME=FILE is needed")
+    check_output(os.fspath(out_path))                 # before reading any model
     base = load_model(base_path)
     base_w = initializers(base)
     report = PackReport()

@@ -39,10 +39,46 @@ def shared_bytes(reader: PackReader, a: str, b: str) -> int:
     return total
 
 
+def task_io(reader: PackReader) -> dict:
+    """A task pack's graph inputs and outputs: name -> {"dtype", "shape"} (symbolic
+    dimensions by name), from the pack's ONNX skeleton."""
+    raw = reader.sections.get("onnx_skeleton")
+    if raw is None:
+        return {"inputs": {}, "outputs": {}}
+    import onnx
+    from onnx import helper
+    graph = onnx.ModelProto.FromString(raw).graph
+    weights = set(reader.task(reader.tasks[0])) if reader.tasks else set()
+
+    def spec(vi):
+        t = vi.type.tensor_type
+        return {"dtype": str(helper.tensor_dtype_to_np_dtype(t.elem_type)),
+                "shape": [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?")
+                          for d in t.shape.dim]}
+    return {"inputs": {vi.name: spec(vi) for vi in graph.input if vi.name not in weights},
+            "outputs": {vi.name: spec(vi) for vi in graph.output}}
+
+
+def moe_summary(reader: PackReader) -> dict:
+    """An MoE pack's architecture, experts and tokenizer."""
+    ex, cfg = reader.manifest.experts, reader.config
+    out = {"architectures": cfg.get("architectures"), "layers": cfg.get("num_hidden_layers"),
+           "hidden_size": cfg.get("hidden_size"), "vocab_size": cfg.get("vocab_size"),
+           "tokenizer": "tokenizer" in reader.sections}
+    if ex is not None:
+        out.update(moe_layers=len(ex.moe_layers), experts_per_layer=ex.num_experts,
+                   top_k=ex.top_k, experts=len(ex.table), expert_bytes=ex.extent_bytes,
+                   expert_dtype=ex.tensors["gate"].dtype,
+                   experts_bytes=ex.extent_bytes * len(ex.table))
+    return out
+
+
 def summary(reader: PackReader) -> dict:
     tasks = reader.tasks
     dense = {t: sum(s.nbytes for s in reader.task(t).values()) for t in tasks}
-    return {
+    extra = task_io(reader) if reader.kind == "onnx-tasks" else \
+        {"moe": moe_summary(reader)} if reader.kind == "moe" else {}
+    return {**extra,
         "path": reader.path,
         "kind": reader.kind,
         "generation": reader.generation,

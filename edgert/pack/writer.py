@@ -26,6 +26,7 @@ class PackWriter:
         if block_size <= 0 or block_size % ALIGN:
             raise ValueError(f"block_size {block_size} must be a positive multiple of {ALIGN}")
         self.path = os.fspath(path)
+        check_output(self.path)
         self._tmp = self.path + ".tmp"
         self._f = open(self._tmp, "wb")
         self._f.write(encode_header())
@@ -172,3 +173,15 @@ class PackWriter:
         else:
             self.abort()
 
+
+def check_output(path: str) -> None:
+    """An output path a pack can be written to, before anything is written (EdgertError)."""
+    from ..errors import EdgertError
+    if os.path.isdir(path):
+        raise EdgertError(f"output {path} is a directory; name the pack file, e.g. "
+                          f"{os.path.join(path, 'model.edgepack')}")
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        raise EdgertError(f"output {path}: the directory {parent} does not exist")
+    if not os.access(parent, os.W_OK):
+        raise EdgertError(f"output {path}: the directory {parent} is not writable")

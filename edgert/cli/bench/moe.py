@@ -31,7 +31,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from ...config import resolve
 from ...errors import EdgertError
@@ -146,6 +145,7 @@ def make_provider(rt, pack, spec: dict):
 
 def decode_run(rt, pack, spec: dict, ids: list[int], ref: np.ndarray | None) -> dict:
     """Prefill PROMPT ids, then teacher-forced decode steps over the rest; figures of the steps."""
+    import torch
     provider = make_provider(rt, pack, spec)
     lm = rt.load(pack, provider=provider)
     seq = lm.sequence()
@@ -239,6 +239,8 @@ def contenders(best: str, best_opts: dict, budgets, full: bool, min_prob: float)
 
 
 def main(args) -> int:
+    import torch
+
     from ... import Runtime
     cfg = resolve(args.config)
     quick = args.quick
