@@ -71,7 +71,9 @@ class TaskModel(LoadedModel):
             self.engine = OnnxEngine(reader.sections[SKELETON], self.switcher.tensors(),
                                      providers=cfg.providers, threads=cfg.threads)
             self.dense_bytes = sum(a.nbytes for a in self.switcher.tensors().values())
-            self._switch(task if task is not None else reader.tasks[0])
+            # NOTE: the load fills the run; it is not a switch (stats()["load"] has its figures)
+            self.load_result = self._switch(task if task is not None else reader.tasks[0])
+            self.switcher.history.pop()
         except BaseException:
             self.close()                        # a failed load gives back what it took
             raise
@@ -194,6 +196,7 @@ class TaskModel(LoadedModel):
             return {**sw,
                     "name": self.name, "kind": self.kind,
                     "tasks": self.tasks,
+                    "load": vars(self.load_result),
                     "last_switch": vars(hist[-1]) if hist else None,
                     "switch_ms": summary([1e3 * r.seconds for r in hist]),
                     "run_ms": summary(runs), "runs": len(runs),
