@@ -37,6 +37,6 @@ def test_generate_streams_the_greedy_continuation_and_summarises(pack, capsys):
 
 
 def test_generate_reports_a_budget_that_does_not_fit(pack, capsys):
-    rc = main(["generate", str(pack), "--prompt", "x", "--expert-budget", "4096"])
+    rc = main(["generate", str(pack), "--prompt", "x", "--expert-budget", "4KiB"])
     assert rc == 2
     assert "BudgetExceeded" in capsys.readouterr().err

@@ -14,9 +14,9 @@ def register(sub) -> None:
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     g.add_argument("--top-p", type=float, default=1.0)
     g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--expert-budget", type=_budget, default=None, metavar="FRAC|BYTES",
-                   help="expert slots: a fraction of all experts (0.5) or bytes (268435456); "
-                        "default: the device config's expert pool")
+    g.add_argument("--expert-budget", type=_budget, default=None, metavar="FRAC|SIZE",
+                   help="expert slots: a fraction of all experts in (0, 1] (0.5) or a size "
+                        "with a unit (256MiB); default: the device config's memory.experts")
     g.add_argument("--lossy-alpha", type=float, default=0.0, metavar="A",
                    help="allow substituting a resident expert within the gate-score band "
                         "(lossy; 0 = exact, the default)")
@@ -24,7 +24,8 @@ def register(sub) -> None:
                    help="compute the whole prompt: do not reuse (nor keep) cached prefixes")
     g.add_argument("--cache-salt", default=None, metavar="SALT",
                    help="share cached prefixes only with prompts given the same salt")
-    g.add_argument("--config", default=None, metavar="CFG", help="device config YAML")
+    g.add_argument("--config", default=None, metavar="CFG",
+                   help="device config: a shipped name or a YAML path (default: cpu-dev)")
     g.add_argument("--stats", action="store_true",
                    help="print a summary of the expert cache, the prefix cache and decode "
                         "speed to stderr")
@@ -34,8 +35,27 @@ def register(sub) -> None:
 
 
 def _budget(text: str):
-    value = float(text)
-    return value if value <= 1.0 else int(value)
+    """A fraction in (0, 1] or a size with a unit; a bare number above 1 is refused (it used
+    to mean bytes, which nobody means)."""
+    import argparse
+
+    from ..config import parse_bytes
+    from ..errors import ConfigError
+    try:
+        value = float(text)
+    except ValueError:
+        try:
+            n = parse_bytes(text, "--expert-budget")
+        except ConfigError:
+            n = 0
+        if n <= 0 or not any(c.isalpha() for c in text):
+            raise argparse.ArgumentTypeError(
+                f"{text!r}: give a fraction in (0, 1] (0.5) or a size with a unit (512MiB)")
+        return n
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(
+            f"{text}: a fraction must be in (0, 1]; for a size add a unit (e.g. 512MiB)")
+    return value
 
 
 def _run_generate(args) -> int:
@@ -54,6 +74,8 @@ def _run_generate(args) -> int:
             sys.stdout.write(piece)
             sys.stdout.flush()
         sys.stdout.write("\n")
+        if lm.last_stop.startswith("kv budget"):
+            print(f"edgert generate: stopped early, {lm.last_stop}", file=sys.stderr)
         if args.stats:
             print(summary(lm.stats()), file=sys.stderr)
         if args.stats_json:

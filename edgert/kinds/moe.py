@@ -35,7 +35,7 @@ import torch.nn.functional as F
 
 from edgert.align import ALIGN, align_up
 from edgert.dtypes import np_storage, torch_dtype
-from edgert.errors import EdgertError, UnsupportedModel
+from edgert.errors import BudgetExceeded, EdgertError, UnsupportedModel
 from edgert.experts.api import ExpertLayout, slots_for_budget
 from edgert.experts.cache import ExpertCache
 from edgert.experts.policies import PolicyName
@@ -46,7 +46,7 @@ from edgert.memory.arena import Lease
 
 from edgert.engines.moe_layers import (MoeConfig, Rotary, apply_rope, attention, causal_mask, rms_norm,
                          rms_normalize, route, swiglu)
-from edgert.engines.sampling import sample
+from edgert.engines.sampling import check_sampling, sample
 from edgert.engines.tokenizer import tokenizer_for
 
 from .base import LoadedModel
@@ -391,6 +391,11 @@ class MoeLM(LoadedModel):
         self._check_open()
         as_text = isinstance(token_ids_or_text, str)
         ids = self._ids(token_ids_or_text)
+        check_sampling(max_new_tokens, temperature, top_p)
+        limit = self.reader.config.get("max_position_embeddings")
+        if limit and len(ids) + max_new_tokens > int(limit):
+            raise ValueError(f"prompt ({len(ids)} tokens) + max_new_tokens ({max_new_tokens}) "
+                             f"is past the model's max_position_embeddings ({limit})")
         extra = extra_keys({"salt": cache_salt})
         it = self._generate_ids(ids, max_new_tokens, temperature, top_p, seed, extra)
         if as_text:
@@ -402,14 +407,22 @@ class MoeLM(LoadedModel):
 
     def _generate_ids(self, ids, max_new, temperature, top_p, seed, extra) -> Iterator[int]:
         gen = torch.Generator().manual_seed(seed)
+        self.last_stop = ""
         with Sequence(self, extra) as s:
             logits = s.feed(ids)
             for i in range(max_new):
                 tok = sample(torch.from_numpy(logits), temperature, top_p, gen)
                 yield tok
                 if tok in self.cfg.eos_token_ids or i == max_new - 1:
+                    self.last_stop = "eos" if tok in self.cfg.eos_token_ids else "length"
                     break
-                logits = s.feed([tok])
+                try:
+                    logits = s.feed([tok])
+                except BudgetExceeded as e:   # NOTE: keep what was made; say why it stopped
+                    self.last_stop = f"kv budget: {e}"
+                    log.warning("generation stopped after %d tokens: no KV memory for the "
+                                "next one (%s)", i + 1, e)
+                    break
 
     def _text_pieces(self, ids: Iterator[int]) -> Iterator[str]:
         st = self.tokenizer.stream()
