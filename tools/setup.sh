@@ -19,11 +19,23 @@ if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
     echo "Jetson detected: install NVIDIA's JetPack torch wheel into $VENV first (see README)." >&2
     exit 1
   elif command -v nvidia-smi >/dev/null 2>&1; then
+    echo "setup: NVIDIA GPU found: torch 2.13.0 with CUDA from PyPI"
     $pip install -q "torch==2.13.0"
   else
-    # No GPU: the CPU build (on the dev and CI machines pip finds it on local disk).
-    $pip install -q "torch==2.13.0"
+    # No GPU: the CPU build from PyTorch's CPU wheel index (PyPI's x86_64 torch is the
+    # multi-GB CUDA build). Where that index cannot be reached, pip's own sources (a local
+    # wheel directory, PyPI) are the fallback, and we say which build arrived.
+    if $pip install -q --retries 1 --timeout 20 \
+         --index-url https://download.pytorch.org/whl/cpu \
+         --extra-index-url https://pypi.org/simple "torch==2.13.0" 2>/dev/null; then
+      :
+    else
+      echo "setup: PyTorch's CPU wheel index is unreachable; installing torch from PyPI" >&2
+      $pip install -q "torch==2.13.0"
+    fi
   fi
+  "$VENV/bin/python" -c "import torch; print('setup: torch', torch.__version__, \
+'(CUDA ' + torch.version.cuda + ')' if torch.version.cuda else '(CPU build)')"
 fi
 # ONNX Runtime on aarch64 that is not a Jetson: the CPU package (x86_64 gets onnxruntime-gpu
 # from pyproject; Jetson gets NVIDIA's wheel by hand). Never both in one environment.
