@@ -77,19 +77,27 @@ def _open_error(path: str) -> str | None:
     return None
 
 
-def _run_verify(args) -> int:
+def _read_pack(path: str, fn):
+    """``fn(reader)`` on the pack at ``path``: (its result, 0), or (None, 1) after one FAIL
+    line on stderr when the file is not a readable pack."""
     from ..pack.reader import PackReader
-    bad = _open_error(args.pack)
+    bad = _open_error(path)
     if bad:
         print(f"FAIL {bad}", file=sys.stderr)
-        return 1
+        return None, 1
     try:
-        with PackReader(args.pack) as r:
-            problems = r.verify()
-            n = len(r.blocks)
+        with PackReader(path) as r:
+            return fn(r), 0
     except (PackCorrupt, OSError) as e:
-        print(f"FAIL {args.pack}: {e}", file=sys.stderr)
-        return 1
+        print(f"FAIL {path}: {e}", file=sys.stderr)
+        return None, 1
+
+
+def _run_verify(args) -> int:
+    got, rc = _read_pack(args.pack, lambda r: (r.verify(), len(r.blocks)))
+    if rc:
+        return rc
+    problems, n = got
     if problems:
         print(f"FAIL {args.pack}: {len(problems)} problem(s); first: {problems[0]}",
               file=sys.stderr)
@@ -103,18 +111,10 @@ def _mib(n: int) -> str:
 
 
 def _run_inspect(args) -> int:
-    from ..pack.reader import PackReader
     from ..pack.stats import summary
-    bad = _open_error(args.pack)
-    if bad:
-        print(f"FAIL {bad}", file=sys.stderr)
-        return 1
-    try:
-        with PackReader(args.pack) as r:
-            s = summary(r)
-    except (PackCorrupt, OSError) as e:
-        print(f"FAIL {args.pack}: {e}", file=sys.stderr)
-        return 1
+    s, rc = _read_pack(args.pack, summary)
+    if rc:
+        return rc
     if args.json:
         print(json.dumps(s, indent=2))
         return 0
