@@ -11,11 +11,14 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def test_configs_by_name_after_a_non_editable_install(tmp_path):
     wheels, prefix = tmp_path / "wheels", tmp_path / "prefix"
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
-                    "-w", str(wheels), str(ROOT)], check=True, capture_output=True)
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps",
+                    "--no-build-isolation", "-w", str(wheels), str(ROOT)],
+                   check=True, capture_output=True)
     wheel = next(wheels.glob("edgert-*.whl"))
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--prefix",
-                    str(prefix), str(wheel)], check=True, capture_output=True)
+    # NOTE: --ignore-installed, or pip would uninstall the editable install running the tests
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps",
+                    "--ignore-installed", "--prefix", str(prefix), str(wheel)],
+                   check=True, capture_output=True)
     site = next(prefix.glob("lib/python*/site-packages"))
     probe = ("import edgert, edgert.config as c; "
              "assert c.CONFIG_DIR.is_relative_to(%r), c.CONFIG_DIR; "
