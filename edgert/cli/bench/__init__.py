@@ -1,7 +1,8 @@
 """`edgert bench NAME`: benchmarks that print a table, write JSON and plot (BENCHMARKS.md)."""
 from __future__ import annotations
 
-BENCHES = ("edgert.cli.bench.switch", "edgert.cli.bench.moe")  # each adds its own subcommand
+BENCHES = ("edgert.cli.bench.switch", "edgert.cli.bench.moe",  # each adds its own subcommand
+           "edgert.cli.bench.kv")
 
 
 def register(sub) -> None:
