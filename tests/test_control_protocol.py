@@ -99,6 +99,8 @@ def test_replies_round_trip_results_streams_errors_and_beats():
      "bad_request"),
     ([env(args={"a": {"__nd__": 0, "dtype": "float32", "shape": [1 << 60, 1 << 60]}}),
       b"1234"], "bad_request"),                                  # huge declared size
+    ([env(args={"a": {"__nd__": 0, "dtype": "bool", "shape": [0, 1 << 40, 1 << 40]}}),
+      b""], "bad_request"),                                      # empty, but not for numpy
     ([env(args={"a": {"__nd__": 0, "dtype": "float32", "shape": [3]}}), b"12345678"],
      "bad_request"),                                             # truncated array
     ([env(args={"a": {"__nd__": 0, "dtype": "float32", "shape": [-1]}}), b""], "bad_request"),

@@ -67,8 +67,7 @@ _EXC_CODES = ((ProtocolError, None), (UnknownTask, "unknown_task"),
               (InputMismatch, "input_mismatch"), (BudgetExceeded, "budget_exceeded"),
               (PackCorrupt, "pack_corrupt"), (ModelClosed, "model_closed"),
               (UnsupportedModel, "unsupported_model"), (ConfigError, "config"),
-              (EdgertError, "failed"), (ValueError, "bad_request"),
-              (TypeError, "bad_request"))
+              (EdgertError, "failed"), (ValueError, "bad_request"))
 
 
 def error_code(exc: BaseException) -> str:
@@ -258,6 +257,8 @@ def _array(desc: dict, frames: list, used: set) -> np.ndarray:
         raise ProtocolError("bad_request", f"shape must be a list of at most {MAX_NDIM} "
                             "non-negative integers")
     dt = DTYPES[dtype]
+    if dt.itemsize * math.prod(d for d in shape if d) > MAX_MESSAGE:
+        raise ProtocolError("bad_request", f"shape {shape} is larger than any message")
     want = dt.itemsize * math.prod(shape)       # Python ints: a huge shape cannot overflow
     buf = _buffer(frames[1 + k])
     if len(buf) != want:
