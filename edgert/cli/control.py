@@ -151,7 +151,12 @@ def _client(args) -> int:
         elif op == "stats":
             _print_json(c.stats(args.model))
         elif op == "switch":
-            _print_json(c.switch(args.task, args.model))
+            t0 = time.perf_counter()
+            res = c.switch(args.task, args.model)
+            ms = 1e3 * (time.perf_counter() - t0)
+            _print_json(res)
+            print(f"round trip {ms:.2f} ms; the switch inside the service "
+                  f"{1e3 * res['seconds']:.2f} ms", file=sys.stderr)
         elif op == "prewarm":
             _print_json(c.prewarm(args.tasks, args.model))
         elif op == "load":
