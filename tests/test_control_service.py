@@ -9,6 +9,7 @@ import random
 import shutil
 import tempfile
 import threading
+import time
 
 import msgpack
 import numpy as np
@@ -408,6 +409,22 @@ def test_closing_a_stream_cancels_it_and_the_cap_answers_busy(tiny, lm_pack):
         assert len(made) < 1000 and s.idle()
     finally:
         s.close()
+
+
+def test_a_stream_closed_before_it_is_read_is_cancelled(served_tcp):
+    gate, made = threading.Event(), []
+    gate_generate(served_tcp.lm, gate, made)
+    with served_tcp.client() as c:
+        stream = c.generate([1], max_new_tokens=1000, stream=True)     # sent at once
+        stream.close()                                                  # never read: cancel
+        assert c.health()["status"] == "ok"           # the cancel arrived before this
+        gate.set()
+        while c.health()["jobs"]:                     # until the cancelled job ends
+            time.sleep(0.01)
+        assert len(made) < 1000
+        with c.generate([1], max_new_tokens=3, stream=True) as again:   # the client goes on
+            assert list(again) == [1, 2, 3]
+    assert served_tcp.idle()
 
 
 def test_cancel_of_a_queued_request_answers_at_once_and_ids_at_work_are_unique(served_tcp):

@@ -81,6 +81,7 @@ class Client:
         self._heard: dict[int, float] = {}      # request id -> when the service last spoke of it
         self._sent_on: dict[int, int] = {}      # request id -> the socket generation it went on
         self._gen = 0
+        self._closed = False
         self._sock = None
         self._sock = self._open_socket()
 
@@ -116,7 +117,7 @@ class Client:
                  model: str | None = None, stream: bool = False, *, top_p: float = 1.0,
                  seed: int = 0):
         """Like ``MoeLM.generate``: text in -> text out, token ids in -> new ids out;
-        ``stream=True`` returns an iterator of pieces (closing it early cancels the rest)."""
+        ``stream=True`` returns a Stream of pieces (closing it early cancels the rest)."""
         as_text = isinstance(prompt, str)
         if not as_text:
             prompt = [int(t) for t in prompt]
@@ -148,6 +149,7 @@ class Client:
 
     def close(self) -> None:
         with self._lock:
+            self._closed = True
             if self._sock is not None:
                 self._sock.close(linger=0)
                 self._sock = None
@@ -181,13 +183,13 @@ class Client:
             self._forget(rid)
         raise self._silent(op, tries, resend)
 
-    def _stream(self, op: str, args: dict):
-        """Send now; the pieces come from the returned generator."""
+    def _stream(self, op: str, args: dict) -> "Stream":
+        """Send now; the pieces come from the returned Stream."""
         args = {k: v for k, v in args.items() if v is not None}
         rid = next(self._ids)
         frames = encode_request(rid, op, args)
         self._send(rid, frames)
-        return self._pieces(op, rid, frames)
+        return Stream(self, rid, self._pieces(op, rid, frames))
 
     def _pieces(self, op: str, rid: int, frames: list):
         done, got, tries, backoff = False, False, 1, BACKOFF_S
@@ -258,6 +260,8 @@ class Client:
     def _reset(self) -> None:
         """Lazy Pirate: drop the socket (and whatever it queued), open a fresh one."""
         with self._lock:
+            if self._closed:
+                raise EdgertError("this client is closed")
             if self._sock is not None:
                 self._sock.close(linger=0)
             self._gen += 1
@@ -312,3 +316,39 @@ class Client:
             self._heard[rep.id] = now
             if not rep.beat:
                 box.append(rep)
+
+
+class Stream:
+    """The pieces of a streamed reply, as they come. The request is sent already;
+    ``close()`` (or dropping the stream, or leaving ``with``) before the end cancels the
+    rest on the service."""
+
+    def __init__(self, client: Client, rid: int, pieces):
+        self._client, self._rid, self._pieces = client, rid, pieces
+        self._started = False
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        self._started = True
+        return next(self._pieces)
+
+    def close(self) -> None:
+        if not self._started:          # a generator never started runs no finally: cancel here
+            self._started = True
+            self._client._cancel(self._rid)
+            self._client._forget(self._rid)
+        self._pieces.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:       # noqa: BLE001  (the client may be gone at interpreter exit)
+            pass

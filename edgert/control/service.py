@@ -22,12 +22,10 @@ from __future__ import annotations
 
 import itertools
 import logging
-import struct
 import threading
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 
 import zmq
 
@@ -37,6 +35,7 @@ from .auth import curve_server, public_keys, start_authenticator
 from .endpoint import check_endpoint, default_endpoint
 from .protocol import (MAX_ARRAYS, MAX_ENVELOPE, MAX_MESSAGE, ProtocolError, decode_request,
                        encode_beat, encode_error, encode_reply, error_code, failure_id)
+from .workers import CTL, Bench, Job, Outbox, describe, work
 
 log = logging.getLogger(__name__)
 
@@ -49,52 +48,6 @@ ROUTER_HWM = 1024          # messages queued per peer, each way. Inbound, the pe
                            # far behind is not reading, and its replies are dropped (counted)
 SHUTDOWN_LINGER_MS = 500   # how long closing waits to flush the last replies to slow peers
 MAX_QUEUED_BYTES = 1 << 30  # request bytes held by queued and running work, all clients
-
-
-@dataclass(eq=False)
-class Job:
-    seq: int
-    ident: bytes
-    rid: int
-    op: str
-    args: dict
-    lane: tuple | None
-    model: str | None
-    nbytes: int
-    cancel: threading.Event = field(default_factory=threading.Event)
-    why: str = ""                # why it was cancelled
-    started: bool = False
-    heard: float = 0.0           # when its client last heard about it
-
-
-class Outbox:
-    """Workers' side of the inproc pipe to the loop. One PUSH socket behind a lock (a zmq
-    socket may change threads between calls, never be used by two at once)."""
-
-    def __init__(self, ctx: zmq.Context, addr: str):
-        self._sock = ctx.socket(zmq.PUSH)
-        # NOTE: unbounded, so a worker never waits on the loop (a stopping loop could not
-        # drain it). What workers post is bounded by the work the loop admitted.
-        self._sock.sndhwm = 0
-        self._sock.linger = 0
-        self._sock.connect(addr)
-        self._lock = threading.Lock()
-
-    def post(self, job: Job, frames: list, final: bool) -> None:
-        with self._lock:
-            self._sock.send_multipart([struct.pack("<QB", job.seq, final), job.ident, *frames],
-                                      copy=False)
-
-    def close(self) -> None:
-        with self._lock:
-            self._sock.close(linger=0)
-
-
-@dataclass
-class Bench:
-    """What a worker needs, and nothing of the Service (which a thread must not keep)."""
-    table: ops.ModelTable
-    outbox: Outbox
 
 
 class Service:
@@ -281,7 +234,7 @@ class Service:
             code = error_code(e)
             if code == "internal":
                 log.exception("while checking %s", req.op)
-            self._error(ident, req.id, code, _describe(e))
+            self._error(ident, req.id, code, describe(e))
 
     def _dispatch(self, ident: bytes, first, req) -> None:
         op = req.op
@@ -360,10 +313,10 @@ class Service:
             pool = self._pools["stats"]
         else:
             pool = self._pools["stream" if job.op in ops.STREAM_OPS else "work"]
-        pool.submit(_work, self._bench, job)
+        pool.submit(work, self._bench, job)
 
     def _on_result(self, frames: list) -> None:
-        seq, final = struct.unpack("<QB", frames[0].bytes)
+        seq, final = CTL.unpack(frames[0].bytes)
         job = self._jobs.get(seq)
         if job is not None:
             job.heard = time.monotonic()
@@ -417,63 +370,3 @@ class Service:
                 job.heard = now
 
 
-# --- the work, on worker threads ---------------------------------------------------------------
-def _work(bench: Bench, job: Job) -> None:
-    try:
-        if job.cancel.is_set():
-            raise _Cancelled(job.why)
-        if job.op in ops.STREAM_OPS:
-            _stream(bench, job)
-            return
-        result = _RUN[job.op](bench.table, job)
-        frames = encode_reply(job.rid, result)
-    except Exception as e:
-        frames = _failure(job, e)
-    bench.outbox.post(job, frames, final=True)
-
-
-def _stream(bench: Bench, job: Job) -> None:
-    n = 0
-    try:
-        it = ops.generate(bench.table, job.model, job.args)
-        try:
-            for piece in it:
-                bench.outbox.post(job, encode_reply(job.rid, piece, more=True), final=False)
-                n += 1
-                if job.cancel.is_set():       # NOTE: checked before the next token is made
-                    raise _Cancelled(job.why)
-        finally:
-            it.close()                        # gives the sequence's KV pages back
-        frames = encode_reply(job.rid, {"pieces": n})
-    except Exception as e:
-        frames = _failure(job, e)
-    bench.outbox.post(job, frames, final=True)
-
-
-class _Cancelled(Exception):
-    pass
-
-
-def _failure(job: Job, e: Exception) -> list:
-    if isinstance(e, _Cancelled):
-        return encode_error(job.rid, "cancelled", str(e) or "cancelled")
-    code = error_code(e)
-    if code == "internal":
-        log.exception("%s failed", job.op)
-    return encode_error(job.rid, code, _describe(e))
-
-
-def _describe(e: BaseException) -> str:
-    msg = e.message if isinstance(e, ProtocolError) else str(e)
-    return msg if error_code(e) != "internal" else f"{type(e).__name__}: {msg}"
-
-
-_RUN = {
-    "stats": lambda t, j: ops.stats(t, j.args["model"], j.args["service"]),
-    "switch": lambda t, j: ops.switch(t, j.model, j.args),
-    "infer": lambda t, j: ops.infer(t, j.model, j.args),
-    "prewarm": lambda t, j: ops.prewarm(t, j.model, j.args),
-    "load": lambda t, j: t.load(j.args["path"], j.args["name"], j.args["options"]),
-    "unload": lambda t, j: t.unload(j.args["name"]),
-    "reload": lambda t, j: t.reload(j.args["name"], j.args["path"]),
-}

@@ -1,0 +1,126 @@
+"""The device service's work, on worker threads: what a job is, how its replies reach the
+socket loop (the Outbox), and the function each worker runs. Nothing here touches the
+ROUTER socket or the loop's state; a job's ``cancel`` event is the one thing both share.
+"""
+from __future__ import annotations
+
+import logging
+import struct
+import threading
+from dataclasses import dataclass, field
+
+import zmq
+
+from . import ops
+from .protocol import ProtocolError, encode_error, encode_reply, error_code
+
+log = logging.getLogger(__name__)
+CTL = struct.Struct("<QB")    # the loop's header on a posted reply: job seq, final
+
+
+@dataclass(eq=False)
+class Job:
+    seq: int
+    ident: bytes
+    rid: int
+    op: str
+    args: dict
+    lane: tuple | None
+    model: str | None
+    nbytes: int
+    cancel: threading.Event = field(default_factory=threading.Event)
+    why: str = ""                # why it was cancelled
+    started: bool = False
+    heard: float = 0.0           # when its client last heard about it
+
+
+class Outbox:
+    """Workers' side of the inproc pipe to the loop. One PUSH socket behind a lock (a zmq
+    socket may change threads between calls, never be used by two at once)."""
+
+    def __init__(self, ctx: zmq.Context, addr: str):
+        self._sock = ctx.socket(zmq.PUSH)
+        # NOTE: unbounded, so a worker never waits on the loop (a stopping loop could not
+        # drain it). What workers post is bounded by the work the loop admitted.
+        self._sock.sndhwm = 0
+        self._sock.linger = 0
+        self._sock.connect(addr)
+        self._lock = threading.Lock()
+
+    def post(self, job: Job, frames: list, final: bool) -> None:
+        with self._lock:
+            self._sock.send_multipart([CTL.pack(job.seq, final), job.ident, *frames],
+                                      copy=False)
+
+    def close(self) -> None:
+        with self._lock:
+            self._sock.close(linger=0)
+
+
+@dataclass
+class Bench:
+    """What a worker needs, and nothing of the Service (which a thread must not keep)."""
+    table: ops.ModelTable
+    outbox: Outbox
+
+
+# --- the work ---------------------------------------------------------------------------------
+def work(bench: Bench, job: Job) -> None:
+    try:
+        if job.cancel.is_set():
+            raise _Cancelled(job.why)
+        if job.op in ops.STREAM_OPS:
+            _stream(bench, job)
+            return
+        result = _RUN[job.op](bench.table, job)
+        frames = encode_reply(job.rid, result)
+    except Exception as e:
+        frames = _failure(job, e)
+    bench.outbox.post(job, frames, final=True)
+
+
+def _stream(bench: Bench, job: Job) -> None:
+    n = 0
+    try:
+        it = ops.generate(bench.table, job.model, job.args)
+        try:
+            for piece in it:
+                bench.outbox.post(job, encode_reply(job.rid, piece, more=True), final=False)
+                n += 1
+                if job.cancel.is_set():       # NOTE: checked before the next token is made
+                    raise _Cancelled(job.why)
+        finally:
+            it.close()                        # gives the sequence's KV pages back
+        frames = encode_reply(job.rid, {"pieces": n})
+    except Exception as e:
+        frames = _failure(job, e)
+    bench.outbox.post(job, frames, final=True)
+
+
+class _Cancelled(Exception):
+    pass
+
+
+def _failure(job: Job, e: Exception) -> list:
+    if isinstance(e, _Cancelled):
+        return encode_error(job.rid, "cancelled", str(e) or "cancelled")
+    code = error_code(e)
+    if code == "internal":
+        log.exception("%s failed", job.op)
+    return encode_error(job.rid, code, describe(e))
+
+
+def describe(e: BaseException) -> str:
+    msg = e.message if isinstance(e, ProtocolError) else str(e)
+    return msg if error_code(e) != "internal" else f"{type(e).__name__}: {msg}"
+
+
+_RUN = {
+    "stats": lambda t, j: ops.stats(t, j.args["model"], j.args["service"]),
+    "switch": lambda t, j: ops.switch(t, j.model, j.args),
+    "infer": lambda t, j: ops.infer(t, j.model, j.args),
+    "prewarm": lambda t, j: ops.prewarm(t, j.model, j.args),
+    "load": lambda t, j: t.load(j.args["path"], j.args["name"], j.args["options"]),
+    "unload": lambda t, j: t.unload(j.args["name"]),
+    "reload": lambda t, j: t.reload(j.args["name"], j.args["path"]),
+}
