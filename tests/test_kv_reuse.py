@@ -92,6 +92,7 @@ def test_every_tier_gives_the_same_tokens_and_logits(model, tmp_path):
     pack, _ = model
     ids = prompt(1024 + 32, seed=7)
     want, want_toks = run(load(pack, config(), prefix_cache=False), ids)
+    np.testing.assert_allclose(want[0], ref_logits(model[1], ids)[-1], atol=1e-4, rtol=0)
     cfg = config(tmp_path, host="4 MiB", disk="16 MiB", chunk=64)
     lm = load(pack, cfg)
     run(lm, ids)
@@ -114,6 +115,28 @@ def test_every_tier_gives_the_same_tokens_and_logits(model, tmp_path):
     st = prefix_stats(fresh)
     assert st["tiers"]["disk"]["hit_tokens"] == 1024 and st["computed_tokens"] == 32
     assert st["tiers"]["disk"]["bytes_read"] == 1024 // PAGE_TOKENS * fresh.pages.nbytes
+
+
+@pytest.mark.parametrize("family", ["qwen2_moe", "qwen2_moe_dense0", "mixtral_window_tied"])
+def test_cache_hits_are_exact_for_every_family(tmp_path, family):
+    from test_moe_reference import MODELS
+    d = save(MODELS[family](), tmp_path / "m")
+    pack = tmp_path / "m.edgepack"
+    pack_hf(d, pack, progress=False)
+    ref = reference(d)
+    ids = prompt(75, seed=21)                          # 4 full pages and 11 tokens
+    want, want_toks = greedy_ref(ref, ids, 4)
+    cfg = config(tmp_path, host="1 MiB", disk="4 MiB", chunk=32)
+    lm = load(pack, cfg)
+    for clear in ((), (), ("arena",), ("arena", "host")):   # compute, arena, host, disk
+        lm.kv.drain()
+        lm.kv.clear(clear)
+        got, toks = run(lm, ids, steps=4)
+        np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
+        assert toks == want_toks, clear
+    tiers = prefix_stats(lm)["tiers"]
+    assert tiers["arena"]["hit_tokens"] == 64 and tiers["host"]["hit_tokens"] == 64
+    assert tiers["disk"]["hit_tokens"] == 64
 
 
 def test_partial_pages_shared_then_diverging(model):

@@ -40,7 +40,7 @@ from edgert.experts.api import ExpertLayout, slots_for_budget
 from edgert.experts.cache import ExpertCache
 from edgert.experts.policies import PolicyName
 from edgert.kv.cache import KVCache
-from edgert.kv.paged import PAGE_TOKENS, PagePool
+from edgert.kv.paged import PagePool
 from edgert.kv.prefix import extra_keys, model_fingerprint
 from edgert.memory.arena import Lease
 
@@ -104,7 +104,7 @@ class MoeLM(LoadedModel):
                 self.cfg.head_dim, self.dtype, cap=rt.config.budget.kv or None,
                 to_device=None if self.device.type == "cpu" else rt.arena.on_gpu, tail=tail))
             fp = model_fingerprint(reader, rt.config.dtype, self.pages.page_shape, tail)
-            self.kv = self._own(KVCache(self.pages, fp, kv_opts, self.device))
+            self.kv = self._own(KVCache(self.pages, fp, kv_opts, self.device, self._lock))
         except BaseException:
             self.close()
             raise

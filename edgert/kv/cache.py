@@ -102,7 +102,9 @@ class KVCache:
     """Paged sequences over `pages`, with prefix reuse when ``options.prefix``."""
 
     def __init__(self, pages: PagePool, fingerprint: bytes, options: KvCache,
-                 device="cpu"):
+                 device="cpu", lock=None):
+        """`lock`: the owner's lock, held by `clear` (the model's: no forward step runs while
+        the tiers are emptied)."""
         self.pages = pages
         self.paged = PagedKV(pages, device)
         self.fp = fingerprint
@@ -124,6 +126,7 @@ class KVCache:
         self._writer = TierWriter(weakref.WeakMethod(self._run)) \
             if self.host or self.disk else None
         self._closed = False
+        self._owner_lock = lock if lock is not None else threading.RLock()
         if self.prefix:
             pages.on_evict = self._on_evict
 
@@ -385,15 +388,16 @@ class KVCache:
         unknown = set(tiers) - set(TIERS)
         if unknown:
             raise ValueError(f"unknown kv tiers {sorted(unknown)}; known: {', '.join(TIERS)}")
-        self.drain()
-        if "arena" in tiers:
-            self.index.clear()
-            self.pages.untag_all()
-            self.pages.forget_idle()
-        if "host" in tiers and self.host is not None:
-            self.host.clear()
-        if "disk" in tiers and self.disk is not None:
-            self.disk.clear()
+        with self._owner_lock:
+            self.drain()
+            if "arena" in tiers:
+                self.index.clear()
+                self.pages.untag_all()
+                self.pages.forget_idle()
+            if "host" in tiers and self.host is not None:
+                self.host.clear()
+            if "disk" in tiers and self.disk is not None:
+                self.disk.clear()
 
     def _count(self, tier: str, **kw) -> None:
         with self._lock:

@@ -78,7 +78,7 @@ class DiskTier:
         self._chunks: dict[bytes, Chunk] = {}            # name (last page hash) -> chunk
         self._pages: dict[bytes, tuple[bytes, int]] = {}  # page hash -> (chunk name, index)
         self._order = PrefixLRU()
-        self._others: list[tuple[int, str, int]] = []      # other models' files: (mtime, path, size)
+        self._others: list[tuple[int, str, int]] = []      # other models' (mtime, path, size)
         self.bytes_used = 0
         self.others_bytes = 0
         self.deleted_bad = 0
