@@ -266,7 +266,7 @@ class PagePool:
             # NOTE: pages are arena extents addressed by their first 4 KiB page, so a view
             # of the arena's whole mapping (the same bytes SlotPool.view slices) with a
             # row stride of 4 KiB reaches every page's K/V at row = page id
-            base = torch.from_numpy(arena._mem.view(self._np_dtype))
+            base = torch.from_numpy(arena.memory.view(self._np_dtype))
             if self.dtype == torch.bfloat16:
                 base = base.view(torch.bfloat16)
             if self._to_device is not None:

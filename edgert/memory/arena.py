@@ -155,6 +155,13 @@ class Arena:
         assert n <= ext.pages * PAGE
         return self._mem[first * PAGE:first * PAGE + n]
 
+    @property
+    def memory(self) -> np.ndarray:
+        """All of the arena's bytes (uint8, zero copy): for views that span many extents of
+        one owner (the KV pool gathers pages through one strided view). Write only to
+        extents you hold."""
+        return self._mem
+
     def extent_pages(self, first: int) -> int:
         return self._extents[first].pages
 
