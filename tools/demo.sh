@@ -44,3 +44,26 @@ fi
 $py -m edgert generate "$moe.edgepack" --config "$cfg" --expert-budget 0.5 --stats \
   --temperature 0.6 --max-new-tokens 160 --prompt "import os
 def "
+
+echo
+echo "== 7. the device service: another process drives both packs over ZeroMQ"
+run=$(mktemp -d "${TMPDIR:-/tmp}/edgert-demo.XXXXXX")      # private (0700): the socket lives here
+ep="ipc://$run/edgert.sock"
+$py -m edgert serve --pack tasks="$pack" --pack lm="$moe.edgepack" --config "$cfg" \
+  --bind "$ep" > "$run/serve.log" 2>&1 &
+serve=$!
+trap 'kill "$serve" 2>/dev/null || true; rm -rf "$run"' EXIT
+until grep -q "ready on" "$run/serve.log"; do
+  kill -0 "$serve" 2>/dev/null || { cat "$run/serve.log"; exit 1; }
+  sleep 0.2
+done
+cat "$run/serve.log"
+$py -m edgert client "$ep" hello
+$py -m edgert client "$ep" switch lane
+$py -c "import numpy as np; np.save('$run/x.npy', np.random.default_rng(0).standard_normal((1, 3, 112, 112)).astype(np.float32))"
+$py -m edgert client "$ep" infer --task sign --input image="$run/x.npy" --repeat 30
+$py -m edgert client "$ep" generate --temperature 0.6 --max-new-tokens 96 --prompt "import os
+def "
+$py -m edgert client "$ep" shutdown > /dev/null
+wait "$serve"                     # the service's own exit status: 0 when it stopped cleanly
+tail -1 "$run/serve.log"

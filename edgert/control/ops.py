@@ -194,9 +194,12 @@ class ModelTable:
     def check(self, op: str, name: str, m, args: dict) -> None:
         """Refuse, before queueing, what the model would refuse: tasks and inputs."""
         if op == "generate":
-            if isinstance(args["prompt"], str) and m.tokenizer is None:
+            prompt, vocab = args["prompt"], m.cfg.vocab_size
+            if isinstance(prompt, str) and m.tokenizer is None:
                 raise ProtocolError("bad_request", f"model {name!r} has no tokenizer; send "
                                     "token ids")
+            if not isinstance(prompt, str) and not all(0 <= t < vocab for t in prompt):
+                raise ProtocolError("bad_request", f"token ids must be in [0, {vocab})")
             return
         tasks = args.get("tasks") or ([args["task"]] if args.get("task") else [])
         for t in tasks:

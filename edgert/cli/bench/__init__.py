@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 BENCHES = ("edgert.cli.bench.switch", "edgert.cli.bench.moe",  # each adds its own subcommand
-           "edgert.cli.bench.kv")
+           "edgert.cli.bench.kv",
+           "edgert.cli.bench.control")
 
 
 def register(sub) -> None:
