@@ -212,7 +212,7 @@ class Client:
                 if not rep.more:
                     done = True
                     return
-                yield rep.result
+                yield from (rep.result if isinstance(rep.result, list) else [rep.result])
         finally:
             if not done:
                 self._cancel(rid)

@@ -12,7 +12,8 @@ The envelope is msgpack. An array anywhere in ``args`` or ``result`` travels as 
 ``{"__nd__": k, "dtype": str, "shape": [int, ...]}`` naming raw frame ``1 + k``: C-order,
 little-endian bytes, sent without copying and received as a read-only numpy view of the
 frame (copied only when the frame is not aligned for the dtype). A stream is several
-replies with one id and ``more: true``, then a final one with ``more: false``.
+replies with one id and ``more: true`` (each carrying a list of pieces), then a final one
+with ``more: false``.
 Nothing is ever pickled; everything is checked before it is used (sizes first, then the
 msgpack limits, then every field). docs/protocol.md is the same contract for people.
 """
