@@ -25,6 +25,7 @@ from edgert.cli import main
 from edgert.control.client import Client, RemoteError
 from edgert.control.endpoint import check_endpoint, default_endpoint
 from edgert.errors import ConfigError
+from edgert.kv.disk import SUFFIX
 from edgert.pack.hf_import import pack_hf
 from moe_models import mixtral_config, save
 from task_packs import assert_matches, tiny  # noqa: F401  (tiny is a fixture)
@@ -233,6 +234,26 @@ def test_sigterm_with_a_stream_in_flight_cancels_it_and_exits_0(tiny, files, sho
             assert e.value.code == "cancelled" and "shutting down" in str(e.value)
             assert len(got) < 1999
         assert s.wait() == 0 and "edgert serve: stopped\n" in s.lines
+    finally:
+        s.kill()
+
+
+def test_sigterm_closes_the_models_so_the_kv_disk_tier_keeps_every_full_chunk(files,
+                                                                             short_dir,
+                                                                             tmp_path):
+    cfg = tmp_path / "kv.yaml"
+    doc = yaml.safe_load(files["config"].read_text())
+    doc["kv_cache"] = {"chunk_tokens": 64, "disk": "16 MiB", "dir": str(tmp_path / "kv")}
+    cfg.write_text(yaml.safe_dump(doc))
+    s = Serve(["--pack", f"lm={files['lm']}", "--config", str(cfg),
+               "--bind", f"ipc://{short_dir}/kv.sock"])
+    try:
+        with Client(s.endpoint, timeout=WAIT) as c:
+            c.generate([(7 * i) % 256 for i in range(200)], max_new_tokens=2)
+        s.proc.send_signal(signal.SIGTERM)
+        assert s.wait() == 0
+        chunks = list((tmp_path / "kv").rglob(f"*{SUFFIX}"))
+        assert len(chunks) == 3                 # 200 tokens: 3 full chunks of 64, on disk
     finally:
         s.kill()
 
