@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..align import ALIGN, align_up
-from ..errors import BudgetExceeded, IncompatibleModels, PackCorrupt
+from ..errors import IncompatibleModels, PackCorrupt
 from ..memory.arena import Arena, Lease
 from ..pack import PackReader
 from .block_cache import BlockCache

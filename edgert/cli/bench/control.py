@@ -19,7 +19,6 @@ median; streamed generate within 5% of in-process tokens per second.
 """
 from __future__ import annotations
 
-import json
 import os
 import select
 import subprocess
@@ -33,6 +32,7 @@ import numpy as np
 from ...config import resolve
 from ...errors import EdgertError
 from ...stats import summary
+from .output import pyplot, save, write_json
 
 WAIT = 120
 TASKS_PACK = "models/out/tasks.edgepack"
@@ -248,7 +248,6 @@ def main(args) -> int:
             pair = [("in-process", lambda: m.switch(t)), ("service", lambda: c.switch(t))]
             for name, fn in (pair if i % 2 == 0 else pair[::-1]):
                 sw[name].append(timed(fn))
-        task = seq[-1]
         # warm both sides until each runs on its pre-packed session (or says why not)
         for _ in range(4):
             m.run({"image": x})
@@ -303,9 +302,7 @@ def main(args) -> int:
               "generate_outputs_equal": bool(exact), "inside_the_service": served,
               "raw": {"switch_ms": sw, "infer_ms": inf, "generate": gen}}
     report(result)
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=1))
-        print(f"wrote {args.json}")
+    write_json(result, args.json)
     if not q:
         plot(result, args.plot)
     return 0
@@ -337,12 +334,8 @@ def report(r: dict) -> None:
 
 
 def plot(r: dict, path: str) -> None:
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib not installed (pip install edgert[plot]); no plot")
+    plt = pyplot()
+    if plt is None:
         return
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
     rts = r["round_trips_per_s"]
@@ -361,5 +354,4 @@ def plot(r: dict, path: str) -> None:
                  fontsize=9)
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    print(f"wrote {path}")
+    save(fig, path)

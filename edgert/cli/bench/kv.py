@@ -51,6 +51,7 @@ import numpy as np
 
 from ...config import KvCache, resolve
 from ...stats import summary
+from .output import pyplot, save, write_json
 
 PROMPT = 1024
 NEW = 32
@@ -359,11 +360,7 @@ def main(args) -> int:
                         for kind, by in raw.items()},
               "workloads": work, "tpot": tp, "raw": raw}
     _print(result)
-    if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1)
-        print(f"wrote {args.json}")
+    write_json(result, args.json)
     if not quick:
         _plot(result, args.plot)
     return 0
@@ -440,12 +437,8 @@ def _print(res: dict) -> None:
 
 
 def _plot(res: dict, path: str) -> None:
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib not installed (pip install edgert[plot]); no plot")
+    plt = pyplot()
+    if plt is None:
         return
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
     kinds = list(res["table"])
@@ -468,6 +461,4 @@ def _plot(res: dict, path: str) -> None:
     ax2.legend(fontsize=8)
     fig.suptitle(f"edgert bench kv ({res['config']})")
     fig.tight_layout()
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    fig.savefig(path, dpi=110)
-    print(f"wrote {path}")
+    save(fig, path)

@@ -23,8 +23,6 @@ is the I/O floor of a contender) and the resident TPOT (the compute floor).
 """
 from __future__ import annotations
 
-import json
-import os
 import subprocess
 import sys
 import time
@@ -35,6 +33,7 @@ import numpy as np
 from ...config import resolve
 from ...errors import EdgertError
 from ...stats import summary
+from .output import pyplot, save, write_json
 
 PROMPT = 64
 BUDGETS = (0.25, 0.5, 0.75, 1.0)
@@ -263,7 +262,7 @@ def main(args) -> int:
           f"{limits['extent_bytes'] / 1e3:.0f} kB; reads {limits['read_mode']} "
           f"{limits['read_Bps'] / 1e6:.0f} MB/s; {repeats} x {n_tok} decode steps", flush=True)
     best, best_opts, calib = calibrate(rt, pack, calib_ids, 0.5)
-    print(f"calibration (50% budget, exact hit rate): " + ", ".join(
+    print("calibration (50% budget, exact hit rate): " + ", ".join(
         f"{r['policy']}{r['options'] or ''} {r['exact_hit_rate']:.3f}" for r in calib)
         + f" -> edgert uses {best}{best_opts or ''}", flush=True)
     cs = contenders(best, best_opts, budgets, full=not quick, min_prob=args.prefetch_min_prob)
@@ -293,11 +292,7 @@ def main(args) -> int:
               "tokens_per_run": n_tok, "prompt": PROMPT, "repeats": repeats,
               "table": {name: _aggregate(runs) for name, runs in raw.items()}, "raw": raw}
     _print(result)
-    if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1)
-        print(f"wrote {args.json}")
+    write_json(result, args.json)
     if not quick:
         _plot(result, args.plot)
     return 0
@@ -374,12 +369,8 @@ def _print(res: dict) -> None:
 
 
 def _plot(res: dict, path: str) -> None:
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib not installed (pip install edgert[plot]); no plot")
+    plt = pyplot()
+    if plt is None:
         return
     t = res["table"]
     budgets = sorted({int(n.split("%")[0]) for n in t if "%" in n})
@@ -403,9 +394,7 @@ def _plot(res: dict, path: str) -> None:
     ax2.legend(fontsize=7)
     fig.suptitle(f"edgert bench moe ({res['config']}, {res['limits']['read_mode']} reads)")
     fig.tight_layout()
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    fig.savefig(path, dpi=110)
-    print(f"wrote {path}")
+    save(fig, path)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ edgert's bound-weights session and its pre-packed session, alternated.
 from __future__ import annotations
 
 import gc
-import json
 import mmap
 import os
 import time
@@ -24,6 +23,7 @@ import numpy as np
 
 from ...config import resolve
 from ...stats import summary
+from .output import pyplot, save, write_json
 
 SEED = 0
 
@@ -316,11 +316,7 @@ def main(args) -> int:
     result["cold_reads"] = {"per_switch_mean": reads / len(timed),
                             "mean_read_bytes": sum(r.bytes_read for r in timed) / max(reads, 1)}
     _print(result, warm_c.name, cold_c.name, fresh_w.name, fresh_c.name, beside.name)
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1)
-        print(f"wrote {args.json}")
+    write_json(result, args.json)
     if not args.quick:
         _plot(result, args.plot)
     return 0
@@ -364,12 +360,8 @@ def _print(res, warm, cold, fresh_w, fresh_c, beside) -> None:
 
 
 def _plot(res, path: str) -> None:
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib not installed (pip install edgert[plot]); no plot")
+    plt = pyplot()
+    if plt is None:
         return
     names = list(res["raw"])
     data = [np.maximum(res["raw"][n]["ms"], 1e-3) for n in names]
@@ -384,9 +376,7 @@ def _plot(res, path: str) -> None:
     ax.set_title(f"edgert bench switch, {res['config']}: demo ViT tasks")
     ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    fig.savefig(path, dpi=110)
-    print(f"wrote {path}")
+    save(fig, path)
 
 
 if __name__ == "__main__":
