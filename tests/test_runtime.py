@@ -293,3 +293,19 @@ def test_corrupt_expert_while_loaded_names_it_and_others_serve(lm_pack, tmp_path
     assert str(pack) in str(e.value) and f"block {idx}" in str(e.value)
     assert "layer 0 expert 3" in str(e.value)
     assert lm.stats()["kv"]["in_use"] == 0       # the failed request gave its pages back
+
+
+def test_two_moe_packs_with_different_expert_sizes_co_reside(lm_pack, tmp_path):
+    other = save(mixtral_config(intermediate_size=80), tmp_path / "ckpt")   # larger experts
+    pack2 = tmp_path / "other.edgepack"
+    pack_hf(other, pack2, progress=False)
+    rt = edgert.Runtime(config(64 * MiB))
+    a = rt.load(lm_pack[0], expert_budget=0.5)
+    b = rt.load(pack2, expert_budget=0.5)
+    assert a.provider.pool.slot_size != b.provider.pool.slot_size or \
+        a.layout.extent_bytes != b.layout.extent_bytes
+    check_lm(a, lm_pack)
+    check_lm(b, (pack2, reference(other)))
+    check_accounting(rt)
+    rt.close()
+    assert rt.arena.stats()["in_use_bytes"] == 0
