@@ -302,8 +302,7 @@ def test_two_moe_packs_with_different_expert_sizes_co_reside(lm_pack, tmp_path):
     rt = edgert.Runtime(config(64 * MiB))
     a = rt.load(lm_pack[0], expert_budget=0.5)
     b = rt.load(pack2, expert_budget=0.5)
-    assert a.provider.pool.slot_size != b.provider.pool.slot_size or \
-        a.layout.extent_bytes != b.layout.extent_bytes
+    assert a.layout.extent_bytes < b.layout.extent_bytes       # two slot geometries at once
     check_lm(a, lm_pack)
     check_lm(b, (pack2, reference(other)))
     check_accounting(rt)
