@@ -1,11 +1,10 @@
 """MoeLM: a Mixtral-family decoder over arena memory, experts from an ExpertProvider.
 
-Where the bytes live (one budget):
-- non-expert weights: one contiguous run of the arena's "weights" pool, converted once
-  to the device config's dtype and used through zero-copy torch views;
-- experts: the provider's slots in the "experts" pool (the expert cache, or every
-  expert resident);
-- K/V: 16-token pages of the "kv" pool (edgert.kv.paged); prefixes already computed are
+Where the bytes live (one budget, the runtime's arena):
+- non-expert weights: one extent, converted once to the device config's dtype and used
+  through zero-copy torch views (moe_weights.py);
+- experts: the provider's slots (the expert cache, or every expert resident);
+- K/V: 16-token pages (edgert.kv.paged); prefixes already computed are
   reused from the arena, the host tier or the disk tier (edgert.kv.cache), and a prompt is
   prefilled in chunks of ``kv_cache.chunk_tokens``.
 
@@ -23,7 +22,6 @@ computes on the CPU and says why in the log.
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections.abc import Iterator
 from dataclasses import replace
@@ -32,16 +30,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from edgert.align import ALIGN, align_up
-from edgert.dtypes import np_storage, torch_dtype
-from edgert.errors import BudgetExceeded, EdgertError, UnsupportedModel
+from edgert.dtypes import torch_dtype
+from edgert.errors import BudgetExceeded, EdgertError
 from edgert.experts.api import ExpertLayout, slots_for_budget
 from edgert.experts.cache import ExpertCache
 from edgert.experts.policies import PolicyName
 from edgert.kv.cache import KVCache
 from edgert.kv.paged import PagePool
 from edgert.kv.prefix import extra_keys, model_fingerprint
-from edgert.memory.arena import Lease
 
 from edgert.engines.moe_layers import (MoeConfig, Rotary, apply_rope, attention, causal_mask, rms_norm,
                          rms_normalize, route, swiglu)
@@ -49,10 +45,9 @@ from edgert.engines.sampling import check_sampling, sample
 from edgert.engines.tokenizer import tokenizer_for
 
 from .base import LoadedModel
+from .moe_weights import HINT as _HINT, load_dense_weights
 
 log = logging.getLogger(__name__)
-_HINT = "edgert.hint_router.{}"  # per sparse layer: its router with its norm weight folded in
-STAGING_BLOCKS = 16  # blocks read at once into arena staging when the pack's dtype differs
 
 
 class MoeLM(LoadedModel):
@@ -90,7 +85,12 @@ class MoeLM(LoadedModel):
             kv_opts = replace(kv_opts, prefix=prefix_cache)
         self.chunk_tokens = kv_opts.chunk_tokens
         try:
-            self._load_weights()
+            self.w, self._weight_bytes = load_dense_weights(
+                rt.arena, reader, self.cfg, self.dtype, f"{name}: dense weights", self._own)
+            if self.device.type != "cpu":  # the same bytes, as the GPU sees them
+                self.w = {k: rt.arena.on_gpu(t) for k, t in self.w.items()}
+            if "lm_head.weight" not in self.w:  # tie_word_embeddings (checked at pack time)
+                self.w["lm_head.weight"] = self.w["model.embed_tokens.weight"]
             self.layout = ExpertLayout.from_reader(reader)
             self.provider = provider or self._make_provider(expert_budget, lossy_alpha, policy)
             if self._own_provider:
@@ -114,89 +114,6 @@ class MoeLM(LoadedModel):
         self.counters = {"prefill_tokens": 0, "decode_tokens": 0, "prefill_s": 0.0, "decode_s": 0.0}
 
     # --- loading --------------------------------------------------------------------------
-    def _load_weights(self) -> None:
-        """Every non-expert tensor into one extent of the arena, in the compute dtype, read
-        through the pack's verified read path (straight into place when the pack holds the
-        compute dtype, else through a few blocks of staging that are also arena memory)."""
-        specs = self.reader.task("model")
-        item = torch.empty((), dtype=self.dtype).element_size()
-        c = self.cfg
-        shapes = {name: tuple(spec.shape) for name, spec in specs.items()}
-        for l in c.moe_layers:  # prefetch routers, norm folded in (computed below)
-            shapes[_HINT.format(l)] = (c.num_experts, c.hidden_size)
-        offsets, pos = {}, 0
-        for name, shape in shapes.items():     # 4 KiB-aligned: direct reads land in place
-            offsets[name] = pos
-            pos = align_up(pos + math.prod(shape) * item)
-        # BudgetExceeded (naming the holders) before anything is read
-        lease = self._own(Lease(self.rt.arena, f"{self.name}: dense weights", max(pos, ALIGN)))
-        mem = lease.view
-        direct, staged = [], []
-        for name, spec in specs.items():
-            if np_storage(spec.dtype).itemsize == item and torch_dtype(spec.dtype) == self.dtype:
-                direct.append(name)
-            elif spec.dtype in ("float32", "float16", "bfloat16"):
-                staged.append(name)
-            else:
-                raise UnsupportedModel(f"tensor {name} has dtype {spec.dtype}")
-        blocks, views, names = [], [], []
-        bs = self.reader.block_size
-        for name in direct:
-            o = offsets[name]
-            for k, b in enumerate(specs[name].blocks):
-                n = self.reader.blocks[b].length
-                blocks.append(b)
-                views.append(mem[o + k * bs:o + k * bs + align_up(n)])
-                names.append(name)
-        self.reader.read_into(blocks, views, tensors=names)
-        if staged:
-            self._load_staged(specs, staged, mem, offsets, item)
-        for name, spec in specs.items():
-            nb = math.prod(spec.shape) * item
-            self.w[name] = _as_tensor(mem[offsets[name]: offsets[name] + nb],
-                                      self.dtype).view(spec.shape)
-        for l in c.moe_layers:
-            # The hint for layer l applies l's router to l's post-attention norm of a state:
-            # gate(norm_w * x_hat) = (gate * norm_w) x_hat, one matrix product per hint.
-            p = f"model.layers.{l}."
-            name = _HINT.format(l)
-            dst = _as_tensor(mem[offsets[name]: offsets[name] + math.prod(shapes[name]) * item],
-                             self.dtype).view(shapes[name])
-            norm = self.w[p + "post_attention_layernorm.weight"]
-            dst.copy_(self.w[p + c.moe_prefix + ".gate.weight"] * norm[None, :])
-            self.w[name] = dst
-        if self.device.type != "cpu":  # the same bytes, as the GPU sees them
-            self.w = {name: self.rt.arena.on_gpu(t) for name, t in self.w.items()}
-        if "lm_head.weight" not in self.w:  # tie_word_embeddings (checked at pack time)
-            self.w["lm_head.weight"] = self.w["model.embed_tokens.weight"]
-        self._weight_bytes = lease.nbytes
-
-    def _load_staged(self, specs, names, mem, offsets, item) -> None:
-        """Tensors stored in another dtype: blocks read into an arena staging extent, then
-        converted into place. The staging goes back when the load is done."""
-        bs = self.reader.block_size
-        staging = Lease(self.rt.arena, f"{self.name}: load staging",
-                        STAGING_BLOCKS * align_up(bs))
-        try:
-            buf = staging.view
-            jobs = [(name, k, b) for name in names for k, b in enumerate(specs[name].blocks)]
-            for i in range(0, len(jobs), STAGING_BLOCKS):
-                batch = jobs[i:i + STAGING_BLOCKS]
-                views = [buf[j * align_up(bs):(j + 1) * align_up(bs)] for j in range(len(batch))]
-                self.reader.read_into([b for _, _, b in batch], views,
-                                      tensors=[n for n, _, _ in batch])
-                for (name, k, b), v in zip(batch, views):
-                    src_dt = specs[name].dtype
-                    n = self.reader.blocks[b].length
-                    src = torch.from_numpy(v[:n].view(np_storage(src_dt)))
-                    if src_dt == "bfloat16":
-                        src = src.view(torch.bfloat16)
-                    first = k * bs // np_storage(src_dt).itemsize    # element index of the block
-                    o = offsets[name] + first * item
-                    _as_tensor(mem[o:o + src.numel() * item], self.dtype).copy_(src)
-        finally:
-            staging.close()
-
     def _make_provider(self, expert_budget, lossy_alpha, policy):
         budget = self.rt.config.budget
         total = len(self.layout.table)
@@ -536,13 +453,6 @@ def _pick_device(rt) -> torch.device:
                     rt.config.name)
         return torch.device("cpu")
     return torch.device("cuda")
-
-
-def _as_tensor(u8: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
-    """A torch view of arena bytes in ``dtype`` (bfloat16 through its uint16 storage)."""
-    name = str(dtype).removeprefix("torch.")
-    t = torch.from_numpy(u8.view(np_storage(name)))
-    return t.view(torch.bfloat16) if dtype == torch.bfloat16 else t
 
 
 def _check_options(expert_budget, lossy_alpha, policy) -> None:

@@ -1,0 +1,101 @@
+"""An MoE model's dense (non-expert) weights in one arena extent, in the compute dtype.
+
+Read through the pack's verified read path: straight into place when the pack holds the
+compute dtype, else through a few blocks of staging that are arena memory too, so no load
+copies weights through memory outside the budget. Each tensor starts 4 KiB-aligned, so
+O_DIRECT reads land in place. Beside the checkpoint's tensors the extent holds, per sparse
+layer, that layer's router with its post-attention norm folded in (the prefetch hint).
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from edgert.align import ALIGN, align_up
+from edgert.dtypes import np_storage, torch_dtype
+from edgert.errors import UnsupportedModel
+from edgert.memory.arena import Lease
+
+HINT = "edgert.hint_router.{}"  # per sparse layer: its router with its norm weight folded in
+STAGING_BLOCKS = 16  # blocks read at once into arena staging when the pack's dtype differs
+
+
+def load_dense_weights(arena, reader, cfg, dtype: torch.dtype, label: str, own):
+    """Every non-expert tensor of ``reader``'s task "model" (and the hint routers) in one
+    extent labelled ``label``; ``own(lease)`` takes it before any read, so a failed load
+    gives it back with its owner. Returns ({name: CPU tensor view}, extent bytes).
+    BudgetExceeded (naming the holders) before anything is read."""
+    specs = reader.task("model")
+    item = torch.empty((), dtype=dtype).element_size()
+    shapes = {name: tuple(spec.shape) for name, spec in specs.items()}
+    for l in cfg.moe_layers:
+        shapes[HINT.format(l)] = (cfg.num_experts, cfg.hidden_size)
+    offsets, pos = {}, 0
+    for name, shape in shapes.items():
+        offsets[name] = pos
+        pos = align_up(pos + math.prod(shape) * item)
+    lease = own(Lease(arena, label, max(pos, ALIGN)))
+    mem = lease.view
+    direct, staged = [], []
+    for name, spec in specs.items():
+        if np_storage(spec.dtype).itemsize == item and torch_dtype(spec.dtype) == dtype:
+            direct.append(name)
+        elif spec.dtype in ("float32", "float16", "bfloat16"):
+            staged.append(name)
+        else:
+            raise UnsupportedModel(f"tensor {name} has dtype {spec.dtype}")
+    blocks, views, names = [], [], []
+    bs = reader.block_size
+    for name in direct:
+        o = offsets[name]
+        for k, b in enumerate(specs[name].blocks):
+            blocks.append(b)
+            views.append(mem[o + k * bs:o + k * bs + align_up(reader.blocks[b].length)])
+            names.append(name)
+    reader.read_into(blocks, views, tensors=names)
+    if staged:
+        _load_staged(arena, reader, specs, staged, mem, offsets, dtype, label)
+    w = {}
+    for name, shape in shapes.items():
+        w[name] = _as_tensor(mem[offsets[name]:offsets[name] + math.prod(shape) * item],
+                             dtype).view(shape)
+    for l in cfg.moe_layers:
+        # The hint for layer l applies l's router to l's post-attention norm of a state:
+        # gate(norm_w * x_hat) = (gate * norm_w) x_hat, one matrix product per hint.
+        p = f"model.layers.{l}."
+        norm = w[p + "post_attention_layernorm.weight"]
+        w[HINT.format(l)].copy_(w[p + cfg.moe_prefix + ".gate.weight"] * norm[None, :])
+    return w, lease.nbytes
+
+
+def _load_staged(arena, reader, specs, names, mem, offsets, dtype, label) -> None:
+    """Tensors stored in another dtype: blocks read into an arena staging extent, then
+    converted into place. The staging goes back when the load is done."""
+    bs = reader.block_size
+    item = torch.empty((), dtype=dtype).element_size()
+    staging = Lease(arena, f"{label} (load staging)", STAGING_BLOCKS * align_up(bs))
+    try:
+        buf = staging.view
+        jobs = [(name, k, b) for name in names for k, b in enumerate(specs[name].blocks)]
+        for i in range(0, len(jobs), STAGING_BLOCKS):
+            batch = jobs[i:i + STAGING_BLOCKS]
+            views = [buf[j * align_up(bs):(j + 1) * align_up(bs)] for j in range(len(batch))]
+            reader.read_into([b for _, _, b in batch], views, tensors=[n for n, _, _ in batch])
+            for (name, k, b), v in zip(batch, views):
+                src_dt = specs[name].dtype
+                src = torch.from_numpy(v[:reader.blocks[b].length].view(np_storage(src_dt)))
+                if src_dt == "bfloat16":
+                    src = src.view(torch.bfloat16)
+                first = k * bs // np_storage(src_dt).itemsize    # element index of the block
+                o = offsets[name] + first * item
+                _as_tensor(mem[o:o + src.numel() * item], dtype).copy_(src)
+    finally:
+        staging.close()
+
+
+def _as_tensor(u8: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
+    """A torch view of arena bytes in ``dtype`` (bfloat16 through its uint16 storage)."""
+    t = torch.from_numpy(u8.view(np_storage(str(dtype).removeprefix("torch."))))
+    return t.view(torch.bfloat16) if dtype == torch.bfloat16 else t
