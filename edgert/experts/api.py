@@ -16,7 +16,7 @@ import torch
 from edgert.align import align_up
 from edgert.dtypes import np_storage, torch_dtype
 from edgert.errors import BudgetExceeded, PackCorrupt
-from edgert.memory.arena import SlotPool
+from edgert.memory.slots import SlotPool
 
 
 @dataclass

@@ -37,7 +37,8 @@ from edgert.errors import BudgetExceeded
 from edgert.experts.api import ExpertLayout, ExpertWeights
 from edgert.experts.policies import EvictionPolicy
 from edgert.experts.stats import LayerCounters
-from edgert.memory.arena import PAGE, SlotPool
+from edgert.memory.arena import PAGE
+from edgert.memory.slots import SlotPool
 
 
 @dataclass

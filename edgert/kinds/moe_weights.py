@@ -16,7 +16,7 @@ import torch
 from edgert.align import ALIGN, align_up
 from edgert.dtypes import np_storage, torch_dtype
 from edgert.errors import UnsupportedModel
-from edgert.memory.arena import Lease
+from edgert.memory.slots import Lease
 
 HINT = "edgert.hint_router.{}"  # per sparse layer: its router with its norm weight folded in
 STAGING_BLOCKS = 16  # blocks read at once into arena staging when the pack's dtype differs

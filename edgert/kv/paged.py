@@ -35,7 +35,8 @@ import torch
 from edgert.align import align_up
 from edgert.dtypes import np_storage
 from edgert.errors import BudgetExceeded
-from edgert.memory.arena import PAGE, SlotPool
+from edgert.memory.arena import PAGE
+from edgert.memory.slots import SlotPool
 
 PAGE_TOKENS = 16
 

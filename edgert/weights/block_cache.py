@@ -18,8 +18,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import BudgetExceeded, PackCorrupt
-from ..memory import SlotPool
 from ..memory.arena import PAGE, Arena
+from ..memory.slots import SlotPool
 from ..pack import PackReader
 
 

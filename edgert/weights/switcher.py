@@ -23,7 +23,8 @@ import numpy as np
 
 from ..align import ALIGN, align_up
 from ..errors import IncompatibleModels, PackCorrupt
-from ..memory.arena import Arena, Lease
+from ..memory.arena import Arena
+from ..memory.slots import Lease
 from ..pack import PackReader
 from .block_cache import BlockCache
 
