@@ -42,6 +42,22 @@ def register_modules(sub, modules) -> None:
         module.register(sub)
 
 
+def named(items: list[str], option: str, shape: str, default_name=None) -> dict[str, str]:
+    """``NAME=VALUE`` arguments of ``option`` -> {name: value}; a bare VALUE takes
+    ``default_name(value)`` where one is given. One clear ValueError for each mistake."""
+    out: dict[str, str] = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep and default_name is not None:
+            name, value = default_name(item), item
+        if not sep and default_name is None or not name or not value:
+            raise ValueError(f"{option} {item!r}: expected {shape}")
+        if name in out:
+            raise ValueError(f"{option} {item!r}: the name {name!r} is taken; give each its own name")
+        out[name] = value
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,

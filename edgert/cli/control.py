@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ConfigError, InputMismatch
+from . import named
 
 
 def register(sub) -> None:
@@ -89,17 +90,8 @@ def register(sub) -> None:
 
 # --- serve --------------------------------------------------------------------------------------
 def _pack_specs(specs: list[str]) -> dict[str, str]:
-    out: dict[str, str] = {}
-    for s in specs:
-        name, sep, path = s.partition("=")
-        if not sep:
-            name, path = Path(s).stem, s
-        if not name or not path:
-            raise ConfigError(f"--pack {s!r}: expected [NAME=]PATH")
-        if name in out:
-            raise ConfigError(f"--pack {s!r}: the name {name!r} is taken; give one as NAME=PATH")
-        out[name] = path
-    return out
+    """--pack [NAME=]PATH, NAME defaulting to the file's stem."""
+    return named(specs, "--pack", "[NAME=]PATH", default_name=lambda p: Path(p).stem)
 
 
 def _serve(args) -> int:

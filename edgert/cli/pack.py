@@ -6,6 +6,7 @@ import os
 import sys
 
 from ..errors import PackCorrupt
+from . import named
 from ..pack.format import DEFAULT_BLOCK_SIZE
 
 
@@ -41,21 +42,9 @@ def register(sub) -> None:
     i.set_defaults(func=_run_inspect)
 
 
-def parse_tasks(items: list[str]) -> dict[str, str]:
-    tasks = {}
-    for item in items:
-        name, sep, path = item.partition("=")
-        if not sep or not name or not path:
-            raise SystemExit(f"--task expects NAME=FILE.onnx, got {item!r}")
-        if name in tasks:
-            raise SystemExit(f"--task {name} given twice")
-        tasks[name] = path
-    return tasks
-
-
 def _run_onnx(args) -> int:
     from ..pack.onnx_import import pack_onnx
-    rep = pack_onnx(args.base, parse_tasks(args.task), args.out, block_size=args.block_size,
+    rep = pack_onnx(args.base, named(args.task, "--task", "NAME=FILE.onnx"), args.out, block_size=args.block_size,
                     align_tol=args.align_tol)
     print(f"wrote {args.out}: {len(rep.tasks)} tasks, {rep.blocks_stored} distinct blocks")
     for t in rep.tasks:

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import EdgertError, InputMismatch
+from . import named
 
 DEMO_SEQUENCE = ["lane", "sign", "detect", "parking", "lane", "parking", "sign"]
 
@@ -38,10 +39,11 @@ def register(sub) -> None:
 
 def _inputs(specs: list[str]) -> dict[str, np.ndarray]:
     out = {}
-    for s in specs:
-        name, sep, path = s.partition("=")
-        if not sep or not name or not path:
-            raise InputMismatch(f"--input {s!r}: expected NAME=FILE.npy")
+    try:
+        paths = named(specs, "--input", "NAME=FILE.npy")
+    except ValueError as e:
+        raise InputMismatch(str(e)) from None
+    for name, path in paths.items():
         try:
             out[name] = np.load(path, allow_pickle=False)
         except (OSError, ValueError) as e:
