@@ -29,7 +29,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import zmq
 
-from .. import __version__
+from ..version import __version__
 from . import ops
 from .auth import curve_server, public_keys, start_authenticator
 from .endpoint import check_endpoint, default_endpoint
