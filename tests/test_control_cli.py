@@ -7,6 +7,7 @@ import os
 import select
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -72,10 +73,11 @@ def short_dir():
 class Serve:
     """`edgert serve` in a child process; ready once it printed its endpoint."""
 
-    def __init__(self, args: list[str], script: str | None = None):
+    def __init__(self, args: list[str], script: str | None = None, env: dict | None = None):
         cmd = [sys.executable] + (["-c", script] if script else ["-m", "edgert"])
         self.proc = subprocess.Popen(cmd + ["serve", *args], cwd=ROOT, stdout=subprocess.PIPE,
-                                     stderr=subprocess.PIPE, text=True)
+                                     stderr=subprocess.PIPE, text=True,
+                                     env=None if env is None else {**os.environ, **env})
         self.lines: list[str] = []
         line = self._readline()
         assert "ready on" in line, (line, self.proc.stderr.read() if self.proc.poll() else "")
@@ -259,6 +261,52 @@ def test_sigterm_closes_the_models_so_the_kv_disk_tier_keeps_every_full_chunk(fi
 
 
 # --- where the service listens --------------------------------------------------------------
+def _datagrams(sock: socket.socket, until: str) -> list[str]:
+    got = []
+    while not any(until in m for m in got):
+        got.append(sock.recv(4096).decode())     # the socket's timeout bounds the wait
+    return got
+
+
+def test_serve_tells_systemd_when_ready_and_when_stopping(tiny, files, short_dir):
+    """Type=notify: READY=1 once the packs are loaded and the socket bound, STOPPING=1 on
+    SIGTERM, over a real Unix datagram socket named by NOTIFY_SOCKET."""
+    path = os.path.join(short_dir, "notify")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.bind(path)
+        sock.settimeout(WAIT)
+        s = Serve(serve_args(tiny, files, f"ipc://{short_dir}/s.sock"),
+                  env={"NOTIFY_SOCKET": path})
+        try:
+            ready = _datagrams(sock, "READY=1")
+            assert f"STATUS=ready on {s.endpoint}" in ready[-1]
+            with Client(s.endpoint, timeout=10) as c:      # ready means it answers
+                assert c.health()["status"] == "ok"
+            s.proc.send_signal(signal.SIGTERM)
+            stopping = _datagrams(sock, "STOPPING=1")
+            assert "STATUS=stopping on SIGTERM" in stopping[-1]
+            assert s.wait() == 0
+        finally:
+            s.kill()
+
+
+def test_notify_is_a_no_op_outside_systemd_and_never_fatal(monkeypatch, short_dir):
+    from edgert.control.notify import notify
+    monkeypatch.delenv("NOTIFY_SOCKET", raising=False)
+    assert notify(READY="1") is False
+    monkeypatch.setenv("NOTIFY_SOCKET", os.path.join(short_dir, "nobody-listens"))
+    assert notify(READY="1") is False                   # logged, not raised
+    monkeypatch.setenv("NOTIFY_SOCKET", "vsock:2:1234")
+    assert notify(READY="1") is False
+    name = f"edgert-test-{os.getpid()}"                 # abstract namespace: '@name'
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.bind("\0" + name)
+        sock.settimeout(WAIT)
+        monkeypatch.setenv("NOTIFY_SOCKET", "@" + name)
+        assert notify(READY="1", STATUS="two\nlines") is True
+        assert sock.recv(4096) == b"READY=1\nSTATUS=two lines"
+
+
 def test_default_endpoint_is_a_private_ipc_directory(monkeypatch, short_dir):
     monkeypatch.setenv("XDG_RUNTIME_DIR", short_dir)
     ep = default_endpoint()

@@ -96,6 +96,7 @@ def _pack_specs(specs: list[str]) -> dict[str, str]:
 
 def _serve(args) -> int:
     from ..control.endpoint import all_interfaces
+    from ..control.notify import notify
     from ..control.service import Service
     from ..runtime import Runtime
     packs = _pack_specs(args.pack)
@@ -113,9 +114,17 @@ def _serve(args) -> int:
                       allow_dir=args.allow_dir, admin_dir=args.admin_dir)
         del models                      # the service holds them; unload must be able to free
 
+        stopping = []
+
+        def tell_stopping(why: str) -> None:
+            if not stopping:
+                stopping.append(why)
+                notify(STOPPING="1", STATUS=why)
+
         def stop(signum, frame):
             svc.stop()
             signal.signal(signum, signal.SIG_DFL)    # a second signal ends the process at once
+            tell_stopping(f"stopping on {signal.Signals(signum).name}")
 
         signal.signal(signal.SIGTERM, stop)
         signal.signal(signal.SIGINT, stop)
@@ -125,7 +134,9 @@ def _serve(args) -> int:
                   "service, including load and shutdown", file=sys.stderr)
         names = ", ".join(f"{n} ({m.kind})" for n, m in svc.table.items())
         print(f"edgert serve: ready on {svc.endpoint} serving {names}", flush=True)
+        notify(READY="1", STATUS=f"ready on {svc.endpoint} serving {names}")   # Type=notify
         svc.run()
+        tell_stopping("stopped")
         print("edgert serve: stopped", flush=True)
     finally:
         rt.close()
