@@ -23,6 +23,18 @@ def register(sub) -> None:
     o.add_argument("--align-tol", type=float, default=0.0,
                    help="snap task blocks within this max abs difference to the base "
                         "(lossy; 0 = lossless, the default)")
+    o.add_argument("--prune-blocks", type=float, metavar="FRACTION",
+                   help="zero this fraction of each weight matrix's blocks, lowest norms "
+                        "first (lossy; measured on --calib inputs and recorded in the pack)")
+    o.add_argument("--joint", action="store_true",
+                   help="with --prune-blocks: one block order for all tasks, so they prune "
+                        "the same blocks and switches move fewer bytes")
+    o.add_argument("--calib", action="append", default=[], metavar="NAME=FILE.npz",
+                   help="calibration inputs of a task (arrays named by model input, batch "
+                        "allowed); one per task with --prune-blocks")
+    o.add_argument("--max-error", type=float, metavar="E",
+                   help="with --prune-blocks: lower a task's fraction until its relative "
+                        "output error |y - y_dense| / |y_dense| is at most E")
     o.set_defaults(func=_run_onnx)
     from .pack_hf import add_hf_parser
     add_hf_parser(psub)
@@ -42,10 +54,26 @@ def register(sub) -> None:
     i.set_defaults(func=_run_inspect)
 
 
+def _prune_options(args):
+    """PruneOptions from the pack onnx flags, None without --prune-blocks (ValueError for
+    a flag that needs it)."""
+    from ..pack.prune import PruneOptions
+    if args.prune_blocks is None:
+        for flag, given in (("--joint", args.joint), ("--calib", args.calib),
+                            ("--max-error", args.max_error is not None)):
+            if given:
+                raise ValueError(f"{flag} is used only with --prune-blocks FRACTION")
+        return None
+    return PruneOptions(args.prune_blocks, named(args.calib, "--calib", "NAME=FILE.npz"),
+                        joint=args.joint, max_error=args.max_error)
+
+
 def _run_onnx(args) -> int:
     from ..pack.onnx_import import pack_onnx
-    rep = pack_onnx(args.base, named(args.task, "--task", "NAME=FILE.onnx"), args.out, block_size=args.block_size,
-                    align_tol=args.align_tol)
+    from ..pack.prune import describe, pruning_summary
+    prune = _prune_options(args)
+    rep = pack_onnx(args.base, named(args.task, "--task", "NAME=FILE.onnx"), args.out,
+                    block_size=args.block_size, align_tol=args.align_tol, prune=prune)
     print(f"wrote {args.out}: {len(rep.tasks)} tasks, {rep.blocks_stored} distinct blocks")
     for t in rep.tasks:
         line = f"  {t.name}: {t.blocks} blocks"
@@ -54,6 +82,10 @@ def _run_onnx(args) -> int:
                      f"max output error {t.max_output_error:.3g} on {t.outputs_checked} "
                      f"random inputs")
         print(line)
+    if prune is not None:
+        from ..pack.reader import PackReader
+        with PackReader(args.out) as r:
+            print("\n".join(describe(pruning_summary(r))))
     return 0
 
 

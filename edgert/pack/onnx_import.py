@@ -5,6 +5,8 @@ stored once. The graph itself, with initializer data removed, is stored once as 
 section ``onnx_skeleton``. With ``align_tol > 0`` a task block within ``align_tol``
 (max abs difference) of the base model's block at the same position is replaced by the
 base block: lossy, opt-in, and reported per task with the output error it causes.
+With ``prune`` (``--prune-blocks``), whole blocks of the tasks' weight matrices are zeroed
+after that (``prune.py``): lossy, opt-in, measured on the user's calibration inputs.
 """
 from __future__ import annotations
 
@@ -19,6 +21,8 @@ from onnx import numpy_helper
 
 from ..errors import IncompatibleModels
 from .format import DEFAULT_BLOCK_SIZE, block_hash
+from . import prune as pruning
+from .prune import PruneOptions, TaskPruning
 from .writer import PackWriter, check_output
 
 log = logging.getLogger(__name__)
@@ -33,6 +37,7 @@ class TaskReport:
     snapped: int = 0
     max_output_error: float = 0.0
     outputs_checked: int = 0
+    pruning: TaskPruning | None = None
 
 
 @dataclass
@@ -138,19 +143,25 @@ def output_error(original: onnx.ModelProto, weights: dict[str, np.ndarray], tria
 
 
 def pack_onnx(base_path, tasks: dict[str, str | Path], out_path, *,
-              block_size: int = DEFAULT_BLOCK_SIZE, align_tol: float = 0.0) -> PackReport:
+              block_size: int = DEFAULT_BLOCK_SIZE, align_tol: float = 0.0,
+              prune: PruneOptions | None = None) -> PackReport:
     if not (isinstance(align_tol, (int, float)) and align_tol >= 0):   # NaN fails too
         raise ValueError(f"align_tol must be >= 0 (0 = lossless), got {align_tol!r}")
     if not tasks:
         raise ValueError("at least one --task NAME=FILE is needed")
+    if prune is not None:
+        _check_calib_names(prune, tasks)
     check_output(os.fspath(out_path))                 # before reading any model
     base = load_model(base_path)
     base_w = initializers(base)
     report = PackReport()
     weights: dict[str, dict[str, np.ndarray]] = {}
+    models, feeds = {}, {}
     for name, path in tasks.items():
         model = base if Path(path).resolve() == Path(base_path).resolve() else load_model(path)
         check_compatible(base, model, name)
+        if prune is not None:                         # a calibration mistake before any work
+            models[name], feeds[name] = model, pruning.load_calib(name, prune.calib[name], model)
         rep = TaskReport(name)
         weights[name] = {}
         for tname, arr in initializers(model).items():
@@ -161,6 +172,8 @@ def pack_onnx(base_path, tasks: dict[str, str | Path], out_path, *,
             rep.max_output_error = output_error(model, weights[name])
             rep.outputs_checked = 3
         report.tasks.append(rep)
+    if prune is not None:
+        _prune(base, weights, models, feeds, block_size, prune, report)
     with PackWriter(out_path, kind="onnx-tasks", block_size=block_size) as w:
         for block in layout_order(weights, block_size):
             w.add_extent(block)
@@ -171,6 +184,9 @@ def pack_onnx(base_path, tasks: dict[str, str | Path], out_path, *,
             log.info("task %s: %d blocks, %d snapped to the base", rep.name, rep.blocks,
                      rep.snapped)
         w.sections[SKELETON] = skeleton_of(base).SerializeToString()
+        if prune is not None:
+            w.sections[pruning.SECTION] = pruning.encode_section(
+                prune, {r.name: r.pruning for r in report.tasks})
         w.config = {"base": Path(base_path).name, "align_tol": float(align_tol),
                     "inputs": [vi.name for vi in base.graph.input
                                if vi.name not in base_w],
@@ -180,6 +196,30 @@ def pack_onnx(base_path, tasks: dict[str, str | Path], out_path, *,
                                   for r in report.tasks}}
         report.blocks_stored = w.block_count
     return report
+
+
+def _check_calib_names(prune: PruneOptions, tasks) -> None:
+    unknown = sorted(set(prune.calib) - set(tasks))
+    if unknown:
+        raise ValueError(f"--calib {unknown[0]}=...: no task {unknown[0]!r} "
+                         f"(tasks: {', '.join(tasks)})")
+    missing = [t for t in tasks if t not in prune.calib]
+    if missing:
+        raise ValueError(f"--prune-blocks needs calibration inputs for every task: add "
+                         f"--calib {missing[0]}=FILE.npz (arrays named by model input)")
+
+
+def _prune(base, weights, models, feeds, block_size: int, prune: PruneOptions,
+           report: PackReport) -> None:
+    """Zero weight-matrix blocks of every task in place of ``weights`` (prune.py)."""
+    order = pruning.prune_order(weights, pruning.weight_matrices(base), block_size, prune.joint)
+    for rep in report.tasks:
+        weights[rep.name], rep.pruning = pruning.prune_task(models[rep.name], weights[rep.name],
+                                                    order[rep.name], feeds[rep.name],
+                                                    block_size, prune)
+        log.info("task %s: %d/%d weight-matrix blocks pruned, relative error %.3g", rep.name,
+                 rep.pruning.blocks_pruned, rep.pruning.blocks_prunable,
+                 rep.pruning.error.rel)
 
 
 def layout_order(weights: dict[str, dict[str, np.ndarray]], block_size: int) -> list[memoryview]:

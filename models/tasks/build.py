@@ -1,11 +1,20 @@
 """Build the demo task models: a small ViT backbone plus sparse "fine-tuned" variants.
 
-    python -m models.tasks.build --out models/out/tasks [--preset demo|tiny]
+    python -m models.tasks.build --out models/out/tasks [--preset demo|sparse|tiny]
 
 Deterministic (fixed seeds, numpy only, graphs written with onnx.helper). Each task
 variant re-initialises its heads and perturbs a block-aligned subset of the late
 layers' weights, so 5-20% of the 64 KiB blocks differ from the base, the way a
-fine-tune that froze most of the backbone would.
+fine-tune that froze most of the backbone would. ``calib/TASK.npz`` holds each task's
+calibration inputs (``CALIB_SAMPLES`` images) for ``edgert pack onnx --prune-blocks``.
+
+The ``sparse`` preset (the pruned variant set of ``edgert bench switch``) is the demo
+with every weight matrix's 64 KiB blocks scaled by log-normal factors (sigma
+``block_sigma``, energy kept), base and fine-tunes alike, so a fine-tune's change to a
+block scales with the block. A random backbone has blocks of nearly equal norm, where
+pruning any half of them is as bad as any other; trained networks, and above all those
+trained with a block-sparsity penalty, have a spread of block norms. This emulates that
+spread; it does not make the outputs mean anything.
 """
 from __future__ import annotations
 
@@ -20,6 +29,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 OPSET = 17
 BLOCK_BYTES = 65536  # the pack's default block size; variants perturb whole blocks of it
+CALIB_SAMPLES = 8    # calibration images per task: enough to rank errors, cheap to run
 
 
 @dataclass(frozen=True)
@@ -33,6 +43,7 @@ class ViTSpec:
     head_hidden: int = 1024
     classes: int = 256
     block_bytes: int = BLOCK_BYTES
+    block_sigma: float = 0.0   # log-normal spread of weight-matrix block norms (0: none)
     # task -> (seed, number of late layers touched, fraction of their blocks changed)
     tasks: dict = field(default_factory=lambda: {
         "detect": (11, 1, 0.55), "lane": (12, 2, 0.30), "sign": (13, 1, 0.25), "parking": (14, 2, 0.40)})
@@ -41,10 +52,12 @@ class ViTSpec:
     def from_name(name: str) -> "ViTSpec":
         if name == "demo":
             return ViTSpec()
+        if name == "sparse":
+            return ViTSpec(block_sigma=1.0)
         if name == "tiny":  # for tests: ~0.3 MB, pack it with 4 KiB blocks
             return ViTSpec(image=32, patch=8, dim=64, depth=2, heads=2, mlp=128, head_hidden=64,
                            classes=16, block_bytes=4096)
-        raise ValueError(f"unknown preset {name!r} (demo, tiny)")
+        raise ValueError(f"unknown preset {name!r} (demo, sparse, tiny)")
 
     @property
     def tokens(self) -> int:
@@ -107,6 +120,34 @@ def task_weights(base: dict[str, np.ndarray], spec: ViTSpec, seed: int, layers: 
         else:
             out[name] = arr
     return out
+
+
+def block_scales(weights: dict[str, np.ndarray], spec: ViTSpec, seed: int = 1) -> dict[str, np.ndarray]:
+    """Per-block factors of every weight matrix (>= 2-D, but the position embedding),
+    log-normal with sigma ``spec.block_sigma``, normalised to keep the matrix's energy."""
+    rng = np.random.default_rng(seed)
+    per = spec.block_bytes // 4
+    out = {}
+    for name, arr in weights.items():
+        if arr.ndim >= 2 and name != "pos":
+            s = np.exp(spec.block_sigma * rng.standard_normal(-(-arr.size // per)))
+            out[name] = (s / np.sqrt(np.mean(s ** 2))).astype(np.float32)
+    return out
+
+
+def scaled(weights: dict[str, np.ndarray], scales: dict[str, np.ndarray], block_bytes: int) -> dict[str, np.ndarray]:
+    per = block_bytes // 4
+    out = dict(weights)
+    for name, s in scales.items():
+        flat = weights[name].reshape(-1) * np.repeat(s, per)[:weights[name].size]
+        out[name] = flat.reshape(weights[name].shape).astype(np.float32)
+    return out
+
+
+def calib_inputs(spec: ViTSpec, seed: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(1000 + seed)
+    return {"image": rng.standard_normal((CALIB_SAMPLES, 3, spec.image, spec.image),
+                                         dtype=np.float32)}
 
 
 def changed_blocks(a: dict[str, np.ndarray], b: dict[str, np.ndarray], block_bytes: int) -> tuple[int, int]:
@@ -178,16 +219,20 @@ def build(out_dir: str, preset: str = "demo") -> dict[str, str]:
     spec = ViTSpec.from_name(preset)
     os.makedirs(out_dir, exist_ok=True)
     base = base_weights(spec)
+    scales = block_scales(base, spec) if spec.block_sigma > 0 else {}
     paths, report = {}, {"preset": preset, "spec": asdict(spec), "tasks": {}}
+    os.makedirs(os.path.join(out_dir, "calib"), exist_ok=True)
     for name, params in [("base", None), *spec.tasks.items()]:
         w = base if params is None else task_weights(base, spec, *params)
+        if params is not None:
+            np.savez(os.path.join(out_dir, "calib", f"{name}.npz"), **calib_inputs(spec, params[0]))
         path = os.path.join(out_dir, f"{name}.onnx")
         with open(path + ".tmp", "wb") as f:
-            f.write(vit_graph(spec, w).SerializeToString())
+            f.write(vit_graph(spec, scaled(w, scales, spec.block_bytes)).SerializeToString())
         os.replace(path + ".tmp", path)
         paths[name] = path
         if params is not None:
-            diff, total = changed_blocks(base, w, spec.block_bytes)
+            diff, total = changed_blocks(base, w, spec.block_bytes)   # scaling keeps equality
             report["tasks"][name] = {"changed_blocks": diff, "blocks": total, "changed_frac": diff / total}
     report["weight_bytes"] = sum(a.nbytes for a in base.values())
     with open(os.path.join(out_dir, "models.json"), "w") as f:
@@ -205,7 +250,8 @@ def ensure_built(out_dir: str, preset: str = "demo") -> dict[str, str]:
     except (OSError, ValueError):
         same = False
     paths = {n: os.path.join(out_dir, f"{n}.onnx") for n in names}
-    if same and all(os.path.exists(p) for p in paths.values()):
+    calib = [os.path.join(out_dir, "calib", f"{n}.npz") for n in spec.tasks]
+    if same and all(os.path.exists(p) for p in [*paths.values(), *calib]):
         return paths
     return build(out_dir, preset)
 
@@ -213,7 +259,7 @@ def ensure_built(out_dir: str, preset: str = "demo") -> dict[str, str]:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default="models/out/tasks")
-    ap.add_argument("--preset", default="demo", choices=["demo", "tiny"])
+    ap.add_argument("--preset", default="demo", choices=["demo", "sparse", "tiny"])
     args = ap.parse_args(argv)
     paths = build(args.out, args.preset)
     with open(os.path.join(args.out, "models.json")) as f:

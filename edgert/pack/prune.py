@@ -1,0 +1,292 @@
+"""Block pruning at pack time: zero whole pack blocks of weight matrices, lowest norms first.
+
+A pack block of a tensor is ``block_size`` bytes of its row-major data (the last one may be
+shorter), so pruning a block zeroes exactly the bytes one block index of the pack holds:
+every pruned block of every task is the same all-zero content, stored once and moved by a
+switch only where the other task holds something else.
+
+- **Which tensors.** Float initializers of two or more dimensions that a MatMul, Gemm or
+  Conv takes as its weight (input 1). Biases, norms, position embeddings and everything
+  else stay dense.
+- **Which blocks.** Per tensor: at most ``floor(fraction * n)`` of its ``n`` blocks (a
+  tensor of one block is never pruned), those with the lowest RMS (block L2 norm over
+  sqrt(elements), so a short last block is not favoured). Ties go to the lower position.
+- **Independent** masks rank each task's own blocks. **Joint** masks rank block positions
+  once for all tasks: the mean over tasks of the block RMS, discounted by
+  ``SWITCH_COST_WEIGHT`` times the share of task pairs whose blocks differ there. A
+  position where tasks agree costs nothing to keep (a switch moves nothing there); one
+  where they differ costs a read on every switch between them, so among blocks of similar
+  norm the differing ones go first. Every task then prunes a prefix of the same order, so
+  two tasks prune the same positions (up to the shorter prefix when ``--max-error`` stops
+  one of them earlier).
+- **Lossy, measured.** Each task's outputs on the user's calibration inputs are compared
+  with its dense original ONNX model (ONNX Runtime, one thread, so the figures and the
+  pack bytes are deterministic): max abs error, relative error ``|y - y0| / |y0|`` (L2 over
+  the whole batch, worst output), and top-1 agreement for 2-D float outputs. ``max_error``
+  bounds the relative error: the fraction is bisected down until it holds. The figures are
+  stored in the pack as the section ``pruning`` (msgpack), shown by ``edgert inspect``.
+"""
+from __future__ import annotations
+
+import math
+import os
+import zipfile
+from dataclasses import asdict, dataclass, field
+
+import msgpack
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from ..errors import InputMismatch
+from .format import block_hash
+
+SECTION = "pruning"
+WEIGHT_INPUT = {"MatMul": 1, "Gemm": 1, "Conv": 1, "ConvTranspose": 1}  # op -> weight input
+# NOTE: a block where every pair of tasks differs must have 1/(1-0.5) = 2x the mean norm
+# of a shared block to be kept: keeping it costs a storage read on every switch
+SWITCH_COST_WEIGHT = 0.5
+SEARCH_STEPS = 6          # bisection steps of the fraction under max_error: 1/64 resolution
+
+
+@dataclass(frozen=True)
+class PruneOptions:
+    fraction: float
+    calib: dict[str, str]                 # task -> .npz of calibration inputs
+    joint: bool = False
+    max_error: float | None = None        # bound on the relative output error
+
+    def __post_init__(self):
+        if not (isinstance(self.fraction, (int, float)) and 0 < self.fraction < 1):
+            raise ValueError(f"--prune-blocks {self.fraction!r}: the fraction of blocks to "
+                             "prune must lie strictly between 0 and 1")
+        if self.max_error is not None and not (self.max_error > 0 and math.isfinite(self.max_error)):
+            raise ValueError(f"--max-error {self.max_error!r}: must be a positive number "
+                             "(a bound on the relative output error)")
+
+
+@dataclass
+class OutputError:
+    """A pruned task's outputs against its dense original on the calibration inputs."""
+    max_abs: float = 0.0
+    rel: float = 0.0
+    top1: float | None = None             # argmax agreement of 2-D float outputs, if any
+    samples: int = 0
+
+
+@dataclass
+class TaskPruning:
+    fraction: float = 0.0                 # the fraction applied (max_error may lower it)
+    blocks_pruned: int = 0
+    blocks_prunable: int = 0              # blocks of the task's weight matrices
+    error: OutputError = field(default_factory=OutputError)
+
+
+# --- masks ------------------------------------------------------------------------------
+
+def weight_matrices(model: onnx.ModelProto) -> list[str]:
+    """Initializers a MatMul/Gemm/Conv uses as its weight, float and >= 2-D, graph order."""
+    used = {n.input[WEIGHT_INPUT[n.op_type]] for n in model.graph.node
+            if n.op_type in WEIGHT_INPUT and len(n.input) > WEIGHT_INPUT[n.op_type]}
+    return [t.name for t in model.graph.initializer if t.name in used and len(t.dims) >= 2
+            and onnx.helper.tensor_dtype_to_np_dtype(t.data_type).kind == "f"]
+
+
+def _blocks(arr: np.ndarray, block_size: int) -> list[np.ndarray]:
+    per = block_size // arr.dtype.itemsize
+    flat = arr.reshape(-1)
+    return [flat[i:i + per] for i in range(0, flat.size, per)]
+
+
+def block_rms(arr: np.ndarray, block_size: int) -> np.ndarray:
+    return np.array([math.sqrt(float(np.mean(np.square(b, dtype=np.float64))))
+                     for b in _blocks(arr, block_size)])
+
+
+def prune_order(weights: dict[str, dict[str, np.ndarray]], names: list[str], block_size: int,
+                joint: bool) -> dict[str, dict[str, np.ndarray]]:
+    """task -> tensor -> block positions, the first to prune first."""
+    tasks = list(weights)
+    out: dict[str, dict[str, np.ndarray]] = {t: {} for t in tasks}
+    for name in names:
+        rms = np.stack([block_rms(weights[t][name], block_size) for t in tasks])  # [T, n]
+        if not joint:
+            for i, t in enumerate(tasks):
+                out[t][name] = np.argsort(rms[i], kind="stable")
+            continue
+        hashes = [[block_hash(memoryview(b.view(np.uint8))) for b in
+                   _blocks(np.ascontiguousarray(weights[t][name]), block_size)] for t in tasks]
+        pairs = len(tasks) * (len(tasks) - 1) // 2
+        differ = np.zeros(rms.shape[1])
+        for i in range(len(tasks)):
+            for j in range(i + 1, len(tasks)):
+                differ += [a != b for a, b in zip(hashes[i], hashes[j])]
+        share = differ / pairs if pairs else differ
+        order = np.argsort(rms.mean(axis=0) * (1 - SWITCH_COST_WEIGHT * share), kind="stable")
+        for t in tasks:
+            out[t][name] = order
+    return out
+
+
+def pruned_count(n_blocks: int, fraction: float) -> int:
+    return int(math.floor(fraction * n_blocks + 1e-9))
+
+
+def apply(arr: np.ndarray, order: np.ndarray, fraction: float, block_size: int) -> tuple[np.ndarray, int]:
+    """``arr`` with its first ``pruned_count`` blocks in ``order`` zeroed; (copy, count)."""
+    k = pruned_count(len(order), fraction)
+    if k == 0:
+        return arr, 0
+    per = block_size // arr.dtype.itemsize
+    flat = arr.reshape(-1).copy()
+    for b in order[:k].tolist():
+        flat[b * per:(b + 1) * per] = 0
+    return flat.reshape(arr.shape), k
+
+
+# --- calibration and error ----------------------------------------------------------------
+
+def load_calib(task: str, path: str, model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    """The calibration feeds of ``task``: every graph input, its dtype, its rank and fixed
+    dimensions; one InputMismatch line for each mistake."""
+    where = f"--calib {task}={path}"
+    if not os.path.isfile(path):
+        raise InputMismatch(f"{where}: no such file")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            feeds = {k: z[k] for k in z.files}
+    except (ValueError, OSError, zipfile.BadZipFile, EOFError) as e:
+        raise InputMismatch(f"{where}: not an .npz of input arrays ({type(e).__name__}: "
+                            f"{str(e).splitlines()[0] if str(e) else ''})") from None
+    init = {t.name for t in model.graph.initializer}
+    inputs = [vi for vi in model.graph.input if vi.name not in init]
+    extra = sorted(set(feeds) - {vi.name for vi in inputs})
+    if extra:
+        raise InputMismatch(f"{where}: arrays {extra} are not inputs of the model "
+                            f"(inputs: {[vi.name for vi in inputs]})")
+    for vi in inputs:
+        if vi.name not in feeds:
+            raise InputMismatch(f"{where}: lacks the input {vi.name!r}")
+        tt, arr = vi.type.tensor_type, feeds[vi.name]
+        want = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type))
+        dims = [d.dim_value if d.HasField("dim_value") else None for d in tt.shape.dim]
+        if arr.dtype != want:
+            raise InputMismatch(f"{where}: input {vi.name!r} is {arr.dtype}, the model takes {want}")
+        if arr.ndim != len(dims) or any(d is not None and d != s for d, s in zip(dims, arr.shape)):
+            shape = ", ".join("?" if d is None else str(d) for d in dims)
+            raise InputMismatch(f"{where}: input {vi.name!r} has shape {list(arr.shape)}, the "
+                                f"model takes [{shape}]")
+        if arr.size == 0:
+            raise InputMismatch(f"{where}: input {vi.name!r} is empty")
+    return feeds
+
+
+def run_model(model: onnx.ModelProto, feeds: dict[str, np.ndarray],
+              weights: dict[str, np.ndarray] | None = None) -> list[np.ndarray]:
+    """ONNX Runtime on ``model`` (its initializers replaced by ``weights``), one thread."""
+    import onnxruntime as ort
+    if weights is not None:
+        m = onnx.ModelProto()
+        m.CopyFrom(model)
+        del m.graph.initializer[:]
+        m.graph.initializer.extend(numpy_helper.from_array(weights[t.name], t.name)
+                                   for t in model.graph.initializer)
+        model = m
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    opts.intra_op_num_threads = opts.inter_op_num_threads = 1   # deterministic figures
+    try:
+        s = ort.InferenceSession(model.SerializeToString(), opts,
+                                 providers=["CPUExecutionProvider"])
+        return [np.asarray(y) for y in s.run(None, feeds)]
+    except Exception as e:   # ORT's own exception types; the calibration inputs are to blame
+        raise InputMismatch(f"the calibration inputs do not run on the model: "
+                            f"{str(e).splitlines()[0][:300]}") from None
+
+
+def compare(ref: list[np.ndarray], out: list[np.ndarray]) -> OutputError:
+    err = OutputError(samples=int(ref[0].shape[0]) if ref and ref[0].ndim else 1)
+    for y0, y in zip(ref, out):
+        if y0.dtype.kind != "f" or y0.size == 0:
+            continue
+        d = np.asarray(y, np.float64) - y0
+        err.max_abs = max(err.max_abs, float(np.max(np.abs(d))))
+        norm = float(np.linalg.norm(y0.astype(np.float64)))
+        diff = float(np.linalg.norm(d))
+        err.rel = max(err.rel, diff / norm if norm else (0.0 if diff == 0 else math.inf))
+        if y0.ndim == 2 and y0.shape[1] > 1:
+            agree = float(np.mean(np.argmax(y, axis=1) == np.argmax(y0, axis=1)))
+            err.top1 = agree if err.top1 is None else min(err.top1, agree)
+    return err
+
+
+def prune_task(model: onnx.ModelProto, weights: dict[str, np.ndarray],
+               order: dict[str, np.ndarray], feeds: dict[str, np.ndarray], block_size: int,
+               opts: PruneOptions) -> tuple[dict[str, np.ndarray], TaskPruning]:
+    """Prune one task at ``opts.fraction``, or at the largest bisected fraction whose
+    relative error stays within ``opts.max_error``; (its weights, what was done)."""
+    ref = run_model(model, feeds)
+
+    def at(f: float) -> tuple[dict[str, np.ndarray], TaskPruning]:
+        w, rep = dict(weights), TaskPruning(fraction=f)
+        for name, o in order.items():
+            w[name], k = apply(weights[name], o, f, block_size)
+            rep.blocks_pruned += k
+            rep.blocks_prunable += len(o)
+        rep.error = compare(ref, run_model(model, feeds, w))
+        return w, rep
+
+    best = at(opts.fraction)
+    if opts.max_error is None or best[1].error.rel <= opts.max_error:
+        return best
+    lo, hi, best = 0.0, opts.fraction, None
+    for _ in range(SEARCH_STEPS):
+        mid = (lo + hi) / 2
+        got = at(mid)
+        if got[1].error.rel <= opts.max_error:
+            lo, best = mid, got
+        else:
+            hi = mid
+    return best if best is not None else at(0.0)
+
+
+# --- the pack section -------------------------------------------------------------------
+
+def encode_section(opts: PruneOptions, tasks: dict[str, TaskPruning]) -> bytes:
+    doc = {"fraction": float(opts.fraction), "joint": bool(opts.joint),
+           "max_error": opts.max_error, "bound": "relative output error",
+           "tasks": {t: {**{k: v for k, v in asdict(p).items() if k != "error"},
+                         "error": asdict(p.error)} for t, p in tasks.items()}}
+    return msgpack.packb(doc, use_bin_type=True)
+
+
+def pruning_summary(reader) -> dict | None:
+    """The ``pruning`` section of a pack as a dict, None when the pack was not pruned."""
+    raw = reader.sections.get(SECTION)
+    if raw is None:
+        return None
+    try:
+        doc = msgpack.unpackb(raw, raw=False, strict_map_key=True, use_list=True)
+    except Exception as e:   # msgpack raises several unrelated types for bad bytes
+        return {"invalid": f"{type(e).__name__}: {e}"}
+    if not isinstance(doc, dict) or not isinstance(doc.get("tasks"), dict):
+        return {"invalid": "not a map with tasks"}
+    return doc
+
+
+def describe(doc: dict) -> list[str]:
+    """Lines for ``edgert inspect`` and ``edgert pack``: what pruning did to each task."""
+    if "invalid" in doc:
+        return [f"pruning: section unreadable ({doc['invalid']})"]
+    bound = doc.get("max_error")
+    lines = [f"pruned (lossy): {'joint' if doc.get('joint') else 'independent'} block masks at "
+             f"{doc.get('fraction')}" + (f", relative error bound {bound:g}" if bound else "")]
+    for t, p in doc["tasks"].items():
+        e = p.get("error", {})
+        top1 = e.get("top1")
+        lines.append(f"  {t}: fraction {p.get('fraction', 0):.3g}, {p.get('blocks_pruned')}/"
+                     f"{p.get('blocks_prunable')} weight-matrix blocks zeroed; vs dense on "
+                     f"{e.get('samples')} calibration samples: max abs {e.get('max_abs', 0):.3g}, "
+                     f"relative {e.get('rel', 0):.3g}"
+                     + (f", top-1 agreement {top1:.3f}" if top1 is not None else ""))
+    return lines

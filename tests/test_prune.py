@@ -1,0 +1,186 @@
+"""Block pruning at pack time (edgert/pack/prune.py): masks, the error bound, determinism,
+the packer's view against ONNX Runtime, and one-line mistakes."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import numpy_helper
+from onnx_models import write_task_set
+from task_packs import config
+
+import edgert
+from edgert.cli import main
+from edgert.pack import PackReader
+from edgert.pack.onnx_import import pack_onnx
+from edgert.pack.prune import PruneOptions, pruning_summary, weight_matrices
+
+BS = 4096
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """The MLP task set (each task changes its own band of w1 and all of w2) and
+    calibration inputs per task."""
+    root = tmp_path_factory.mktemp("prune")
+    base, tasks = write_task_set(root / "models")
+    calib = {}
+    for i, t in enumerate(tasks):
+        calib[t] = str(root / f"{t}.npz")
+        np.savez(calib[t], x=np.random.default_rng(i).standard_normal((16, 64)).astype(np.float32))
+    return base, tasks, calib, root
+
+
+def _pack(models, name, fraction=0.5, joint=False, max_error=None):
+    base, tasks, calib, root = models
+    out = root / f"{name}.edgepack"
+    pack_onnx(base, tasks, out, block_size=BS,
+              prune=PruneOptions(fraction, calib, joint=joint, max_error=max_error))
+    return out
+
+
+def _ort(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
+    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]) \
+        .run(None, {"x": x})[0]
+
+
+def _zero_positions(reader, task) -> dict[str, set[int]]:
+    """tensor -> block positions whose bytes are all zero in the pack."""
+    out = {}
+    for name in reader.task(task):
+        raw = reader.read_tensor(task, name).reshape(-1).view(np.uint8)
+        out[name] = {i // BS for i in range(0, raw.size, BS) if not raw[i:i + BS].any()}
+    return out
+
+
+def _pruned_model(path, zeros: dict[str, set[int]]) -> onnx.ModelProto:
+    """The task's ONNX model with the given blocks zeroed, built here from the file."""
+    m = onnx.load(str(path))
+    for t in m.graph.initializer:
+        arr = numpy_helper.to_array(t).copy()
+        flat = arr.reshape(-1)
+        per = BS // arr.dtype.itemsize
+        for b in zeros.get(t.name, ()):
+            flat[b * per:(b + 1) * per] = 0
+        t.CopyFrom(numpy_helper.from_array(arr, t.name))
+    return m
+
+
+def test_pruned_pack_matches_ort_on_the_pruned_graph(models):
+    base, tasks, calib, _ = models
+    pack = _pack(models, "indep")
+    matrices = set(weight_matrices(onnx.load(str(base))))
+    rt = edgert.Runtime(config())
+    m = rt.load(pack, prepack="off")
+    with PackReader(pack) as r:
+        doc = pruning_summary(r)
+        for task, path in tasks.items():
+            zeros = _zero_positions(r, task)
+            orig = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(path)).graph.initializer}
+            for name, arr in orig.items():      # only weight-matrix blocks changed, to zero
+                got = r.read_tensor(task, name)
+                assert name in matrices or np.array_equal(got, arr)
+                keep = np.ones(arr.size, bool)
+                for b in zeros[name]:
+                    keep[b * (BS // 4):(b + 1) * (BS // 4)] = False
+                assert np.array_equal(got.reshape(-1)[keep], arr.reshape(-1)[keep])
+            rep = doc["tasks"][task]
+            pruned = sum(len(zeros[n]) for n in matrices)
+            assert pruned == rep["blocks_pruned"] > 0
+            x = np.load(calib[task])["x"]
+            want = _ort(_pruned_model(path, zeros), x)
+            m.switch(task)
+            np.testing.assert_allclose(m.run({"x": x})["y"], want, rtol=1e-5, atol=1e-6)
+            dense = _ort(onnx.load(str(path)), x)          # the recorded error, recomputed
+            rel = np.linalg.norm(want.astype(np.float64) - dense) / np.linalg.norm(dense)
+            assert math.isclose(rep["error"]["rel"], rel, rel_tol=1e-4)
+            assert math.isclose(rep["error"]["max_abs"], float(np.abs(want - dense).max()),
+                                rel_tol=1e-4)
+            assert rep["error"]["top1"] == np.mean(want.argmax(1) == dense.argmax(1))
+            assert rep["error"]["samples"] == 16
+    m.close()
+
+
+def test_same_inputs_same_pack_bytes(models):
+    a = _pack(models, "det-a", joint=True, max_error=0.5).read_bytes()
+    b = _pack(models, "det-b", joint=True, max_error=0.5).read_bytes()
+    assert a == b
+
+
+def test_error_bound_honoured_and_lowers_the_fraction(models):
+    loose = _pack(models, "loose", max_error=10.0)
+    with PackReader(loose) as r:
+        doc = pruning_summary(r)
+    assert doc["max_error"] == 10.0
+    assert all(t["fraction"] == 0.5 and t["error"]["rel"] <= 10.0 for t in doc["tasks"].values())
+    at_half = min(t["error"]["rel"] for t in doc["tasks"].values())
+    bound = at_half / 3
+    with PackReader(_pack(models, "tight", max_error=bound)) as r:
+        tight = pruning_summary(r)
+    for t in tight["tasks"].values():
+        assert t["error"]["rel"] <= bound
+        assert t["fraction"] < 0.5
+        assert t["blocks_pruned"] < doc["tasks"]["det"]["blocks_pruned"]
+
+
+def test_joint_masks_share_more_blocks_than_independent(models):
+    shared = {}
+    for joint in (False, True):
+        pack = _pack(models, f"share-{joint}", joint=joint)
+        with PackReader(pack) as r:
+            names = r.tasks
+            zeros = {t: _zero_positions(r, t) for t in names}
+            hashes = {t: [r.blocks[b].hash for s in r.task(t).values() for b in s.blocks]
+                      for t in names}
+        same = 0
+        for i, a in enumerate(names):
+            for b in names[i + 1:]:
+                same += sum(x == y for x, y in zip(hashes[a], hashes[b]))
+        shared[joint] = same
+        if joint:   # one mask for all tasks
+            assert all(zeros[t] == zeros[names[0]] for t in names)
+        else:
+            assert any(zeros[t] != zeros[names[0]] for t in names)
+    assert shared[True] > shared[False]
+
+
+def _one_line(capsys, argv, needle):
+    try:
+        rc = main([str(a) for a in argv])
+    except SystemExit as e:
+        rc = e.code
+    err = capsys.readouterr().err.strip()
+    assert rc in (1, 2), (rc, err)
+    assert "Traceback" not in err and "internal error" not in err, err
+    assert needle in err.splitlines()[-1], err
+
+
+def test_mistakes_are_one_line(models, capsys, tmp_path):
+    base, tasks, calib, _ = models
+    cmd = ["pack", "onnx", "--base", base, "-o", tmp_path / "p.edgepack", "--block-size", BS,
+           *[a for t, p in tasks.items() for a in ("--task", f"{t}={p}")]]
+    cal = [a for t, p in calib.items() for a in ("--calib", f"{t}={p}")]
+    for bad in ("0", "1", "1.5", "-0.2", "nan"):
+        _one_line(capsys, cmd + ["--prune-blocks", bad, *cal], "--prune-blocks")
+    _one_line(capsys, cmd + ["--joint"], "--joint is used only with --prune-blocks")
+    _one_line(capsys, cmd + cal, "--calib is used only with --prune-blocks")
+    _one_line(capsys, cmd + ["--prune-blocks", "0.5", *cal[:-2]], "--calib sign=FILE.npz")
+    _one_line(capsys, cmd + ["--prune-blocks", "0.5", *cal, "--calib", "nope=x.npz"],
+              "no task 'nope'")
+    _one_line(capsys, cmd + ["--prune-blocks", "0.5", *cal, "--max-error", "0"], "--max-error")
+    x = np.zeros((4, 64), np.float32)
+    for arrays, needle in (({"z": x}, "not inputs of the model"),
+                           ({}, "lacks the input 'x'"),
+                           ({"x": np.zeros((4, 63), np.float32)}, "has shape [4, 63]"),
+                           ({"x": x.astype(np.float64)}, "is float64")):
+        bad = tmp_path / "bad.npz"
+        np.savez(bad, **arrays)
+        _one_line(capsys, cmd + ["--prune-blocks", "0.5", *cal[:-2], "--calib", f"sign={bad}"],
+                  needle)
+    (tmp_path / "junk.npz").write_bytes(b"not a zip")
+    _one_line(capsys, cmd + ["--prune-blocks", "0.5", *cal[:-2], "--calib",
+                             f"sign={tmp_path / 'junk.npz'}"], "not an .npz")
+    assert not (tmp_path / "p.edgepack").exists()
