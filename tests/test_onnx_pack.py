@@ -50,14 +50,18 @@ def test_switch_bytes_count_changed_blocks(task_set):
         for b in tasks:
             if a == b:
                 continue
-            expect = 0
+            expect, zero = 0, 0
             for tname, arr in w[b].items():
                 ra = w[a][tname].reshape(-1).view(np.uint8)
                 rb = arr.reshape(-1).view(np.uint8)
                 for i in range(0, len(rb), BS):
                     if not np.array_equal(ra[i:i + BS], rb[i:i + BS]):
-                        expect += len(rb[i:i + BS])
+                        if rb[i:i + BS].any():
+                            expect += len(rb[i:i + BS])
+                        else:                       # a zero block: memset, not read
+                            zero += len(rb[i:i + BS])
             assert s["switch_bytes"][f"{a}->{b}"] == expect > 0
+            assert s["switch_zero_bytes"][f"{a}->{b}"] == zero
     assert s["bytes_stored"] < s["bytes_dense"]
 
 
@@ -114,10 +118,11 @@ def test_cli_pack_verify_inspect(tmp_path):
     assert _cli("verify", out).returncode == 0
     res = _cli("inspect", out, "--json")
     doc = json.loads(res.stdout)
-    assert {"tasks", "blocks", "bytes_stored", "bytes_dense", "switch_bytes"} <= set(doc)
+    assert {"tasks", "blocks", "bytes_stored", "bytes_dense", "switch_bytes", "switch_zero_bytes",
+            "zero_blocks"} <= set(doc)
     assert set(doc["switch_bytes"]) == {f"{a}->{b}" for a in tasks for b in tasks if a != b}
     text = _cli("inspect", out).stdout
-    assert "bytes a switch must move" in text
+    assert "bytes a switch reads from storage" in text
     # damage one block of a known tensor: verify fails and names it
     with PackReader(out) as r:
         idx = r.task("lane")["w2"].blocks[-1]

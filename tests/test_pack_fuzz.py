@@ -10,6 +10,7 @@ import pytest
 from edgert import PackCorrupt
 from edgert.experts.api import ExpertLayout
 from edgert.pack import PackReader, PackWriter
+from edgert.pack.format import block_hash
 from edgert.pack.manifest import BlockEntry, Manifest
 
 CASES = 2500
@@ -73,16 +74,20 @@ def test_fuzz_real_pack(pack_path, tmp_path):
 
 
 def test_fuzz_manifest_parser():
-    """The manifest decoder alone (past the checksum): ValueError or a valid manifest."""
+    """The manifest decoder alone (past the checksum): ValueError or a valid manifest,
+    zero blocks (offset 0, hash of their zeros) included."""
     m = Manifest(kind="onnx-tasks", block_size=4096)
     from edgert.pack.manifest import BlockEntry, TensorSpec
-    m.blocks = [BlockEntry(bytes(16), 4096, 4096), BlockEntry(b"\1" * 16, 8192, 100)]
-    m.tasks = {"t": {"x": TensorSpec("float32", (1024,), (0,)), "y": TensorSpec("int8", (100,), (1,))}}
+    m.blocks = [BlockEntry(bytes(16), 4096, 4096), BlockEntry(b"\1" * 16, 8192, 100),
+                BlockEntry(block_hash(bytes(4096)), 0, 4096),
+                BlockEntry(block_hash(bytes(100)), 0, 100)]
+    m.tasks = {"t": {"x": TensorSpec("float32", (1024,), (0,)), "y": TensorSpec("int8", (100,), (1,)),
+                     "z": TensorSpec("float32", (1024 + 25,), (2, 3))}}
     m.sections = {"s": b"abc"}
     raw = m.encode()
     assert Manifest.decode(raw, data_end=1 << 20).tasks == m.tasks
     rng = np.random.default_rng(7)
-    ok = bad = 0
+    ok = bad = zero_seen = 0
     for _ in range(4000):
         b = bytearray(raw)
         for _ in range(rng.integers(1, 4)):
@@ -98,7 +103,46 @@ def test_fuzz_manifest_parser():
         for specs in got.tasks.values():  # what validates is internally consistent
             for s in specs.values():
                 assert sum(got.blocks[i].length for i in s.blocks) == s.nbytes
-    assert bad > 1000
+        for b in got.blocks:              # a zero block that decodes is what a memset writes
+            assert not b.zero or (0 < b.length <= got.block_size
+                                  and b.hash == block_hash(bytes(b.length)))
+        zero_seen += any(b.zero for b in got.blocks)
+    assert bad > 1000 and zero_seen > 100, (bad, zero_seen)
+
+
+def test_fuzz_zero_block_entries():
+    """Block entries and the format field mutated towards zero blocks (offset 0, hashes of
+    other zero runs, lengths around block_size): ValueError, or entries a memset serves."""
+    m = Manifest(kind="onnx-tasks", block_size=4096)
+    m.blocks = [BlockEntry(block_hash(bytes(4096)), 0, 4096), BlockEntry(b"\1" * 16, 4096, 4096),
+                BlockEntry(block_hash(bytes(100)), 0, 100)]
+    doc = msgpack.unpackb(m.encode(), raw=False)
+    odd = [0, 4096, 8192, 100, 4095, 4097, 8192 + 4096, -4096, 1 << 40, 1, 2, True, None,
+           block_hash(bytes(100)), block_hash(bytes(4096)), block_hash(bytes(8192)), bytes(16),
+           b"\1" * 16, b"\0" * 15]
+    rng = np.random.default_rng(13)
+    outcomes = {"bad": 0, "ok": 0, "zero": 0}
+    for _ in range(3000):
+        d = copy.deepcopy(doc)
+        for _ in range(rng.integers(1, 3)):
+            if rng.random() < 0.1:
+                d["format"] = [1, 2, 3, 0, True, 2.0][rng.integers(6)]
+            else:
+                ent = d["blocks"][rng.integers(len(d["blocks"]))]
+                ent[rng.integers(3)] = odd[rng.integers(len(odd))]
+        try:
+            got = Manifest.decode(msgpack.packb(d, use_bin_type=True), data_end=1 << 20)
+        except ValueError:
+            outcomes["bad"] += 1
+            continue
+        outcomes["ok"] += 1
+        for b in got.blocks:
+            if b.zero:
+                outcomes["zero"] += 1
+                assert 0 < b.length <= got.block_size and b.hash == block_hash(bytes(b.length))
+            else:
+                assert b.offset >= 4096 and b.offset % 4096 == 0
+    assert outcomes["bad"] > 1500 and outcomes["ok"] > 100 and outcomes["zero"] > 100, outcomes
 
 
 @pytest.mark.parametrize("where", ["block", "manifest", "footer", "header"])

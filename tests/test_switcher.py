@@ -7,7 +7,7 @@ import pytest
 from edgert.errors import BudgetExceeded, PackCorrupt, UnknownTask
 from edgert.memory import Arena, SlotPool
 from edgert.pack import PackReader
-from edgert.pack.stats import switch_bytes
+from edgert.pack.stats import switch_cost
 from edgert.weights.switcher import TaskSwitcher
 from task_packs import BLOCK, config, tiny  # noqa: F401  (tiny is a fixture)
 
@@ -41,10 +41,12 @@ def test_cold_switch_moves_switch_bytes(tiny):
             sw.switch(a)
             sw.cache.clear()
             res = sw.switch(b)
-            assert res.bytes_moved == switch_bytes(reader, a, b)
-            assert res.from_cache == 0 and res.from_storage == res.blocks_moved
+            read, zero = switch_cost(reader, a, b)
+            assert res.bytes_moved == read + zero and res.zero_bytes == zero
+            assert res.from_cache == 0
+            assert res.from_storage + res.zero_filled == res.blocks_moved
             # adjacent blocks go out as one read: never more reads than blocks
-            assert (res.reads > 0) == (res.blocks_moved > 0)
+            assert (res.reads > 0) == (res.from_storage > 0)
             assert res.reads <= res.from_storage
             assert_views_are(sw, reader, b)
 

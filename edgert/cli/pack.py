@@ -115,15 +115,18 @@ def _read_pack(path: str, fn):
 
 
 def _run_verify(args) -> int:
-    got, rc = _read_pack(args.pack, lambda r: (r.verify(), len(r.blocks)))
+    got, rc = _read_pack(args.pack, lambda r: (r.verify(), len(r.blocks),
+                                               sum(b.zero for b in r.blocks)))
     if rc:
         return rc
-    problems, n = got
+    problems, n, zero = got
     if problems:
         print(f"FAIL {args.pack}: {len(problems)} problem(s); first: {problems[0]}",
               file=sys.stderr)
         return 1
-    print(f"OK {args.pack}: {n} blocks verified")
+    # zero blocks hold no bytes: their entries were checked when the manifest was opened
+    print(f"OK {args.pack}: {n - zero} blocks verified"
+          + (f", {zero} zero blocks (no data; entries checked)" if zero else ""))
     return 0
 
 
@@ -145,6 +148,10 @@ def _run_inspect(args) -> int:
         f"dense (every task on its own): {_mib(s['bytes_dense'])}   "
     print(f"  blocks: {s['blocks']}   stored: {_mib(s['bytes_stored'])}   {dense}"
           f"file: {_mib(s['bytes_file'])}")
+    z = s["zero_blocks"]
+    if z["count"]:
+        print(f"  zero blocks: {z['count']} block positions, {_mib(z['bytes'])} "
+              f"(not stored, memset on load)")
     for kind in ("inputs", "outputs"):
         for name, v in s.get(kind, {}).items():
             print(f"  {kind[:-1]} {name}: {v['dtype']}[{', '.join(map(str, v['shape']))}]")
@@ -165,12 +172,16 @@ def _run_inspect(args) -> int:
     tasks = s["tasks"]
     if len(tasks) > 1:
         w = max(len(t) for t in tasks) + 2
-        print("  bytes a switch must move (row -> column), MiB:")
-        print("  " + " " * w + "".join(f"{t:>{w}}" for t in tasks))
-        for a in tasks:
-            row = "".join(f"{'-':>{w}}" if a == b else
-                          f"{s['switch_bytes'][f'{a}->{b}'] / 2**20:>{w}.2f}" for b in tasks)
-            print(f"  {a:<{w}}{row}")
+        tables = [("switch_bytes", "bytes a switch reads from storage (row -> column), MiB:")]
+        if any(s["switch_zero_bytes"].values()):
+            tables.append(("switch_zero_bytes", "bytes a switch memsets (zero blocks), MiB:"))
+        for key, title in tables:
+            print("  " + title)
+            print("  " + " " * w + "".join(f"{t:>{w}}" for t in tasks))
+            for a in tasks:
+                row = "".join(f"{'-':>{w}}" if a == b else
+                              f"{s[key][f'{a}->{b}'] / 2**20:>{w}.2f}" for b in tasks)
+                print(f"  {a:<{w}}{row}")
         print("  bytes shared by each pair, MiB:")
         for pair, n in s["shared_bytes"].items():
             print(f"    {pair}: {n / 2**20:.2f}")

@@ -201,6 +201,8 @@ class TaskModel(LoadedModel):
                     "switch_ms": summary([1e3 * r.seconds for r in hist]),
                     "run_ms": summary(runs), "runs": len(runs),
                     "storage": self.reader.storage.stats(),
+                    "zero_fill": {"blocks": self.reader.zero_blocks_filled,   # memset, not read
+                                  "bytes": self.reader.zero_bytes_filled},
                     "engine": {"providers": self.engine.active_providers,
                                "session_build_s": self.engine.build_seconds,
                                "prepacked": self._fast is not None,

@@ -23,6 +23,10 @@ HEADER_SIZE = ALIGN
 HASH_BYTES = 16
 DEFAULT_BLOCK_SIZE = 64 * 1024
 MAX_MANIFEST_BYTES = 1 << 30  # a manifest larger than 1 GiB is corrupt, not a pack
+ZERO_OFFSET = 0               # a block entry at this offset is a zero block: no bytes stored
+                              # (the header lives there, so no stored extent can start at 0)
+MAX_ZERO_BLOCK = 1 << 28      # longest zero block; bounds the hashing a damaged manifest costs
+_ZEROS = bytes(1 << 20)
 
 # header: magic, version, header size, alignment, reserved, checksum of the preceding bytes
 _HEADER = struct.Struct("<8sIIIQ16s")
@@ -36,6 +40,23 @@ assert _FOOTER_BODY.size + 8 <= FOOTER_SIZE
 def block_hash(data) -> bytes:
     """Content name of a block: the first 16 bytes of its blake3 digest."""
     return blake3.blake3(data).digest(length=HASH_BYTES)
+
+
+def zero_hashes(lengths) -> dict[int, bytes]:
+    """`block_hash` of ``n`` zero bytes for each n in ``lengths`` (each <= MAX_ZERO_BLOCK).
+
+    One incremental pass up to the longest length, so many distinct lengths cost no more
+    hashing than the longest one.
+    """
+    out, h, done = {}, blake3.blake3(), 0
+    for n in sorted(set(lengths)):
+        assert 0 <= n <= MAX_ZERO_BLOCK, n
+        while done < n:
+            step = min(n - done, len(_ZEROS))
+            h.update(memoryview(_ZEROS)[:step])
+            done += step
+        out[n] = h.digest(length=HASH_BYTES)
+    return out
 
 
 def encode_header() -> bytes:

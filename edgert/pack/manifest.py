@@ -15,20 +15,29 @@ import msgpack
 import numpy as np
 
 from ..dtypes import FLOATS, STORAGE
-from .format import ALIGN, HASH_BYTES, HEADER_SIZE, MAX_MANIFEST_BYTES
+from .format import (ALIGN, HASH_BYTES, HEADER_SIZE, MAX_MANIFEST_BYTES, MAX_ZERO_BLOCK,
+                     ZERO_OFFSET, zero_hashes)
 
 DTYPES = STORAGE   # dtype names a pack may hold (edgert/dtypes.py is the one table)
 MAX_RANK = 16
 MAX_LAYERS = 1 << 12      # far above any MoE model's depth; more is damage, not a model
 MAX_EXPERTS = 1 << 16
 EXPERT_TENSORS = ("gate", "up", "down")
+FORMAT = 1              # a manifest without zero blocks: what every edgert reads
+FORMAT_ZERO = 2         # a manifest with zero blocks (an older edgert refuses it by number)
 
 
 @dataclass(frozen=True)
 class BlockEntry:
+    """A stored extent, or (offset ZERO_OFFSET) a zero block: ``length`` zero bytes, none
+    stored, filled by a memset; its hash is the hash of those zeros."""
     hash: bytes
     offset: int
     length: int
+
+    @property
+    def zero(self) -> bool:
+        return self.offset == ZERO_OFFSET
 
 
 @dataclass(frozen=True)
@@ -60,7 +69,7 @@ class Manifest:
 
     def encode(self) -> bytes:
         doc = {
-            "format": 1,
+            "format": FORMAT_ZERO if any(b.zero for b in self.blocks) else FORMAT,
             "kind": self.kind,
             "block_size": self.block_size,
             "generation": self.generation,
@@ -82,8 +91,9 @@ class Manifest:
         except Exception as e:  # msgpack raises several unrelated types for bad bytes
             raise ValueError(f"manifest is not valid msgpack: {type(e).__name__}: {e}") from None
         _expect(doc, dict, "manifest")
-        if doc.get("format") != 1:
-            raise ValueError(f"manifest format {doc.get('format')!r}, expected 1")
+        fmt = doc.get("format")
+        if type(fmt) is not int or fmt not in (FORMAT, FORMAT_ZERO):
+            raise ValueError(f"manifest format {fmt!r}, expected {FORMAT} or {FORMAT_ZERO}")
         kind = _expect(doc.get("kind"), str, "kind")
         block_size = _expect(doc.get("block_size"), int, "block_size")
         if block_size <= 0 or block_size % ALIGN:
@@ -98,11 +108,15 @@ class Manifest:
             _expect(h, bytes, f"blocks[{i}].hash")
             _expect(off, int, f"blocks[{i}].offset")
             _expect(length, int, f"blocks[{i}].length")
-            if len(h) != HASH_BYTES or off < HEADER_SIZE or off % ALIGN or length < 0 \
-                    or off + length > data_end:
+            if len(h) != HASH_BYTES:
+                raise ValueError(f"blocks[{i}].hash has {len(h)} bytes, expected {HASH_BYTES}")
+            if off == ZERO_OFFSET:
+                _zero_entry(i, length, fmt, block_size)
+            elif off < HEADER_SIZE or off % ALIGN or length < 0 or off + length > data_end:
                 raise ValueError(f"blocks[{i}] extent {off}+{length} is invalid "
                                  f"(data region {HEADER_SIZE}..{data_end})")
             blocks.append(BlockEntry(h, off, length))
+        _check_zero_hashes(blocks)
         tasks: dict[str, dict[str, TensorSpec]] = {}
         for tname, tensors in _expect(doc.get("tasks"), dict, "tasks").items():
             _expect(tname, str, "task name")
@@ -122,6 +136,24 @@ class Manifest:
         elif kind == "moe":
             raise ValueError("moe pack has no 'experts' section")
         return Manifest(kind, block_size, gen, blocks, tasks, config, sections, experts)
+
+
+def _zero_entry(i: int, length: int, fmt: int, block_size: int) -> None:
+    if fmt != FORMAT_ZERO:
+        raise ValueError(f"blocks[{i}] is a zero block (offset {ZERO_OFFSET}) in a format-{fmt} "
+                         f"manifest")
+    if not 0 < length <= min(block_size, MAX_ZERO_BLOCK):
+        raise ValueError(f"blocks[{i}] is a zero block of {length} bytes; a zero block holds "
+                         f"1..{min(block_size, MAX_ZERO_BLOCK)} (block_size {block_size})")
+
+
+def _check_zero_hashes(blocks: list[BlockEntry]) -> None:
+    """Every zero block's hash is the hash of its zeros (so a memset is the verified content)."""
+    want = zero_hashes(b.length for b in blocks if b.zero)
+    for i, b in enumerate(blocks):
+        if b.zero and b.hash != want[b.length]:
+            raise ValueError(f"blocks[{i}] is a zero block of {b.length} bytes whose hash is not "
+                             f"the hash of {b.length} zero bytes")
 
 
 def _expect(value, typ, what):

@@ -3,7 +3,9 @@
 `PackReader.read_into` is the one way bytes move from a pack into memory: blocks adjacent
 in the file are coalesced into one scatter read (O_DIRECT straight into the caller's
 views when they allow it), extents are read concurrently on the reader's threads, and
-every block is checked against its content hash before the call returns.
+every block is checked against its content hash before the call returns. Zero blocks
+(nothing stored; their hash was checked against their zeros when the manifest was
+opened) are written with a memset and never touch storage.
 """
 from __future__ import annotations
 
@@ -115,6 +117,9 @@ class PackReader:
         self.path = os.fspath(path)
         self.storage = Storage(self.path, read_mode)
         self._owned = _Owned(self.storage)
+        self._fill_lock = threading.Lock()
+        self.zero_blocks_filled = 0     # zero blocks memset by read_into (no storage read)
+        self.zero_bytes_filled = 0
         self._finalize = weakref.finalize(self, self._owned.close)
         try:
             st = os.fstat(self.storage.fd)
@@ -223,7 +228,8 @@ class PackReader:
     # --- the read path -------------------------------------------------------------------
     def read_into(self, blocks: list[int], views: list[np.ndarray], *,
                   tensors: list[str | None] | None = None) -> tuple[int, int]:
-        """Read block ``blocks[i]`` into ``views[i]`` and verify it; (bytes read, read syscalls).
+        """Read block ``blocks[i]`` into ``views[i]`` and verify it; (bytes read from storage,
+        read syscalls).
 
         Each view is uint8, C-contiguous, writable and holds at least the block's length.
         When it holds ``align_up(length)`` bytes and starts ALIGN-aligned, the read lands
@@ -231,7 +237,9 @@ class PackReader:
         ``view[:length]`` is read, buffered. Nothing else in a view is written. Blocks
         adjacent in the file are read with one scatter read; ``blocks`` may be in any
         order and hold an index more than once (each such view gets the verified bytes).
-        ``tensors[i]``, when given, names block i's tensor in errors.
+        ``tensors[i]``, when given, names block i's tensor in errors. A zero block is
+        written as ``view[:length] = 0`` once every read has succeeded: no storage read,
+        not in the bytes returned, counted in ``zero_blocks_filled``/``zero_bytes_filled``.
 
         A hash mismatch or short read is PackCorrupt naming file, block, offset (and
         tensor); on any failure every read has finished before this raises, so views
@@ -243,7 +251,7 @@ class PackReader:
         if self._owned.closed:
             raise ValueError("read from a closed PackReader")
         blocks = [operator.index(b) for b in blocks]
-        extents, empty, copies = self._plan(blocks, views)
+        extents, empty, zeros, copies = self._plan(blocks, views)
         nbytes = 0
         if len(extents) <= 1:
             for ext in extents:
@@ -270,6 +278,15 @@ class PackReader:
                     raise
         for i in empty:
             self._check(blocks[i], views[i][:0], tensors and tensors[i])
+        filled = 0
+        for i in zeros:                    # NOTE: after the reads, so a failed call writes none
+            n = self.manifest.blocks[blocks[i]].length
+            views[i][:n] = 0
+            filled += n
+        if zeros:
+            with self._fill_lock:
+                self.zero_blocks_filled += len(zeros)
+                self.zero_bytes_filled += filled
         for i, j in copies:                # duplicates: the verified bytes of another view
             n = self.manifest.blocks[blocks[i]].length
             views[i][:n] = views[j][:n]
@@ -281,7 +298,8 @@ class PackReader:
         return self.read_into([idx], [view], tensors=None if tensor is None else [tensor])
 
     def _plan(self, blocks: list[int], views: list[np.ndarray]):
-        """Extents to read (file order), views of empty blocks, and (dup, source) copies."""
+        """Extents to read (file order), views of empty blocks, views of zero blocks, and
+        (dup, source) copies."""
         ents = self.manifest.blocks
         padded = []      # per view: True when the read may fill align_up(length)
         for i, (b, v) in enumerate(zip(blocks, views)):
@@ -294,11 +312,13 @@ class PackReader:
                                  f"contiguous uint8 array of at least {n} bytes")
             padded.append(len(v) >= align_up(n))
         direct = [p and v.ctypes.data % ALIGN == 0 for p, v in zip(padded, views)]
+        zeros = [i for i, b in enumerate(blocks) if ents[b].zero]   # every view: a memset
         source: dict[int, int] = {}        # block -> the view read from the file
         for i, b in enumerate(blocks):     # prefer a view that can take a direct read
-            if b not in source or (direct[i] and not direct[source[b]]):
+            if not ents[b].zero and (b not in source or (direct[i] and not direct[source[b]])):
                 source[b] = i
-        copies = [(i, source[b]) for i, b in enumerate(blocks) if source[b] != i]
+        copies = [(i, source[b]) for i, b in enumerate(blocks)
+                  if not ents[b].zero and source[b] != i]
         empty = [i for i in source.values() if ents[blocks[i]].length == 0]
         order = sorted((i for i in source.values() if ents[blocks[i]].length),
                        key=lambda i: ents[blocks[i]].offset)
@@ -317,7 +337,7 @@ class PackReader:
             extents[-1].at.append(i)
             extents[-1].bufs.append(views[i][:size])
             end, last_kind = ent.offset + size, kind
-        return extents, empty, copies
+        return extents, empty, zeros, copies
 
     def _check_extent(self, ext: _Extent, got: int, blocks, views, tensors) -> int:
         pos = 0
@@ -395,7 +415,10 @@ class PackReader:
         return owner
 
     def verify(self) -> list[str]:
-        """Check every block; a list of problems, empty when the pack is clean."""
+        """Check every stored block; a list of problems, empty when the pack is clean.
+
+        Zero blocks have no bytes to read: their entries (length, hash of their zeros)
+        were checked when the manifest was opened."""
         problems = []
         if self.ignored_tail:
             problems.append(f"{self.ignored_tail} trailing bytes after the newest intact footer "
@@ -404,6 +427,8 @@ class PackReader:
         batch: list[int] = []
         size = 0
         for i, ent in enumerate(self.manifest.blocks):
+            if ent.zero:
+                continue
             if batch and size + align_up(ent.length) > VERIFY_BATCH:
                 problems += self._verify_batch(batch, owner)
                 batch, size = [], 0

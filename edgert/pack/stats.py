@@ -1,4 +1,5 @@
-"""Sharing figures of a pack: stored vs dense bytes, bytes shared and moved per task pair."""
+"""Sharing figures of a pack: stored vs dense bytes, zero blocks, bytes shared and moved per
+task pair."""
 from __future__ import annotations
 
 from .reader import PackReader
@@ -10,20 +11,38 @@ def task_blocks(reader: PackReader, task: str) -> list[tuple[str, int, int]]:
             for pos, b in enumerate(spec.blocks)]
 
 
-def switch_bytes(reader: PackReader, a: str, b: str) -> int:
-    """Bytes a switch A -> B writes: every block position of B whose block differs from A's.
+def switch_cost(reader: PackReader, a: str, b: str) -> tuple[int, int]:
+    """(bytes read, bytes memset) by a cold switch A -> B.
 
-    This is what the task switcher moves into the active task's memory, whether the block
-    then comes from the spare-slot cache or from storage.
+    The task switcher writes every block position of B whose block differs from A's: a
+    zero block by a memset, any other block from storage (or, warm, from the spare-slot
+    cache, so the bytes read are the most a switch reads).
     """
-    spec_a, moved = reader.task(a), 0
+    spec_a, read, zero = reader.task(a), 0, 0
     for name, spec in reader.task(b).items():
         old = spec_a.get(name)
         for pos, blk in enumerate(spec.blocks):
-            if old is None or pos >= len(old.blocks) or reader.blocks[old.blocks[pos]].hash != \
-                    reader.blocks[blk].hash:
-                moved += reader.blocks[blk].length
-    return moved
+            ent = reader.blocks[blk]
+            if old is None or pos >= len(old.blocks) or \
+                    reader.blocks[old.blocks[pos]].hash != ent.hash:
+                if ent.zero:
+                    zero += ent.length
+                else:
+                    read += ent.length
+    return read, zero
+
+
+def switch_bytes(reader: PackReader, a: str, b: str) -> int:
+    """Bytes a cold switch A -> B reads from storage (zero blocks are memset, not read)."""
+    return switch_cost(reader, a, b)[0]
+
+
+def zero_blocks(reader: PackReader) -> dict:
+    """Zero blocks: manifest entries, block positions of all tasks that use one, their bytes."""
+    ents = reader.blocks
+    used = [ents[i].length for specs in reader.manifest.tasks.values()
+            for s in specs.values() for i in s.blocks if ents[i].zero]
+    return {"entries": sum(b.zero for b in ents), "count": len(used), "bytes": sum(used)}
 
 
 def shared_bytes(reader: PackReader, a: str, b: str) -> int:
@@ -76,6 +95,7 @@ def moe_summary(reader: PackReader) -> dict:
 def summary(reader: PackReader) -> dict:
     tasks = reader.tasks
     dense = {t: sum(s.nbytes for s in reader.task(t).values()) for t in tasks}
+    cost = {f"{a}->{b}": switch_cost(reader, a, b) for a in tasks for b in tasks if a != b}
     extra = task_io(reader) if reader.kind == "onnx-tasks" else \
         {"moe": moe_summary(reader)} if reader.kind == "moe" else {}
     return {**extra,
@@ -85,13 +105,14 @@ def summary(reader: PackReader) -> dict:
         "block_size": reader.block_size,
         "tasks": tasks,
         "blocks": len(reader.blocks),
-        "bytes_stored": sum(b.length for b in reader.blocks),
+        "bytes_stored": sum(b.length for b in reader.blocks if not b.zero),
         "bytes_file": reader.file_size,
         "bytes_dense": sum(dense.values()),
         "task_bytes": dense,
+        "zero_blocks": zero_blocks(reader),
         "sections": {k: len(v) for k, v in reader.sections.items()},
         "shared_bytes": {f"{a}<->{b}": shared_bytes(reader, a, b)
                          for i, a in enumerate(tasks) for b in tasks[i + 1:]},
-        "switch_bytes": {f"{a}->{b}": switch_bytes(reader, a, b)
-                         for a in tasks for b in tasks if a != b},
+        "switch_bytes": {k: read for k, (read, _) in cost.items()},
+        "switch_zero_bytes": {k: zero for k, (_, zero) in cost.items()},
     }

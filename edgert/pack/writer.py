@@ -6,15 +6,17 @@ import os
 
 import numpy as np
 
-from .format import (ALIGN, DEFAULT_BLOCK_SIZE, FOOTER_SIZE, Footer, align_up, block_hash,
-                     encode_header)
+from .format import (ALIGN, DEFAULT_BLOCK_SIZE, FOOTER_SIZE, MAX_ZERO_BLOCK, ZERO_OFFSET, Footer,
+                     align_up, block_hash, encode_header)
 from .manifest import DTYPES, BlockEntry, Manifest, TensorSpec
 
 log = logging.getLogger(__name__)
 
 
 class PackWriter:
-    """Builds a pack. Identical blocks (same content hash) are stored once.
+    """Builds a pack. Identical blocks (same content hash) are stored once; an all-zero
+    block of up to ``block_size`` bytes is not stored at all but recorded as a zero block
+    (one entry per length), whatever added it.
 
     A new pack is written to ``PATH.tmp`` and renamed over PATH on close(), so readers
     never see a half-written file. ``PackWriter.append(PATH)`` instead adds blocks and a
@@ -33,6 +35,7 @@ class PackWriter:
         self._pos = ALIGN
         self._m = Manifest(kind=kind, block_size=block_size)
         self._by_hash: dict[bytes, int] = {}
+        self._zero: dict[int, int] = {}          # length -> its zero block's index
         self._prev_footer = 0
         self._appending = False
         self._closed = False
@@ -52,7 +55,8 @@ class PackWriter:
         self._pos = reader.file_end
         self._m = reader.manifest
         self._m.generation += 1
-        self._by_hash = {b.hash: i for i, b in enumerate(self._m.blocks)}
+        self._by_hash = {b.hash: i for i, b in enumerate(self._m.blocks) if not b.zero}
+        self._zero = {b.length: i for i, b in enumerate(self._m.blocks) if b.zero}
         self._prev_footer = reader.footer_offset
         self._appending = True
         self._closed = False
@@ -85,6 +89,8 @@ class PackWriter:
 
     # --- adding content ----------------------------------------------------------------
     def _write_extent(self, data: memoryview) -> int:
+        if self._is_zero(data):
+            return self._zero_block(len(data))
         h = block_hash(data)
         idx = self._by_hash.get(h)
         if idx is not None and self._m.blocks[idx].length == len(data):
@@ -97,6 +103,18 @@ class PackWriter:
         idx = len(self._m.blocks)
         self._m.blocks.append(BlockEntry(h, start, len(data)))
         self._by_hash[h] = idx
+        return idx
+
+    def _is_zero(self, data: memoryview) -> bool:
+        n = len(data)
+        return 0 < n <= min(self._m.block_size, MAX_ZERO_BLOCK) and \
+            not np.frombuffer(data, np.uint8).any()
+
+    def _zero_block(self, length: int) -> int:
+        idx = self._zero.get(length)
+        if idx is None:
+            idx = self._zero[length] = len(self._m.blocks)
+            self._m.blocks.append(BlockEntry(block_hash(bytes(length)), ZERO_OFFSET, length))
         return idx
 
     def add_tensor(self, array: np.ndarray, dtype: str | None = None) -> TensorSpec:

@@ -6,7 +6,8 @@ decided above it (the task switcher and its prewarm policy).
 Its slots are a `SlotPool` of its own (block-sized, whatever other models use). It grows
 into free arena memory only, then recycles its least recently used block. Every unpinned
 block is cache: the arena may take it back for another model's load (`reclaimable`,
-`reclaim`), least recently used first.
+`reclaim`), least recently used first. Zero blocks are never cached: a memset rebuilds
+one for free, so a slot holding it would be wasted.
 """
 from __future__ import annotations
 
@@ -74,9 +75,12 @@ class BlockCache:
 
     # --- loading -------------------------------------------------------------------------
     def get(self, idx: int, pin: bool = True) -> np.ndarray:
-        """The slot view holding block ``idx``, loading it from storage on a miss."""
+        """The slot view holding block ``idx``, loading it from storage on a miss.
+        ValueError for a zero block (never cached)."""
         with self.lock:
             ent = self.reader.blocks[idx]
+            if ent.zero:
+                raise ValueError(f"block {idx} is a zero block: memset it, it is never cached")
             s = self._slot.get(ent.hash)
             if s is not None:
                 self.counters.hits += 1
@@ -97,9 +101,12 @@ class BlockCache:
 
     def put(self, idx: int, data: np.ndarray, pin: bool = False) -> np.ndarray | None:
         """Keep a copy of block ``idx`` whose bytes are already in memory (no storage read).
-        Returns the slot view, or None when no slot is free or evictable."""
+        Returns the slot view, or None when no slot is free or evictable or the block is a
+        zero block (never cached)."""
         with self.lock:
             ent = self.reader.blocks[idx]
+            if ent.zero:
+                return None
             if ent.hash in self._slot:
                 self._touch(ent.hash, pin)
                 return self.pool.view(self._slot[ent.hash])
@@ -115,7 +122,10 @@ class BlockCache:
             return view
 
     def prefetch(self, idx: int) -> bool:
-        """Load without pinning; False when nothing could be evicted to make room."""
+        """Load without pinning; False when nothing could be evicted to make room, or for
+        a zero block (never cached)."""
+        if self.reader.blocks[idx].zero:
+            return False
         try:
             self.get(idx, pin=False)
             return True

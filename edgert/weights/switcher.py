@@ -5,7 +5,8 @@ one layout serves all of them: each tensor starts 4 KiB-aligned inside one conti
 extent of the arena (the *run*), and block k of a tensor always lands at the same byte
 offset (a *position*). A switch A -> B rewrites only the positions whose block hash
 differs, copying from the spare-block BlockCache when the block is resident and reading
-from the pack (the reader's one verified read path) otherwise.
+from the pack (the reader's one verified read path) otherwise. A zero block (nothing
+stored) is written by a memset through the same path: no storage read, no cache slot.
 
 NOTE: a switch is all-or-nothing. Displaced blocks are kept in the cache where a slot
 is free or evictable; if a storage block fails its checksum, the positions already
@@ -39,6 +40,8 @@ class SwitchResult:
     bytes_moved: int = 0       # bytes written into the active task's positions
     from_cache: int = 0        # blocks copied from spare slots
     from_storage: int = 0      # blocks read from the pack
+    zero_filled: int = 0       # zero blocks written by a memset (no storage read)
+    zero_bytes: int = 0        # bytes of those zero blocks
     bytes_read: int = 0        # bytes read from storage for this switch
     reads: int = 0             # storage reads (extents of adjacent blocks) for this switch
     kept: int = 0              # displaced blocks kept in spare slots
@@ -89,6 +92,7 @@ class TaskSwitcher:
         hid: dict[bytes, int] = {}
         self.block_hid = np.array([hid.setdefault(b.hash, len(hid)) for b in reader.blocks],
                                   np.int64)
+        self.block_zero = np.array([b.zero for b in reader.blocks], bool)
         self._task_blk: dict[str, np.ndarray] = {}
         for t in reader.tasks:
             blk = np.array([b for name in self.layout for b in reader.task(t)[name].blocks],
@@ -123,24 +127,27 @@ class TaskSwitcher:
         t0 = time.perf_counter()
         res = SwitchResult(str(task))
         diff = np.flatnonzero(self.block_hid[blk] != self._cur)
+        is_zero = self.block_zero[blk[diff]]
+        fill, copy = diff[is_zero], diff[~is_zero]   # NOTE: zero blocks never go through the cache
         blocks = self.reader.blocks
-        hashes = [blocks[b].hash for b in blk[diff].tolist()]
+        hashes = [blocks[b].hash for b in blk[copy].tolist()]
         # NOTE: pinned so that keeping displaced blocks cannot evict them mid-switch
         slots = self.cache.pin_resident(hashes)
         hit = np.fromiter((s is not None for s in slots), bool, len(slots))
         try:
             if self.keep_displaced and self.active is not None:
                 res.kept = self._keep(diff)
-            missing = diff[~hit]
+            missing = copy[~hit]
             if len(missing):
                 self.reader.check_unchanged()   # a replaced or cut pack: refuse, change nothing
-                try:
-                    res.bytes_read, res.reads = self._read(missing, blk)
+            if len(missing) or len(fill):
+                try:   # the zero blocks are memset only once every read has succeeded
+                    res.bytes_read, res.reads = self._read(np.concatenate([missing, fill]), blk)
                 except (PackCorrupt, OSError):
                     self._restore(missing.tolist())
                     raise
             run, view = self.run, self.cache.pool.view
-            for o, n, s in zip(self.pos_off[diff].tolist(), self.pos_len[diff].tolist(), slots):
+            for o, n, s in zip(self.pos_off[copy].tolist(), self.pos_len[copy].tolist(), slots):
                 if s is not None:
                     run[o:o + n] = view(s)[:n]
         finally:
@@ -152,6 +159,7 @@ class TaskSwitcher:
         self.active = str(task)
         res.blocks_moved, res.bytes_moved = len(diff), int(self.pos_len[diff].sum())
         res.from_cache, res.from_storage = int(hit.sum()), int((~hit).sum())
+        res.zero_filled, res.zero_bytes = len(fill), int(self.pos_len[fill].sum())
         res.seconds = time.perf_counter() - t0
         self.history.append(res)
         return res
@@ -159,8 +167,8 @@ class TaskSwitcher:
     def _keep(self, diff: np.ndarray) -> int:
         kept, blocks = 0, self.reader.blocks
         for p, b in zip(diff.tolist(), self._cur_blk[diff].tolist()):
-            if b < 0 or self.cache.contains(blocks[b].hash):
-                continue
+            if b < 0 or self.block_zero[b] or self.cache.contains(blocks[b].hash):
+                continue                                # a zero block comes back by memset
             o = int(self.pos_off[p])
             if self.cache.put(b, self.run[o:o + int(self.pos_len[p])]) is None:
                 break                                   # no free or evictable slot left
@@ -169,7 +177,7 @@ class TaskSwitcher:
 
     def _read(self, positions: np.ndarray, blk: np.ndarray) -> tuple[int, int]:
         """Read the blocks at ``positions`` from the pack straight into the run, verified
-        (the pack's one read path: coalesced O_DIRECT scatter reads)."""
+        (the pack's one read path: coalesced O_DIRECT scatter reads; zero blocks memset)."""
         views = [self.run[o:o + align_up(int(n))]
                  for o, n in zip(self.pos_off[positions], self.pos_len[positions])]
         return self.reader.read_into(blk[positions].tolist(), views)
@@ -213,7 +221,8 @@ class TaskSwitcher:
         first_seen: dict[int, int] = {}
         for rank, t in enumerate(tasks):
             blk = self.task_blocks(t)
-            for b in set(blk[self.block_hid[blk] != self._cur].tolist()):
+            moved = (self.block_hid[blk] != self._cur) & ~self.block_zero[blk]
+            for b in set(blk[moved].tolist()):
                 need[b] = need.get(b, 0) + 1
                 first_seen.setdefault(b, rank)
         order = sorted(need, key=lambda b: (-need[b], first_seen[b], b))
@@ -239,8 +248,10 @@ class TaskSwitcher:
         return {"active": self.active, "switches": len(h),
                 "bytes_moved": sum(r.bytes_moved for r in h),
                 "bytes_read": sum(r.bytes_read for r in h),
+                "bytes_zero_filled": sum(r.zero_bytes for r in h),
                 "blocks_from_cache": sum(r.from_cache for r in h),
                 "blocks_from_storage": sum(r.from_storage for r in h),
+                "blocks_zero_filled": sum(r.zero_filled for r in h),
                 "run_bytes": self.run_bytes,
                 "spare_bytes": self.cache.pool.in_use_bytes,
                 "cache": self.cache.stats()}
