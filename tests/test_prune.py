@@ -184,3 +184,23 @@ def test_mistakes_are_one_line(models, capsys, tmp_path):
     _one_line(capsys, cmd + ["--prune-blocks", "0.5", *cal[:-2], "--calib",
                              f"sign={tmp_path / 'junk.npz'}"], "not an .npz")
     assert not (tmp_path / "p.edgepack").exists()
+
+
+def test_pack_and_inspect_say_it_is_lossy(models, capsys, tmp_path):
+    import json
+    base, tasks, calib, _ = models
+    out = tmp_path / "cli.edgepack"
+    assert main(["pack", "onnx", "--base", str(base), "-o", str(out), "--block-size", str(BS),
+                 *[a for t, p in tasks.items() for a in ("--task", f"{t}={p}")],
+                 *[a for t, p in calib.items() for a in ("--calib", f"{t}={p}")],
+                 "--prune-blocks", "0.25", "--joint", "--max-error", "5"]) == 0
+    printed = capsys.readouterr().out
+    assert "pruned (lossy): joint block masks at 0.25, relative error bound 5" in printed
+    assert main(["inspect", str(out)]) == 0
+    shown = capsys.readouterr().out
+    assert "pruned (lossy)" in shown and "top-1 agreement" in shown
+    assert main(["inspect", "--json", str(out)]) == 0
+    doc = json.loads(capsys.readouterr().out)["pruning"]
+    assert doc["joint"] is True and set(doc["tasks"]) == set(tasks)
+    assert main(["inspect", "--json", str(_pack(models, "plain", fraction=0.1))]) == 0
+    assert json.loads(capsys.readouterr().out)["pruning"]["fraction"] == 0.1

@@ -135,8 +135,9 @@ def _mib(n: int) -> str:
 
 
 def _run_inspect(args) -> int:
+    from ..pack.prune import describe, pruning_summary
     from ..pack.stats import summary
-    s, rc = _read_pack(args.pack, summary)
+    s, rc = _read_pack(args.pack, lambda r: {**summary(r), "pruning": pruning_summary(r)})
     if rc:
         return rc
     if args.json:
@@ -169,6 +170,8 @@ def _run_inspect(args) -> int:
         return 0
     for t in s["tasks"]:
         print(f"  task {t}: {_mib(s['task_bytes'][t])} dense")
+    if s["pruning"]:
+        print("  " + "\n  ".join(describe(s["pruning"])))
     tasks = s["tasks"]
     if len(tasks) > 1:
         w = max(len(t) for t in tasks) + 2

@@ -7,6 +7,8 @@ Contenders, alternated over one fixed random switch sequence (no switch to self)
   (b) a new ONNX Runtime session from the task's ONNX file (page cache warm, and cold)
   (c) every task's session kept resident: a switch is a lookup; N times the memory
   (d) monolithic reload of all of the task's blocks into the same arena (cold)
+Sparse rows (switch_pruned.py): one model set packed dense, pruned independently and
+pruned jointly, warm and cold, with each task's recorded output error.
 Physical limits are measured in the same run: copy bandwidth (warm) and O_DIRECT read
 bandwidth (cold). Steady-state inference compares a default ORT session of the task with
 edgert's bound-weights session and its pre-packed session, alternated.
@@ -36,6 +38,8 @@ def register(sub) -> None:
     p.add_argument("--pack", default="models/out/tasks.edgepack")
     p.add_argument("--models", default="models/out/tasks")
     p.add_argument("--plot", default="docs/img/bench-switch.png")
+    p.add_argument("--pruned-only", action="store_true",
+                   help="only the sparse rows: dense vs pruned independently vs jointly")
     p.set_defaults(func=main)
 
 
@@ -275,9 +279,28 @@ def _lm_pack(quick: bool) -> str:
     return str(ensure_pack(model))
 
 
+def pruned_rows(cfg, seq: list[str] | None, n: int) -> dict:
+    """The sparse rows (switch_pruned.py) over ``seq`` (a fresh sequence when None)."""
+    from . import switch_pruned
+    packs = switch_pruned.ensure_packs()
+    if seq is None:
+        from ...pack import PackReader
+        with PackReader(packs["dense"]) as r:
+            seq = _sequence(r.tasks, n)
+    rows = switch_pruned.run(cfg, seq, packs)
+    switch_pruned.print_rows(rows)
+    return rows
+
+
 def main(args) -> int:
     from ..tasks import _ensure_pack
     cfg = resolve(args.config)
+    if args.pruned_only:
+        n = 8 if args.quick else 30
+        print(f"edgert bench switch --pruned-only: {n} switches, config {cfg.name}")
+        write_json({"config": cfg.name, "quick": args.quick,
+                    "pruned": pruned_rows(cfg, None, n)}, args.json)
+        return 0
     _ensure_pack(args.pack, args.models)
     lm_pack = _lm_pack(args.quick)
     from ...pack import PackReader
@@ -341,6 +364,7 @@ def main(args) -> int:
     result["cold_reads"] = {"per_switch_mean": reads / len(timed),
                             "mean_read_bytes": sum(r.bytes_read for r in timed) / max(reads, 1)}
     _print(result, warm_c.name, cold_c.name, fresh_w.name, fresh_c.name, beside.name)
+    result["pruned"] = pruned_rows(cfg, seq, n)
     write_json(result, args.json)
     if not args.quick:
         _plot(result, args.plot)
