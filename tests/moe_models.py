@@ -1,4 +1,4 @@
-"""Tiny Mixtral / Qwen2-MoE checkpoints for tests, made with transformers (test-only).
+"""Tiny MoE checkpoints of every supported family for tests, made with transformers (test-only).
 
 Weights are random but with a large init scale so routing and next tokens vary: with the
 default 0.02 every token routes alike and greedy decoding repeats one token, which would
@@ -60,17 +60,60 @@ def qwen_config(**over):
     return Qwen2MoeConfig(**kw)
 
 
+def qwen3_config(**over):
+    """Qwen3-MoE: per-head q/k norms, head_dim apart from hidden / heads, 16 experts, top-8."""
+    from transformers import Qwen3MoeConfig
+    kw = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=40, moe_intermediate_size=16,
+              num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+              num_experts=16, num_experts_per_tok=8, norm_topk_prob=True,
+              initializer_range=0.3, max_position_embeddings=512, bos_token_id=None,
+              eos_token_id=None, pad_token_id=None,
+              rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+    kw.update(over)
+    return Qwen3MoeConfig(**kw)
+
+
+def olmoe_config(**over):
+    """OLMoE: q/k norms over the whole projection, 16 experts, top-8."""
+    from transformers import OlmoeConfig
+    kw = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=16, num_hidden_layers=2,
+              num_attention_heads=4, num_key_value_heads=2, num_experts=16,
+              num_experts_per_tok=8, initializer_range=0.3, max_position_embeddings=512,
+              bos_token_id=None, eos_token_id=None, pad_token_id=None,
+              rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+    kw.update(over)
+    return OlmoeConfig(**kw)
+
+
+def phimoe_config(**over):
+    """PhiMoE: LayerNorms with bias, sparsemixer top-2 routing."""
+    from transformers import PhimoeConfig
+    kw = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=24, num_hidden_layers=2,
+              num_attention_heads=4, num_key_value_heads=2, num_local_experts=6,
+              num_experts_per_tok=2, initializer_range=0.3, max_position_embeddings=512,
+              bos_token_id=None, eos_token_id=None, pad_token_id=None,
+              rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+    kw.update(over)
+    return PhimoeConfig(**kw)
+
+
+_NEW_FAMILIES = ("qwen3_moe", "olmoe", "phimoe")
+
+
 def save(config, out: Path, seed: int = 0, dtype=torch.float32, **save_kw) -> Path:
     """Build a random model from `config`, save it with save_pretrained; its directory."""
-    from transformers import MixtralForCausalLM, Qwen2MoeForCausalLM
-    cls = {"mixtral": MixtralForCausalLM, "qwen2_moe": Qwen2MoeForCausalLM}[config.model_type]
+    from transformers import AutoModelForCausalLM
     torch.manual_seed(seed)
-    model = cls(config)
+    model = AutoModelForCausalLM.from_config(config)
+    new = config.model_type in _NEW_FAMILIES
     with torch.no_grad():  # the routers start at zero in Qwen2-MoE: give them a real spread
         for name, p in model.named_parameters():
-            if name.endswith("gate.weight") or name.endswith("layernorm.weight"):
-                p.normal_(1.0 if "layernorm" in name else 0.0, 0.5)
-    model.to(dtype).save_pretrained(out, **save_kw)
+            if name.endswith("gate.weight") or name.endswith("layernorm.weight") or new and (
+                    name.endswith("router.weight") or name.endswith("norm.weight")):
+                p.normal_(1.0 if "norm" in name else 0.0, 0.5)
+            elif new and name.endswith(".bias"):   # biases start at zero: make them count
+                p.normal_(0.0, 0.3)
+    model.eval().to(dtype).save_pretrained(out, **save_kw)
     return Path(out)
 
 

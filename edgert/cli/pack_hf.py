@@ -6,9 +6,13 @@ from ..pack.format import DEFAULT_BLOCK_SIZE
 
 def add_hf_parser(pack_subparsers) -> None:
     p = pack_subparsers.add_parser(
-        "hf", help="pack a Hugging Face MoE checkpoint (Mixtral, Qwen2-MoE)",
+        "hf", help="pack a Hugging Face MoE checkpoint (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, "
+             "PhiMoE)",
         description="Pack a Hugging Face checkpoint directory (config.json, safetensors "
-                    "shards, tokenizer.json) into one .edgepack with one extent per expert.")
+                    "shards, tokenizer.json) into one .edgepack with one extent per expert. "
+                    "Experts may be stored per expert (hub layout) or fused (transformers' "
+                    "save_original_format=False). A tensor the engine would not use, or a "
+                    "missing one, is refused by name.")
     p.add_argument("model_dir", metavar="MODEL_DIR")
     p.add_argument("-o", "--out", required=True, metavar="OUT.edgepack")
     p.add_argument("--block-size", type=int, default=DEFAULT_BLOCK_SIZE,

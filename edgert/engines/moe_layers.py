@@ -1,8 +1,9 @@
-"""The math of a Mixtral-family decoder as small pure functions over torch tensors.
+"""The math of the MoE decoder families as small pure functions over torch tensors.
 
-Everything here follows the families' definitions (Mixtral, Qwen2-MoE) operation by
-operation in the same order, so in float32 the engine's logits match the reference
-implementation to rounding. Shapes: T = new tokens, S = tokens in the cache, H = heads,
+Everything here follows the families' definitions (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE,
+PhiMoE: transformers' modeling files) operation by operation in the same order, so in float32
+the engine's logits match the reference implementation to rounding, and in float16 / bfloat16
+they round where it rounds. Shapes: T = new tokens, S = tokens in the cache, H = heads,
 Hk = kv heads, D = head dim, E = experts, k = experts per token.
 """
 from __future__ import annotations
@@ -12,13 +13,12 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from edgert.errors import UnsupportedModel
-from edgert.pack.families import family_of, moe_layers
+from edgert.pack.families import check_runnable, head_dim, moe_layers, num_experts
 
 
 @dataclass(frozen=True)
 class MoeConfig:
-    family: str                 # "mixtral" | "qwen2_moe"
+    family: str                 # a families.FAMILIES name: "mixtral", "qwen3_moe", ...
     moe_prefix: str             # "block_sparse_moe" | "mlp"
     vocab_size: int
     hidden_size: int
@@ -26,7 +26,7 @@ class MoeConfig:
     num_heads: int
     num_kv_heads: int
     head_dim: int
-    rms_eps: float
+    rms_eps: float              # the norms' eps (PhiMoE's LayerNorms take it too)
     rope_theta: float
     num_experts: int
     top_k: int
@@ -36,43 +36,50 @@ class MoeConfig:
     sliding_windows: tuple      # per layer: None (full attention) or window in tokens
     tie_word_embeddings: bool
     eos_token_ids: tuple[int, ...]
+    norm: str = "rms"           # "rms" | "layer" (LayerNorm with bias)
+    qk_norm: str | None = None  # None | "head" (per head, Qwen3-MoE) | "full" (OLMoE)
+    clip_qkv: float | None = None   # OLMoE: q, k, v clamped to [-clip, clip] after the norms
+    router: str = "softmax"     # "softmax" | "sparsemixer" (PhiMoE)
+    router_jitter: float = 0.0  # sparsemixer's jitter eps (its inference threshold)
 
     @classmethod
     def from_hf(cls, c: dict) -> "MoeConfig":
-        fam = family_of(c)
-        if c.get("hidden_act", "silu") != "silu":
-            raise UnsupportedModel(f"hidden_act {c.get('hidden_act')!r}; edgert runs silu experts")
+        fam = check_runnable(c)
         rope = c.get("rope_parameters") or c.get("rope_scaling") or {}
-        rope_type = rope.get("rope_type", rope.get("type", "default"))
-        if rope_type != "default":
-            raise UnsupportedModel(f"rope_type {rope_type!r}; edgert implements default RoPE")
         theta = float(rope.get("rope_theta", c.get("rope_theta", 10000.0)))
         n, heads = int(c["num_hidden_layers"]), int(c["num_attention_heads"])
-        head_dim = int(c.get("head_dim") or c["hidden_size"] // heads)
         eos = c.get("eos_token_id")
         eos = () if eos is None else tuple(eos) if isinstance(eos, list) else (int(eos),)
-        if fam.name == "mixtral":
+        norm_topk = bool(c.get("norm_topk_prob", False))
+        if fam.name in ("mixtral", "phimoe"):    # every layer, or none, slides
             win = c.get("sliding_window")
             windows = (int(win) if win else None,) * n
-            norm_topk = True
-        else:
+            norm_topk = fam.name == "mixtral"
+        elif fam.name == "qwen2_moe":
             types = c.get("layer_types") or [
                 "sliding_attention" if c.get("use_sliding_window") and (i + 1) % 2
                 and i < int(c.get("max_window_layers", n)) else "full_attention" for i in range(n)]
             win = c.get("sliding_window") if c.get("use_sliding_window") else None
             windows = tuple(int(win) if t == "sliding_attention" and win else None for t in types)
-            norm_topk = bool(c.get("norm_topk_prob", False))
+        elif fam.name == "qwen3_moe":
+            win = c.get("sliding_window") if c.get("use_sliding_window") else None
+            windows = (int(win) if win else None,) * n
+        else:                                     # olmoe: full attention everywhere
+            windows = (None,) * n
+        clip = c.get("clip_qkv") if fam.name == "olmoe" else None
         return cls(
             family=fam.name, moe_prefix=fam.moe_prefix, vocab_size=int(c["vocab_size"]),
             hidden_size=int(c["hidden_size"]), num_layers=n, num_heads=heads,
-            num_kv_heads=int(c.get("num_key_value_heads") or heads), head_dim=head_dim,
+            num_kv_heads=int(c.get("num_key_value_heads") or heads), head_dim=head_dim(c),
             rms_eps=float(c.get("rms_norm_eps", 1e-6)), rope_theta=theta,
-            num_experts=int(c[fam.num_experts_key]), top_k=int(c["num_experts_per_tok"]),
+            num_experts=num_experts(c), top_k=int(c["num_experts_per_tok"]),
             norm_topk_prob=norm_topk, moe_layers=tuple(moe_layers(c, fam)),
             shared_expert=fam.name == "qwen2_moe"
             and int(c.get("shared_expert_intermediate_size") or 0) > 0,
             sliding_windows=windows, tie_word_embeddings=bool(c.get("tie_word_embeddings", False)),
-            eos_token_ids=eos)
+            eos_token_ids=eos, norm=fam.norm, qk_norm=fam.qk_norm,
+            clip_qkv=None if clip is None else float(clip), router=fam.router,
+            router_jitter=float(c.get("router_jitter_noise", 0.01)))
 
 
 def rms_normalize(x: torch.Tensor, eps: float) -> torch.Tensor:
@@ -83,6 +90,12 @@ def rms_normalize(x: torch.Tensor, eps: float) -> torch.Tensor:
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * rms_normalize(x, eps)
+
+
+def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+               eps: float) -> torch.Tensor:
+    """LayerNorm over the last dim (PhiMoE): one fused op, as torch.nn.LayerNorm runs it."""
+    return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
 
 
 class Rotary:
@@ -141,14 +154,42 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 def route(cfg: MoeConfig, router_logits: torch.Tensor):
     """(probs [T, E] float32, top-k weights [T, k], top-k expert ids [T, k]) per family.
 
-    Both families: softmax over all experts, then top-k. Mixtral renormalises the top-k
-    weights to sum to 1; Qwen2-MoE only when `norm_topk_prob`.
+    softmax routers: softmax over all experts, then top-k; Mixtral renormalises the top-k
+    weights to sum to 1, the others only when `norm_topk_prob`. PhiMoE: `sparsemixer_top2`.
+    `probs` (what the expert cache ranks by) is the softmax over all experts either way.
     """
     probs = F.softmax(router_logits.float(), dim=-1)
+    if cfg.router == "sparsemixer":
+        weights, idx = sparsemixer_top2(router_logits, cfg.router_jitter)
+        return probs, weights, idx
     weights, idx = torch.topk(probs, cfg.top_k, dim=-1)
     if cfg.norm_topk_prob:
         weights = weights / weights.sum(dim=-1, keepdim=True)
+    if cfg.family == "mixtral":   # NOTE: Mixtral weighs expert outputs in float32 (half
+        return probs, weights, idx  # precision: the product is rounded once, not twice)
     return probs, weights.to(router_logits.dtype), idx
+
+
+def _sparsemixer_pick(scores: torch.Tensor, masked: torch.Tensor, eps: float):
+    """One sparsemixer stage at inference: the best of `masked` and its weight, the softmax
+    over the experts whose score is within a relative 2*eps of it (scores [T, E])."""
+    top, idx = masked.max(dim=-1, keepdim=True)
+    factor = scores.abs().clamp(min=top)
+    far = (top - scores) / factor > 2 * eps
+    gates = torch.softmax(masked.masked_fill(far, float("-inf")), dim=-1)
+    return gates.gather(-1, idx), idx
+
+
+def sparsemixer_top2(scores: torch.Tensor, eps: float):
+    """PhiMoE's router in eval mode (weights [T, 2] in the scores' dtype, ids [T, 2]).
+
+    NOTE: training samples experts (Gumbel) and scales gradients; inference takes the
+    argmax, then the argmax of the rest, each weighted by a softmax over the experts near
+    it. The weights are not renormalised and do not sum to 1."""
+    w1, e1 = _sparsemixer_pick(scores, scores, eps)
+    rest = torch.scatter(scores, -1, e1, float("-inf"))
+    w2, e2 = _sparsemixer_pick(scores, rest, eps)
+    return torch.cat((w1, w2), dim=-1), torch.cat((e1, e2), dim=-1)
 
 
 def swiglu(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor,

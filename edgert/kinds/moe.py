@@ -1,4 +1,5 @@
-"""MoeLM: a Mixtral-family decoder over arena memory, experts from an ExpertProvider.
+"""MoeLM: an MoE decoder (Mixtral, Qwen2/3-MoE, OLMoE, PhiMoE) over arena memory, experts
+from an ExpertProvider.
 
 Where the bytes live (one budget, the runtime's arena):
 - non-expert weights: one extent, converted once to the device config's dtype and used
@@ -39,19 +40,20 @@ from edgert.kv.cache import KVCache
 from edgert.kv.paged import PagePool
 from edgert.kv.prefix import extra_keys, model_fingerprint
 
-from edgert.engines.moe_layers import (MoeConfig, Rotary, apply_rope, attention, causal_mask, rms_norm,
-                         rms_normalize, route, swiglu)
+from edgert.engines.moe_layers import (MoeConfig, Rotary, apply_rope, attention, causal_mask,
+                                       layer_norm, rms_norm, rms_normalize, route, swiglu)
 from edgert.engines.sampling import check_sampling, sample
 from edgert.engines.tokenizer import tokenizer_for
 
 from .base import LoadedModel
-from .moe_weights import HINT as _HINT, load_dense_weights
+from .moe_weights import HINT as _HINT, HINT_BIAS as _HINT_BIAS, load_dense_weights
 
 log = logging.getLogger(__name__)
 
 
 class MoeLM(LoadedModel):
-    """Mixtral / Qwen2-MoE language model. See docs/internals.md for the pack layout.
+    """An MoE language model (families: edgert.pack.families). See docs/internals.md for
+    the pack layout.
 
     expert_budget: None = the device config's ``memory.experts``; a float in (0, 1] = that
     fraction of all experts; an int = bytes. lossy_alpha > 0 lets the expert cache
@@ -165,10 +167,8 @@ class MoeLM(LoadedModel):
         masks: dict = {}
         for l in range(c.num_layers):
             p = f"model.layers.{l}."
-            a = rms_norm(h, w[p + "input_layernorm.weight"], c.rms_eps)
-            q = self._heads(a, p + "self_attn.q_proj", c.num_heads)      # [H, T, D]
-            k = self._heads(a, p + "self_attn.k_proj", c.num_kv_heads)   # [Hk, T, D]
-            v = self._heads(a, p + "self_attn.v_proj", c.num_kv_heads)
+            a = self._norm(h, p + "input_layernorm")
+            q, k, v = self._qkv(a, p + "self_attn.")                  # [H|Hk, T, D]
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
             self.kv.write(seq, l, k, v)
             K, V = self.kv.read(seq, l, start + T)
@@ -177,13 +177,20 @@ class MoeLM(LoadedModel):
                 masks[win] = None if T == 1 and (win is None or start + 1 <= win) \
                     else causal_mask(pos, start + T, win)
             o = attention(q, K, V, masks[win])
-            h = h + F.linear(o, w[p + "self_attn.o_proj.weight"])
-            x_hat = rms_normalize(h, c.rms_eps)
+            h = h + F.linear(o, w[p + "self_attn.o_proj.weight"],
+                             w.get(p + "self_attn.o_proj.bias"))
             nxt = self._next_moe[l]
-            if nxt is not None and self._wants_hint(nxt):  # next sparse layer's router, this state
-                logits = F.linear(x_hat, w[_HINT.format(nxt)])
+            hint = nxt is not None and self._wants_hint(nxt)
+            post = p + "post_attention_layernorm."
+            if c.norm == "rms":
+                x_hat = rms_normalize(h, c.rms_eps)
+                a = w[post + "weight"] * x_hat                       # = rms_norm(h, w, eps)
+            else:
+                x_hat = F.layer_norm(h, (c.hidden_size,), eps=c.rms_eps) if hint else None
+                a = layer_norm(h, w[post + "weight"], w[post + "bias"], c.rms_eps)
+            if hint:  # the next sparse layer's router on this state (its norm folded in)
+                logits = F.linear(x_hat, w[_HINT.format(nxt)], w.get(_HINT_BIAS.format(nxt)))
                 self.provider.hint(nxt, F.softmax(logits.float(), dim=-1))
-            a = w[p + "post_attention_layernorm.weight"] * x_hat    # = rms_norm(h, w, eps)
             if l in c.moe_layers:
                 h = h + self._moe(l, a)
             else:
@@ -195,12 +202,32 @@ class MoeLM(LoadedModel):
 
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
         """Logits of final hidden states h [T, hidden] (before the model's last norm)."""
-        h = rms_norm(h, self.w["model.norm.weight"], self.cfg.rms_eps)
-        return F.linear(h, self.w["lm_head.weight"])
+        h = self._norm(h, "model.norm")
+        return F.linear(h, self.w["lm_head.weight"], self.w.get("lm_head.bias"))
 
-    def _heads(self, x: torch.Tensor, name: str, n_heads: int) -> torch.Tensor:
-        y = F.linear(x, self.w[name + ".weight"], self.w.get(name + ".bias"))
-        return y.view(x.shape[0], n_heads, self.cfg.head_dim).transpose(0, 1)
+    def _norm(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        w, c = self.w, self.cfg
+        if c.norm == "rms":
+            return rms_norm(x, w[name + ".weight"], c.rms_eps)
+        return layer_norm(x, w[name + ".weight"], w[name + ".bias"], c.rms_eps)
+
+    def _qkv(self, x: torch.Tensor, p: str):
+        """Queries [H, T, D], keys and values [Hk, T, D] of x [T, hidden], with the family's
+        q/k norms (OLMoE: over the whole projection, then clip_qkv; Qwen3-MoE: per head)."""
+        c, w = self.cfg, self.w
+        q, k, v = (F.linear(x, w[f"{p}{n}_proj.weight"], w.get(f"{p}{n}_proj.bias"))
+                   for n in "qkv")
+        if c.qk_norm == "full":
+            q = rms_norm(q, w[p + "q_norm.weight"], c.rms_eps)
+            k = rms_norm(k, w[p + "k_norm.weight"], c.rms_eps)
+        if c.clip_qkv is not None:
+            q, k, v = (t.clamp(-c.clip_qkv, c.clip_qkv) for t in (q, k, v))
+        T, D = x.shape[0], c.head_dim
+        q, k, v = q.view(T, c.num_heads, D), k.view(T, c.num_kv_heads, D), v.view(T, -1, D)
+        if c.qk_norm == "head":
+            q = rms_norm(q, w[p + "q_norm.weight"], c.rms_eps)
+            k = rms_norm(k, w[p + "k_norm.weight"], c.rms_eps)
+        return q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)
 
     def _moe(self, layer: int, x: torch.Tensor) -> torch.Tensor:
         """Sparse MoE block on x [T, hidden] (after post-attention norm)."""
@@ -242,7 +269,7 @@ class MoeLM(LoadedModel):
                     y = swiglu(x, *self._expert(held[e], x.dtype))
                     for j, r in enumerate(row):
                         if r == e:
-                            term = y * weights[j]
+                            term = (y * weights[j]).to(y.dtype)
                             out = term if out is None else out + term
             finally:
                 self.provider.release(layer, ids)
@@ -256,7 +283,7 @@ class MoeLM(LoadedModel):
                 for e in ids:
                     tok, slot = torch.where(use == e)
                     y = swiglu(x[tok], *self._expert(held[e], x.dtype))
-                    out.index_add_(0, tok, y * weights[tok, slot, None])
+                    out.index_add_(0, tok, (y * weights[tok, slot, None]).to(out.dtype))
             finally:
                 self.provider.release(layer, ids)
         return out

@@ -15,10 +15,12 @@ import torch
 
 from edgert.align import ALIGN, align_up
 from edgert.dtypes import np_storage, torch_dtype
-from edgert.errors import UnsupportedModel
+from edgert.errors import PackCorrupt, UnsupportedModel
 from edgert.memory.slots import Lease
+from edgert.pack.families import dense_tensors, family_of
 
 HINT = "edgert.hint_router.{}"  # per sparse layer: its router with its norm weight folded in
+HINT_BIAS = "edgert.hint_router_bias.{}"  # LayerNorm families: the router applied to the bias
 STAGING_BLOCKS = 16  # blocks read at once into arena staging when the pack's dtype differs
 
 
@@ -28,10 +30,13 @@ def load_dense_weights(arena, reader, cfg, dtype: torch.dtype, label: str, own):
     gives it back with its owner. Returns ({name: CPU tensor view}, extent bytes).
     BudgetExceeded (naming the holders) before anything is read."""
     specs = reader.task("model")
+    check_tensor_set(reader, specs)
     item = torch.empty((), dtype=dtype).element_size()
     shapes = {name: tuple(spec.shape) for name, spec in specs.items()}
     for l in cfg.moe_layers:
         shapes[HINT.format(l)] = (cfg.num_experts, cfg.hidden_size)
+        if cfg.norm == "layer":
+            shapes[HINT_BIAS.format(l)] = (cfg.num_experts,)
     offsets, pos = {}, 0
     for name, shape in shapes.items():
         offsets[name] = pos
@@ -63,11 +68,33 @@ def load_dense_weights(arena, reader, cfg, dtype: torch.dtype, label: str, own):
                              dtype).view(shape)
     for l in cfg.moe_layers:
         # The hint for layer l applies l's router to l's post-attention norm of a state:
-        # gate(norm_w * x_hat) = (gate * norm_w) x_hat, one matrix product per hint.
+        # gate(norm_w * x_hat + norm_b) = (gate * norm_w) x_hat + gate norm_b, one matrix
+        # product per hint (norm_b: LayerNorm families only).
         p = f"model.layers.{l}."
         norm = w[p + "post_attention_layernorm.weight"]
-        w[HINT.format(l)].copy_(w[p + cfg.moe_prefix + ".gate.weight"] * norm[None, :])
+        gate = w[p + cfg.moe_prefix + ".gate.weight"]
+        w[HINT.format(l)].copy_(gate * norm[None, :])
+        if cfg.norm == "layer":
+            w[HINT_BIAS.format(l)].copy_(gate @ w[p + "post_attention_layernorm.bias"])
     return w, lease.nbytes
+
+
+def check_tensor_set(reader, specs) -> None:
+    """The pack holds exactly the dense tensors the engine uses (families.dense_tensors), in
+    their shapes: a tensor the engine would not read is refused, never ignored."""
+    want = dense_tensors(reader.config)
+    for name, spec in specs.items():
+        if name not in want:
+            raise UnsupportedModel(f"{reader.path}: tensor {name} is not part of a "
+                                   f"{family_of(reader.config).name} model; edgert refuses it "
+                                   f"rather than ignore it (repack with `edgert pack hf`)")
+        if tuple(spec.shape) != want[name]:
+            raise UnsupportedModel(f"{reader.path}: tensor {name} has shape {list(spec.shape)}, "
+                                   f"its config.json says {list(want[name])}")
+    for name in want:
+        if name not in specs:
+            raise PackCorrupt("tensor the model needs is missing from the pack",
+                              path=str(reader.path), tensor=name)
 
 
 def _load_staged(arena, reader, specs, names, mem, offsets, dtype, label) -> None:
