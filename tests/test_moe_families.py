@@ -20,12 +20,12 @@ from edgert.pack import PackReader
 from edgert.pack.families import SUPPORTED_ARCHITECTURES, dense_tensors
 from edgert.pack.hf_import import CheckpointIncomplete, pack_hf
 from moe_models import (mixtral_config, olmoe_config, phimoe_config, prompt, qwen3_config,
-                        ref_logits, reference, runtime, save)
+                        qwen_config, ref_logits, reference, runtime, save)
 
 torch.set_num_threads(1)
 
 CONFIGS = {"qwen3_moe": qwen3_config, "olmoe": olmoe_config, "phimoe": phimoe_config,
-           "mixtral": mixtral_config}
+           "mixtral": mixtral_config, "qwen2_moe": lambda: qwen_config(mlp_only_layers=[0])}
 
 
 @pytest.fixture(scope="module")
