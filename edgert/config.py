@@ -89,6 +89,20 @@ class KvCache:
 
 
 @dataclass(frozen=True)
+class Perf:
+    """Vendor figures of a device for the expert-cache projection (edgert/experts/costmodel.py):
+    sustained storage reads (bytes/s) and the latency of one read (s), memory bandwidth
+    (bytes/s, what a resident expert costs to stream), dense compute (FLOP/s) and a fixed
+    cost per layer (s: kernel launches, synchronisation). A config without the section has
+    no projection (``None``)."""
+    storage_read_Bps: float
+    storage_latency_s: float
+    memory_Bps: float
+    compute_flops: float
+    layer_overhead_s: float = 0.0
+
+
+@dataclass(frozen=True)
 class DeviceConfig:
     name: str
     budget: Budget
@@ -99,6 +113,7 @@ class DeviceConfig:
     dtype: str = "float32"
     server: str = ""
     kv_cache: KvCache = field(default_factory=KvCache)
+    perf: Perf | None = None      # figures for the projection (`perf:`)
     source: str = ""              # file it was read from
 
     @staticmethod
@@ -142,7 +157,7 @@ def _check_keys(doc, allowed: set[str], where: str) -> dict:
 
 def _build(doc, source: str) -> DeviceConfig:
     top = {"name", "memory", "storage", "providers", "device", "threads", "dtype", "server",
-           "kv_cache"}
+           "kv_cache", "perf"}
     doc = _check_keys(doc, top, "")
     for key in ("name", "memory"):
         if key not in doc:
@@ -190,7 +205,32 @@ def _build(doc, source: str) -> DeviceConfig:
     return DeviceConfig(name=name, budget=Budget(total, **parts, prefault=prefault),
                         storage=Storage(read_mode, str(st.get("scratch_dir", "") or "")),
                         providers=tuple(providers), device=device, threads=threads,
-                        dtype=dtype, server=server, kv_cache=_kv_cache(doc), source=source)
+                        dtype=dtype, server=server, kv_cache=_kv_cache(doc), perf=_perf(doc),
+                        source=source)
+
+
+_PERF_KEYS = {"storage_read_gbps": ("storage_read_Bps", 1e9),
+              "storage_latency_us": ("storage_latency_s", 1e-6),
+              "memory_gbps": ("memory_Bps", 1e9), "compute_tflops": ("compute_flops", 1e12),
+              "layer_overhead_us": ("layer_overhead_s", 1e-6)}
+
+
+def _perf(doc) -> Perf | None:
+    if doc.get("perf") is None:
+        return None
+    sec = _check_keys(doc["perf"], set(_PERF_KEYS), "perf")
+    out = {}
+    for key, (field_name, scale) in _PERF_KEYS.items():
+        if key not in sec:
+            if key == "layer_overhead_us":
+                continue
+            raise ConfigError(f"missing key perf.{key}")
+        v = sec[key]
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0 or \
+                (v == 0 and key not in ("storage_latency_us", "layer_overhead_us")):
+            raise ConfigError(f"perf.{key} must be a positive number, got {v!r}")
+        out[field_name] = float(v) * scale
+    return Perf(**out)
 
 
 def _kv_cache(doc) -> KvCache:

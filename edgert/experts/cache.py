@@ -34,13 +34,18 @@ from edgert.experts.slots import ExpertSlots
 from edgert.experts.stats import LayerCounters, summarize
 from edgert.experts.substitution import substitute
 
+SKIP = -1   # _prefetch_claim: nothing to read for this expert (slot ids are >= 0)
+
 
 class ExpertCache:
     """An `ExpertProvider` (edgert/experts/api.py) over a fixed number of arena slots.
 
     `policy`: "lru" | "lfu" | "gate" | "belady" or an EvictionPolicy; `policy_options` go to
     make_policy (`decay=`, `future=`). `lossy_alpha > 0` enables substitution (`route`).
-    `prefetch` enables `hint()` loads on the worker thread.
+    `prefetch` enables `hint()` loads on the worker thread. `quota`: slots per layer (summing
+    to `num_slots`; default: an even split), e.g. from `share.share_slots`. `pool` (slots that are not arena
+    memory) and `worker` (what runs the prefetch jobs) are the projection's seams
+    (experts/replay.py: virtual slots, a worker on a virtual clock); defaults are the real ones.
     """
 
     def __init__(self, reader, arena, label: str, num_slots: int, policy="gate",
@@ -48,7 +53,8 @@ class ExpertCache:
                  prefetch: bool = True, prefetch_width: int | None = None,
                  prefetch_min_prob: float = 0.2, record_trace: bool = False,
                  policy_options: dict | None = None,
-                 hint_probe: tuple[int, int] | None = (256, 1024)):
+                 hint_probe: tuple[int, int] | None = (256, 1024),
+                 pool=None, worker=PrefetchWorker, quota: dict[int, int] | None = None):
         self.layout = lay = ExpertLayout.from_reader(reader)
         self.reader, self.label = reader, label
         if lossy_alpha < 0:
@@ -66,7 +72,8 @@ class ExpertCache:
         # reset_stats replaces its values, never the dict
         self.counters = {l: LayerCounters() for l in self.layers}
         # BudgetExceeded before anything is read; other models' cache gives way first
-        self._slots = slots = ExpertSlots(arena, label, lay, num_slots, self.policy, self.counters)
+        self._slots = slots = ExpertSlots(arena, label, lay, num_slots, self.policy, self.counters,
+                                          pool=pool, quota=quota)
         self.pool, self.num_slots, self.minimum, self.quota = \
             slots.pool, slots.num_slots, slots.minimum, slots.quota
         self._cv = slots.cv
@@ -80,8 +87,7 @@ class ExpertCache:
         self.prefetch_width = prefetch_width or lay.top_k
         self.prefetch_min_prob = float(prefetch_min_prob)
         self._governor = HintGovernor(hint_probe)   # pauses hints that queue no reads
-        self._worker = PrefetchWorker(weakref.WeakMethod(self._prefetch)) \
-            if self.prefetch else None
+        self._worker = worker(weakref.WeakMethod(self._prefetch)) if self.prefetch else None
 
     @property
     def max_acquire(self) -> int:
@@ -271,7 +277,7 @@ class ExpertCache:
                         c.ready_hits += 1
                         break
                     while not (info.ready or info.failed):
-                        self._cv.wait()
+                        self._wait_for_read()
                     if info.ready:
                         c.inflight_waits += 1
                         c.stall_s += time.perf_counter() - t0
@@ -281,7 +287,7 @@ class ExpertCache:
                 if slot is not None:
                     s_.claim(slot, layer, e, pins=1, by_prefetch=False)
                     return self._demand_read(layer, e, slot, t0)
-                self._cv.wait()                    # every slot pinned or loading: wait for a read
+                self._wait_for_read()              # every slot pinned or loading: wait for a read
             if info.by_prefetch and not info.used:
                 c.prefetch_used += 1
             info.used = True
@@ -317,37 +323,60 @@ class ExpertCache:
         self.reader.read_into([idx], [self.pool.view(slot)], tensors=[f"layer {layer} expert {e}"])
         return self.reader.blocks[idx].length
 
+    def _wait_for_read(self) -> None:
+        """Wait (holding `_cv`) until some read finishes. The projection's cache finishes the
+        next read on its virtual clock here instead."""
+        self._cv.wait()
+
     def _prefetch(self, layer: int, want: list[int], epoch: int, kind: str,
                   keep: frozenset) -> None:
         """A worker job: load `want` into free or evictable slots of `layer`. kind "hint":
         predicted experts of an upcoming layer; "ahead": routed experts that acquire will need
         next. Experts in `keep` (the whole predicted or routed set) are never evicted for these
         loads, nor are pinned, loading or routed-this-step experts."""
-        s_ = self._slots
         for e in want:
-            with self._cv:
-                if self._epoch[layer] != epoch:   # the layer already routed: demand loads took over
-                    return
-                if (layer, e) in s_.where:
-                    continue
-                slot = s_.reserve(layer, self._protected[layer] | keep, prefetch=True)
-                if slot is None:
-                    return
-                s_.claim(slot, layer, e, pins=0, by_prefetch=kind == "hint")
+            slot = self._prefetch_claim(layer, e, epoch, kind, keep)
+            if slot is None:
+                return
+            if slot == SKIP:
+                continue
             try:
                 nbytes = self._read(layer, e, slot)
             except Exception:
-                with self._cv:
-                    self.counters[layer].prefetch_errors += 1
-                    s_.unclaim(slot)
-                continue
-            with self._cv:
-                s_.mark_ready(slot)
-                c = self.counters[layer]
-                if kind == "hint":
-                    c.prefetch_loads += 1
-                else:
-                    c.ahead_loads += 1
-                c.bytes_read += nbytes
-                self.policy.on_insert(layer, e)
-                self._cv.notify_all()
+                nbytes = None
+            self._prefetch_done(layer, e, slot, kind, nbytes)
+
+    def _prefetch_claim(self, layer: int, e: int, epoch: int, kind: str,
+                        keep: frozenset) -> int | None:
+        """A slot claimed for a prefetch of (layer, e); SKIP when it is resident or on its
+        way; None when the job should stop (the layer routed since, or no slot to take)."""
+        s_ = self._slots
+        with self._cv:
+            if self._epoch[layer] != epoch:   # the layer already routed: demand loads took over
+                return None
+            if (layer, e) in s_.where:
+                return SKIP
+            slot = s_.reserve(layer, self._protected[layer] | keep, prefetch=True)
+            if slot is None:
+                return None
+            s_.claim(slot, layer, e, pins=0, by_prefetch=kind == "hint")
+            return slot
+
+    def _prefetch_done(self, layer: int, e: int, slot: int, kind: str,
+                       nbytes: int | None) -> None:
+        """The prefetch read into `slot` finished (`nbytes` read) or failed (None)."""
+        s_ = self._slots
+        with self._cv:
+            c = self.counters[layer]
+            if nbytes is None:
+                c.prefetch_errors += 1
+                s_.unclaim(slot)
+                return
+            s_.mark_ready(slot)
+            if kind == "hint":
+                c.prefetch_loads += 1
+            else:
+                c.ahead_loads += 1
+            c.bytes_read += nbytes
+            self.policy.on_insert(layer, e)
+            self._cv.notify_all()

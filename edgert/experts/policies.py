@@ -35,6 +35,7 @@ class PolicyName(str, enum.Enum):
     LFU = "lfu"
     GATE = "gate"
     BELADY = "belady"
+    STALE = "stale"
 
 
 class EvictionPolicy(ABC):
@@ -123,6 +124,38 @@ class GateScorePolicy(EvictionPolicy):
         return min(candidates, key=lambda e: (self.score[layer, e], self.last_use[layer, e], e))
 
 
+class LeastStalePolicy(EvictionPolicy):
+    """Least stale (after SpecMD's observation that plain recency and frequency misjudge MoE
+    reuse): an expert is fresh while the router keeps ranking it near the top, chosen or
+    not. Each step, the `width` highest-scoring experts of every token (default E / 4, about
+    twice the top-k of the shapes people deploy) are marked fresh; the victim is the expert
+    marked longest ago, then the least used, then the least recent."""
+
+    name = PolicyName.STALE
+    observes_scores = True
+
+    def __init__(self, num_layers, num_experts, width: int | None = None):
+        super().__init__(num_layers, num_experts)
+        self.width = max(1, min(num_experts, width or num_experts // 4))
+        self.step = np.zeros(num_layers, dtype=np.int64)
+        self.fresh = np.zeros((num_layers, num_experts), dtype=np.int64)
+        self.uses = np.zeros((num_layers, num_experts), dtype=np.int64)
+
+    def observe(self, layer, probs):
+        p = np.asarray(probs).reshape(-1, self.num_experts)
+        self.step[layer] += 1
+        near = np.argpartition(-p, self.width - 1, axis=1)[:, :self.width]
+        self.fresh[layer, np.unique(near)] = self.step[layer]
+
+    def on_access(self, layer, expert):
+        super().on_access(layer, expert)
+        self.uses[layer, expert] += 1
+
+    def victim(self, layer, candidates):
+        return min(candidates, key=lambda e: (self.fresh[layer, e], self.uses[layer, e],
+                                              self.last_use[layer, e], e))
+
+
 class BeladyPolicy(EvictionPolicy):
     """Offline optimal (Belady's MIN) on a recorded trace: evict the expert whose next use
     lies farthest in the future (never used again = infinitely far).
@@ -166,13 +199,14 @@ class BeladyPolicy(EvictionPolicy):
 _POLICIES: dict[PolicyName, type[EvictionPolicy]] = {
     PolicyName.LRU: LRUPolicy, PolicyName.LFU: LFUPolicy,
     PolicyName.GATE: GateScorePolicy, PolicyName.BELADY: BeladyPolicy,
+    PolicyName.STALE: LeastStalePolicy,
 }
 
 
 def make_policy(name: str | PolicyName, num_layers: int, num_experts: int,
                 **options) -> EvictionPolicy:
-    """The policy called `name` ("lru", "lfu", "gate", "belady"); options go to its constructor
-    (`decay=` for gate, `future=` for belady)."""
+    """The policy called `name` ("lru", "lfu", "gate", "belady", "stale"); options go to its
+    constructor (`decay=` for gate, `future=` for belady, `width=` for stale)."""
     try:
         key = PolicyName(name)
     except ValueError:
@@ -182,4 +216,4 @@ def make_policy(name: str | PolicyName, num_layers: int, num_experts: int,
 
 
 __all__ = ["PolicyName", "EvictionPolicy", "LRUPolicy", "LFUPolicy", "GateScorePolicy",
-           "BeladyPolicy", "make_policy"]
+           "BeladyPolicy", "LeastStalePolicy", "make_policy"]

@@ -64,22 +64,33 @@ class ExpertSlots:
     """
 
     def __init__(self, arena, label: str, layout: ExpertLayout, num_slots: int,
-                 policy: EvictionPolicy, counters: dict[int, LayerCounters]):
+                 policy: EvictionPolicy, counters: dict[int, LayerCounters], pool=None,
+                 quota: dict[int, int] | None = None):
         self.label, self.layout, self.policy, self.counters = label, layout, policy, counters
         self.layers = layout.moe_layers
-        # other models' cache gives way first
-        self.pool = pool = SlotPool(arena, label, layout.slot_bytes)
+        # other models' cache gives way first. `pool`: a SlotPool-like stand-in (the
+        # projection's virtual slots, experts/replay.py) instead of arena memory.
+        self.pool = pool = pool if pool is not None else SlotPool(arena, label, layout.slot_bytes)
+        arena = pool.arena
         pool.alloc(num_slots, reclaim=True)
         self.num_slots = num_slots
         self.minimum = min(num_slots, max(2 * layout.top_k, len(self.layers)))
-        # Weights views per slot, made once: a slot's bytes change in place on reload.
-        self._views = {s: layout.views(pool.view(s)) for s in pool._ids}
+        # Weights views per slot, made on first use and kept: a slot's bytes change in
+        # place on reload.
+        self._views: dict[int, ExpertWeights] = {}
         base, extra = divmod(num_slots, len(self.layers))
         self.quota = {l: base + (i < extra) for i, l in enumerate(self.layers)}
+        if quota is not None:   # shared across layers by the caller (`share_slots`)
+            if set(quota) != set(self.layers) or sum(quota.values()) != num_slots or \
+                    min(quota.values()) < 1:
+                raise ValueError(f"quota must give every MoE layer >= 1 slot and sum to "
+                                 f"{num_slots}, got {quota}")
+            self.quota = {l: int(quota[l]) for l in self.layers}
         self.cv = threading.Condition()
         self._free = sorted(pool._ids)
         self.info: dict[int, Slot] = {}                   # slot -> what it holds
         self.where: dict[tuple[int, int], int] = {}       # (layer, expert) -> slot
+        self._held = {l: {} for l in self.layers}          # layer -> {expert: slot}, = `where`
         self._count = {l: 0 for l in self.layers}          # slots held (loaded or loading)
         # NOTE: mirrors of `info` for route()'s hot path: loaded / being read, per layer and expert
         self.ready = np.zeros((layout.num_layers, layout.num_experts), dtype=bool)
@@ -88,7 +99,10 @@ class ExpertSlots:
         arena.register(self)
 
     def weights(self, slot: int) -> ExpertWeights:
-        return self._views[slot]
+        v = self._views.get(slot)
+        if v is None:
+            v = self._views[slot] = self.layout.views(self.pool.view(slot))
+        return v
 
     # --- allocation (caller holds `cv`) ----------------------------------------------------
     def reserve(self, layer: int, spare: frozenset, prefetch: bool = False) -> int | None:
@@ -140,6 +154,7 @@ class ExpertSlots:
         self.info[slot] = Slot(layer, e, pins=pins, by_prefetch=by_prefetch,
                                last=time.monotonic())
         self.where[(layer, e)] = slot
+        self._held[layer][e] = slot
         self.loading[layer, e] = True
         self._count[layer] += 1
 
@@ -148,6 +163,7 @@ class ExpertSlots:
         info = self.info.pop(slot)
         info.failed = True
         del self.where[(info.layer, info.expert)]
+        del self._held[info.layer][info.expert]
         self.loading[info.layer, info.expert] = False
         self._count[info.layer] -= 1
         self._free.append(slot)
@@ -159,8 +175,9 @@ class ExpertSlots:
         self.ready[info.layer, info.expert], self.loading[info.layer, info.expert] = True, False
 
     def _candidates(self, layer: int, skip: frozenset) -> list[int]:
-        return [e for (l, e), s in self.where.items() if l == layer and self.info[s].ready
-                and self.info[s].pins == 0 and e not in skip]
+        info = self.info
+        return [e for e, s in self._held[layer].items() if info[s].ready
+                and info[s].pins == 0 and e not in skip]
 
     def _evict(self, layer: int, candidates: list[int]) -> int:
         """The policy's victim among `candidates` leaves; its slot."""
@@ -170,6 +187,7 @@ class ExpertSlots:
 
     def _drop(self, layer: int, e: int) -> int:
         slot = self.where.pop((layer, e))
+        del self._held[layer][e]
         del self.info[slot]
         self.ready[layer, e] = False
         self._count[layer] -= 1
@@ -182,15 +200,12 @@ class ExpertSlots:
         None. ``reclaim``: other models' cache may give way."""
         if self.pool.count >= self.num_slots:
             return None
-        s = self.pool.try_alloc(reclaim=reclaim)
-        if s is not None:
-            self._views[s] = self.layout.views(self.pool.view(s))
-        return s
+        return self.pool.try_alloc(reclaim=reclaim)
 
     # --- queries and teardown (take `cv` themselves) ---------------------------------------
     def resident(self, layer: int) -> set[int]:
         with self.cv:
-            return {e for (l, e), s in self.where.items() if l == layer and self.info[s].ready}
+            return {e for e, s in self._held[layer].items() if self.info[s].ready}
 
     def close(self) -> None:
         """Give every slot back to the arena. Idempotent."""
@@ -198,6 +213,8 @@ class ExpertSlots:
             self.pool.arena.unregister(self)
             self.info.clear()
             self.where.clear()
+            for held in self._held.values():
+                held.clear()
             self._free = []
             self.ready[:] = False
             self.loading[:] = False

@@ -2,6 +2,8 @@
 
     python -m models.moe.train --out models/out/moe            # ~5 minutes on 2 idle cores, ~13 on busy ones
     python -m models.moe.train --out models/out/moe-tiny --quick   # seconds; for tests and CI
+    python -m models.moe.train --shape fine --out models/out/moe-fine   # the benchmark model
+    python -m models.moe.train --shape fine --quick --out models/out/moe-fine-tiny
 
 Why: random weights route almost uniformly, which says nothing about an expert cache. A model
 trained on real text (here Python source, found offline on any machine with Python) routes
@@ -63,6 +65,12 @@ class Recipe:
             "full": cls(),
             "quick": cls(layers=2, experts=8, top_k=2, hidden=32, ffn=64, heads=2, kv_heads=1,
                          seq=64, batch=4, steps=30, warmup=5, corpus_limit=512 * 1024),
+            # The deployed shape family (OLMoE: 64 experts per layer, top-8): many small
+            # experts, the same active FFN width per token as "full" (8 x 64 = 2 x 256).
+            "fine": cls(layers=8, experts=64, top_k=8, hidden=128, ffn=64, steps=600),
+            "fine-quick": cls(layers=4, experts=16, top_k=8, hidden=32, ffn=16, heads=2,
+                              kv_heads=1, seq=64, batch=4, steps=30, warmup=5,
+                              corpus_limit=512 * 1024),
         }
         return presets[name]
 
@@ -218,10 +226,15 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m models.moe.train", description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=Path("models/out/moe"))
     ap.add_argument("--quick", action="store_true", help="tiny model, seconds (tests, CI)")
+    ap.add_argument("--shape", choices=("coarse", "fine"), default="coarse",
+                    help="coarse: 16 experts/layer, top-2 (the first demo model); fine: 64 "
+                         "experts/layer, top-8 (OLMoE's shape family, the benchmark model)")
     ap.add_argument("--steps", type=int, help="override the preset's step count")
     ap.add_argument("--max-minutes", type=float, default=15.0)
     a = ap.parse_args(argv)
-    r = Recipe.from_name("quick" if a.quick else "full")
+    names = {("coarse", False): "full", ("coarse", True): "quick",
+             ("fine", False): "fine", ("fine", True): "fine-quick"}
+    r = Recipe.from_name(names[(a.shape, a.quick)])
     if a.steps:
         r = Recipe(**{**asdict(r), "steps": a.steps})
     train(a.out, r, a.max_minutes)

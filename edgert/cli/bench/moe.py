@@ -1,6 +1,8 @@
-"""`edgert bench moe`: decode speed and quality of the demo MoE under expert budgets.
+"""`edgert bench moe`: decode speed and quality of the demo MoE under expert budgets,
+measured on this machine and projected for every device config (moe_projection.py).
 
-Workload: held-out text (models/out/moe/heldout.txt, files never trained on). Each run
+Model: the fine-grained benchmark MoE (models/moe/train.py --shape fine: 8 layers of 64
+experts, top-8; --quick: its tiny variant). Workload: held-out text (models/out/moe/heldout.txt, files never trained on). Each run
 prefills a 64-byte prompt (untimed, it fills the cache), then decodes the next N bytes with
 teacher forcing: one token per step through the expert-cache path, exactly the work of a
 generation step, while the true next byte gives perplexity and the all-resident model's
@@ -14,15 +16,21 @@ Contenders, alternated within each repeat (the starting one rotates):
   lru          per-layer LRU over the budget's slots, no prefetch (mixtral-offloading's policy)
   lfu, gate    the other policies without prefetch; belady: offline optimal on this run's own
                trace (a bound on hit rate, not a deployable policy)
-  edgert       best policy (chosen on a calibration text before measuring) + prefetch of
-               hinted experts with p >= --prefetch-min-prob (0.2) + read-ahead of routed misses
+  stale        least-stale eviction (policies.py)
+  edgert       the exact configuration the cost model picks for this machine (moe_projection
+               .choose: best projected policy on a calibration text; prefetch of hinted experts
+               with p >= --prefetch-min-prob (0.2) + read-ahead where it pays)
   lossy a      edgert + substitution at alpha a (0.1, 0.2, 0.3)
-Budgets: 25/50/75% of all experts, plus 100%.
+  100% lru, 100% hints   probes for the cost model: the cache's bookkeeping with no misses,
+               and the same with a prefetch hint at every layer
+Budgets: 25/50/75% of all experts, plus 100%. Every contender is also projected from its
+segment's routing trace with this machine's measured costs; the error is reported.
 Physical limits measured in the same run: O_DIRECT read bandwidth (bytes per token / bandwidth
 is the I/O floor of a contender) and the resident TPOT (the compute floor).
 """
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import time
@@ -30,16 +38,15 @@ from pathlib import Path
 
 import numpy as np
 
-from ...config import resolve
+from ...config import DeviceConfig, resolve, shipped
 from ...errors import EdgertError
 from ...stats import summary
+from . import moe_projection as P
 from .output import pyplot, save, write_json
 
 PROMPT = 64
 BUDGETS = (0.25, 0.5, 0.75, 1.0)
 ALPHAS = (0.1, 0.2, 0.3)
-CALIBRATION = [("lru", {}), ("lfu", {}), ("gate", {"decay": 0.8}), ("gate", {"decay": 0.9}),
-               ("gate", {"decay": 0.97})]
 
 
 def register(sub) -> None:
@@ -47,12 +54,14 @@ def register(sub) -> None:
     p.add_argument("--quick", action="store_true", help="tiny model, one repeat; under a minute")
     p.add_argument("--json", metavar="OUT", help="write raw per-repeat figures here")
     p.add_argument("--config", help="device config YAML (default: cpu-dev)")
-    p.add_argument("--model", help="HF checkpoint dir (default models/out/moe, or moe-tiny with --quick)")
+    p.add_argument("--model", help="HF checkpoint dir (default models/out/moe-fine, or "
+                   "moe-fine-tiny with --quick; trained by models/moe/train.py --shape fine)")
     p.add_argument("--tokens", type=int, help="decode steps per run")
     p.add_argument("--repeats", type=int)
     p.add_argument("--prefetch-min-prob", type=float, default=0.2,
                    help="edgert prefetches hinted experts with at least this probability")
     p.add_argument("--plot", default="docs/img/bench-moe.png")
+    p.add_argument("--plot-projection", default="docs/img/bench-moe-projection.png")
     p.set_defaults(func=main)
 
 
@@ -60,7 +69,8 @@ def register(sub) -> None:
 def ensure_model(model: Path, quick: bool) -> None:
     if (model / "config.json").exists() and (model / "heldout.txt").exists():
         return
-    cmd = [sys.executable, "-m", "models.moe.train", "--out", str(model)] + (["--quick"] if quick else [])
+    cmd = [sys.executable, "-m", "models.moe.train", "--shape", "fine", "--out", str(model)] + \
+        (["--quick"] if quick else [])
     print(f"no trained model at {model}: running {' '.join(cmd[1:])}", flush=True)
     subprocess.run(cmd, check=True)
 
@@ -130,6 +140,10 @@ def make_provider(rt, pack, spec: dict):
     reader = PackReader(pack, read_mode=rt.config.storage.read_mode)
     if spec["kind"] == "resident":
         return ResidentExperts(reader, rt.arena, "bench: resident experts")
+    if spec["kind"] == "record":
+        from ...experts.trace import TraceRecorder
+        res = ResidentExperts(reader, rt.arena, "bench: resident experts")
+        return TraceRecorder(res, res.layout.moe_layers)
     if reader.storage.mode != "direct":
         reader.storage.drop_cache()
     if spec["kind"] == "on-demand":
@@ -139,7 +153,8 @@ def make_provider(rt, pack, spec: dict):
     return ExpertCache(reader, rt.arena, "bench: expert slots", slots, policy=spec["policy"],
                        policy_options=spec.get("options"), lossy_alpha=spec.get("alpha", 0.0),
                        prefetch=spec.get("prefetch", False), record_trace=spec.get("trace", False),
-                       prefetch_min_prob=spec.get("min_prob", 0.2))
+                       prefetch_min_prob=spec.get("min_prob", 0.2),
+                       hint_probe=spec.get("hint_probe", (256, 1024)))
 
 
 def decode_run(rt, pack, spec: dict, ids: list[int], ref: np.ndarray | None) -> dict:
@@ -166,7 +181,7 @@ def decode_run(rt, pack, spec: dict, ids: list[int], ref: np.ndarray | None) -> 
         lm.close()
         if hasattr(provider, "drain"):
             provider.drain()
-        trace = provider.trace() if spec.get("trace") else None
+        trace = provider.trace() if spec.get("trace") or spec["kind"] == "record" else None
         provider.close()
     lg = torch.log_softmax(torch.stack(logits), dim=-1)                     # [N, V]
     target = torch.tensor(ids[PROMPT + 1:])
@@ -181,15 +196,16 @@ def decode_run(rt, pack, spec: dict, ids: list[int], ref: np.ndarray | None) -> 
     return res
 
 
-def calibrate(rt, pack, ids: list[int], budget: float) -> tuple[str, dict, list]:
-    """The policy (and options) with the best exact hit rate on a calibration text."""
-    rows = []
-    for name, opts in CALIBRATION:
-        r = decode_run(rt, pack, {"kind": "cache", "budget": budget, "policy": name, "options": opts},
-                       ids, None)
-        rows.append({"policy": name, "options": opts, "exact_hit_rate": r["stats"]["exact_hit_rate"]})
-    best = max(rows, key=lambda r: r["exact_hit_rate"])
-    return best["policy"], best["options"], rows
+def record(rt, pack, ids: list[int]):
+    """The routing trace of decoding `ids` (prefill, then teacher-forced steps)."""
+    return decode_run(rt, pack, {"kind": "record"}, ids, None)["trace"]
+
+
+def probe_spec(name: str) -> dict:
+    """The cost model's probes: a cache holding every expert, without and with hints."""
+    spec = {"kind": "cache", "budget": 1.0, "policy": "lru"}
+    return spec if name == "100% lru" else {**spec, "prefetch": True, "hint_probe": None,
+                                            "min_prob": 1.01}
 
 
 def measure_read_bandwidth(rt, pack, repeats: int = 3) -> dict:
@@ -203,11 +219,13 @@ def measure_read_bandwidth(rt, pack, repeats: int = 3) -> dict:
     slot = pool.alloc(1)[0]
     best = 0.0
     try:
+        order = sorted(lay.table.values())
+        np.random.default_rng(0).shuffle(order)       # experts in no order, as misses read them
         for _ in range(repeats):
             if storage.mode != "direct":
                 storage.drop_cache()
             t0, n = time.perf_counter(), 0
-            for idx in sorted(lay.table.values()):     # one expert per read, as a miss reads
+            for idx in order:                          # one expert per read, as a miss reads
                 reader.read_into([idx], [pool.view(slot)])
                 n += reader.blocks[idx].length
             best = max(best, n / (time.perf_counter() - t0))
@@ -219,21 +237,23 @@ def measure_read_bandwidth(rt, pack, repeats: int = 3) -> dict:
 
 
 # --- the benchmark ---------------------------------------------------------------------------
-def contenders(best: str, best_opts: dict, budgets, full: bool, min_prob: float) -> list[tuple[str, dict]]:
-    out = [("resident", {"kind": "resident"}), ("on-demand", {"kind": "on-demand"})]
+def contenders(edgert: dict, budgets, full: bool) -> list[tuple[str, dict]]:
+    out = [("resident", {"kind": "resident"}), ("on-demand", {"kind": "on-demand"}),
+           ("100% lru", probe_spec("100% lru")), ("100% hints", probe_spec("100% hints"))]
     for b in budgets:
+        if b >= 1.0:
+            continue
         tag = f"{round(100 * b)}%"
         cache = {"kind": "cache", "budget": b}
-        if b < 1.0:
-            out.append((f"{tag} lru", {**cache, "policy": "lru"}))
-            if full:
-                out += [(f"{tag} lfu", {**cache, "policy": "lfu"}),
-                        (f"{tag} gate", {**cache, "policy": "gate"}),
-                        (f"{tag} belady", {**cache, "policy": "belady"})]
-        edgert = {**cache, "policy": best, "options": best_opts, "prefetch": True, "min_prob": min_prob}
-        out.append((f"{tag} edgert", edgert))
-        if b < 1.0:
-            out += [(f"{tag} lossy {a}", {**edgert, "alpha": a}) for a in ALPHAS]
+        out.append((f"{tag} lru", {**cache, "policy": "lru"}))
+        if full and b <= 0.5:
+            out += [(f"{tag} lfu", {**cache, "policy": "lfu"}),
+                    (f"{tag} gate", {**cache, "policy": "gate", "options": {"decay": 0.9}}),
+                    (f"{tag} stale", {**cache, "policy": "stale"}),
+                    (f"{tag} belady", {**cache, "policy": "belady"})]
+        e = {**edgert, **cache}
+        out.append((f"{tag} edgert", e))
+        out += [(f"{tag} lossy {a}", {**e, "alpha": a}) for a in (ALPHAS if full else ALPHAS[1:2])]
     return out
 
 
@@ -243,7 +263,7 @@ def main(args) -> int:
     from ... import Runtime
     cfg = resolve(args.config)
     quick = args.quick
-    model = Path(args.model or ("models/out/moe-tiny" if quick else "models/out/moe"))
+    model = Path(args.model or ("models/out/moe-fine-tiny" if quick else "models/out/moe-fine"))
     ensure_model(model, quick)
     pack = str(ensure_pack(model))
     text = (model / "heldout.txt").read_bytes()
@@ -261,41 +281,66 @@ def main(args) -> int:
           f"{limits['experts'] // limits['layers']} experts (top-{limits['top_k']}), expert "
           f"{limits['extent_bytes'] / 1e3:.0f} kB; reads {limits['read_mode']} "
           f"{limits['read_Bps'] / 1e6:.0f} MB/s; {repeats} x {n_tok} decode steps", flush=True)
-    best, best_opts, calib = calibrate(rt, pack, calib_ids, 0.5)
-    print("calibration (50% budget, exact hit rate): " + ", ".join(
-        f"{r['policy']}{r['options'] or ''} {r['exact_hit_rate']:.3f}" for r in calib)
-        + f" -> edgert uses {best}{best_opts or ''}", flush=True)
-    cs = contenders(best, best_opts, budgets, full=not quick, min_prob=args.prefetch_min_prob)
+    # routing traces (every expert resident, hints on) and this machine's cost model
+    calib_trace = record(rt, pack, calib_ids)
+    seg_traces = [record(rt, pack, ids) for ids in segments]
+    lay, model_cfg = _layout(pack), json.loads((model / "config.json").read_text())
+    shape = P.trained_shape(lay, model_cfg)
+    probes = {name: _summary(decode_run(rt, pack, spec, calib_ids, None) | {"kl": [0.0],
+                                                                             "max_abs_logprob_diff": 0.0})
+              for name, spec in [("resident", {"kind": "resident"}),
+                                 ("100% lru", probe_spec("100% lru")),
+                                 ("100% hints", probe_spec("100% hints"))]}
+    pre_cost = P.calibrated_cost(probes, limits, shape.layers)
+    edgert = P.choose(calib_trace, shape, pre_cost, min_prob=args.prefetch_min_prob)
+    print(f"edgert here (chosen by the cost model on the calibration text): {edgert['policy']}"
+          f"{edgert.get('options') or ''}{' + prefetch' if edgert.get('prefetch') else ', no prefetch'}",
+          flush=True)
+    cs = contenders(edgert, budgets, full=not quick)
     decode_run(rt, pack, cs[0][1], segments[0], None)             # warm up once
     raw = {name: [] for name, _ in cs}
     for r, ids in enumerate(segments):
         ref = decode_run(rt, pack, {"kind": "resident"}, ids, None)["logprobs"]
-        traces = {}
         order = cs[r % len(cs):] + cs[:r % len(cs)]
-        # belady needs its run's trace: every exact contender at a budget routes identically
-        order = [c for c in order if c[1].get("policy") != "belady"] + \
-                [c for c in order if c[1].get("policy") == "belady"]
         for name, spec in order:
-            b = spec.get("budget")
-            if spec.get("policy") == "lru":
-                spec = {**spec, "trace": True}
             if spec.get("policy") == "belady":
-                spec = {**spec, "options": {"future": traces[b]}}
+                spec = {**spec, "options": {"future": P.belady_future(seg_traces[r])}}
             res = decode_run(rt, pack, spec, ids, ref)
-            if res["trace"] is not None:
-                traces[b] = res["trace"]
             raw[name].append(_summary(res))
         print(f"repeat {r + 1}/{repeats} done", flush=True)
+    table = {name: _aggregate(runs) for name, runs in raw.items()}
+    cost = P.calibrated_cost(table, limits, shape.layers)
+    projected = P.project_measured(seg_traces, calib_trace, shape, cost, cs)
+    configs = [DeviceConfig.load(n) for n in shipped()]
+    shapes = P.shapes_for(lay, model_cfg, quick)
+    budgets_dev = (0.25, 0.5) if quick else P.DEVICE_BUDGETS
+    devices = P.project_devices(seg_traces, calib_trace,
+                                [c for c in configs if c.name == "jetson-orin-nano-8gb"] if quick
+                                else configs, shapes, budgets_dev, ALPHAS, quick)
     result = {"config": cfg.name, "quick": quick, "model": str(model), "limits": limits,
-              "calibration": calib, "best_policy": {"policy": best, "options": best_opts},
-              "prefetch_min_prob": args.prefetch_min_prob,
+              "edgert": P._spec_json(edgert), "prefetch_min_prob": args.prefetch_min_prob,
               "tokens_per_run": n_tok, "prompt": PROMPT, "repeats": repeats,
-              "table": {name: _aggregate(runs) for name, runs in raw.items()}, "raw": raw}
+              "table": table, "raw": raw,
+              "cost_model": {k: v for k, v in cost.__dict__.items()},
+              "projected_here": projected, "projected_devices": devices}
     _print(result)
+    result["calibration_error"] = P.print_calibration(table, projected, cost)
+    P.print_devices(devices)
     write_json(result, args.json)
     if not quick:
         _plot(result, args.plot)
+        P.plot_devices(devices, args.plot_projection, save, pyplot)
     return 0
+
+
+def _layout(pack):
+    from ...experts.api import ExpertLayout
+    from ...pack import PackReader
+    reader = PackReader(pack, read_mode="buffered")
+    try:
+        return ExpertLayout.from_reader(reader)
+    finally:
+        reader.close()
 
 
 def _summary(res: dict) -> dict:

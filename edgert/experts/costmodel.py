@@ -1,0 +1,130 @@
+"""What decoding one token costs, for the expert-cache projection (replay.py).
+
+Two parts, one concept each:
+- `ModelShape`: the sizes that decide the cost (MoE layers, experts per layer, top-k, bytes
+  of one expert, dense bytes per layer); presets for the shapes people deploy (OLMoE-1B-7B,
+  Qwen3-30B-A3B) and one from a pack's expert layout (the trained benchmark model).
+- `CostModel`: seconds per event of a decode step: a storage read (latency + bytes /
+  bandwidth; reads share the bandwidth one after another, their latencies overlap), a
+  layer's dense compute, one expert's compute (a hit: its bytes streamed from memory), a
+  prefetch hint (the next layer's router), the cache's bookkeeping per layer and per miss.
+  `for_device` takes a device config's `perf:` figures (vendor specs, batch-1 decode is
+  bandwidth-bound: time = max(bytes / memory bandwidth, FLOPs / compute) + launch overhead);
+  `calibrated` takes figures measured on this machine in the same run (edgert bench moe).
+
+Projected figures are projections: they hold as far as the figures and the model hold.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    name: str
+    layers: int                 # MoE layers
+    experts: int                # per layer
+    top_k: int
+    expert_bytes: int           # one expert (gate|up|down) in the compute dtype
+    hidden: int
+    dense_bytes_per_layer: int  # attention, router and norms: read once per token and layer
+    head_bytes: int             # lm head (+ final norm) per token
+
+    @property
+    def total_experts(self) -> int:
+        return self.layers * self.experts
+
+    @classmethod
+    def from_name(cls, name: str) -> "ModelShape":
+        try:
+            return _SHAPES[name]
+        except KeyError:
+            raise ValueError(f"unknown model shape {name!r}; known: {', '.join(_SHAPES)}") from None
+
+    @classmethod
+    def from_layout(cls, name: str, layout, hidden: int, dense_bytes_per_layer: int,
+                    head_bytes: int) -> "ModelShape":
+        """The shape of a pack (`ExpertLayout`): the benchmark model."""
+        return cls(name, len(layout.moe_layers), layout.num_experts, layout.top_k,
+                   layout.extent_bytes, hidden, dense_bytes_per_layer, head_bytes)
+
+
+def _attn_bytes(hidden: int, heads: int, kv_heads: int, head_dim: int, dtype_bytes: int) -> int:
+    q = o = hidden * heads * head_dim
+    kv = 2 * hidden * kv_heads * head_dim
+    return (q + o + kv) * dtype_bytes
+
+
+_SHAPES = {
+    # allenai/OLMoE-1B-7B-0924: 16 layers, hidden 2048, 16 heads (MHA, head 128), 64 experts
+    # of FFN 1024, top-8, vocab 50304, bf16: one expert 3 x 2048 x 1024 x 2 = 12.6 MB.
+    "olmoe-1b-7b": ModelShape("olmoe-1b-7b", 16, 64, 8, 3 * 2048 * 1024 * 2, 2048,
+                              _attn_bytes(2048, 16, 16, 128, 2) + 2048 * 64 * 2,
+                              50304 * 2048 * 2),
+    # Qwen/Qwen3-30B-A3B: 48 layers, hidden 2048, 32 query / 4 KV heads of 128, 128 experts
+    # of FFN 768, top-8, vocab 151936, bf16: one expert 3 x 2048 x 768 x 2 = 9.4 MB.
+    "qwen3-30b-a3b": ModelShape("qwen3-30b-a3b", 48, 128, 8, 3 * 2048 * 768 * 2, 2048,
+                                _attn_bytes(2048, 32, 4, 128, 2) + 2048 * 128 * 2,
+                                151936 * 2048 * 2),
+}
+SHAPES = tuple(_SHAPES)
+
+
+@dataclass(frozen=True)
+class CostModel:
+    """Seconds per event (see the module docstring). Reads: `read_s(n)` alone; the replay
+    serialises transfers on one bandwidth and overlaps latencies."""
+    read_latency_s: float
+    read_Bps: float
+    token_s: float          # per token outside the MoE layers (embedding, lm head, norms)
+    layer_s: float          # per MoE layer and token: attention, router
+    expert_s: float         # per expert computed for one token (a hit's bytes streamed)
+    hint_s: float           # one prefetch hint: the next layer's router on this state
+    route_s: float = 0.0    # the cache's bookkeeping per layer (0 for resident experts)
+    miss_s: float = 0.0     # CPU work per demand read beyond the read itself
+    source: str = ""
+
+    def read_s(self, nbytes: int) -> float:
+        return self.read_latency_s + nbytes / self.read_Bps
+
+    def resident_tpot(self, shape: ModelShape) -> float:
+        """Every expert resident: the compute floor of a decode step."""
+        return self.token_s + shape.layers * (self.layer_s + shape.top_k * self.expert_s)
+
+    @classmethod
+    def for_device(cls, perf, shape: ModelShape) -> "CostModel":
+        """From a device config's `perf:` (edgert.config.Perf) and a model shape."""
+        def stream(nbytes: int) -> float:  # batch 1: 2 FLOPs per weight, usually bandwidth-bound
+            return max(nbytes / perf.memory_Bps, nbytes / 2 * 2 / perf.compute_flops)
+        router = shape.hidden * shape.experts * 2
+        return cls(read_latency_s=perf.storage_latency_s, read_Bps=perf.storage_read_Bps,
+                   token_s=stream(shape.head_bytes) + perf.layer_overhead_s,
+                   layer_s=stream(shape.dense_bytes_per_layer) + perf.layer_overhead_s,
+                   expert_s=stream(shape.expert_bytes),
+                   hint_s=stream(router) + perf.layer_overhead_s / 8,
+                   source="vendor figures (device config perf:)")
+
+    @classmethod
+    def calibrated(cls, *, read_latency_s: float, read_Bps: float, resident_tpot_s: float,
+                   layers: int, route_s: float, hint_s: float, miss_s: float = 0.0) -> "CostModel":
+        """From figures measured on this machine: reads of one expert (O_DIRECT), the
+        resident decode step, the cache's bookkeeping per layer (a cache that never misses
+        minus resident) and one hint. Compute is lumped per layer (the step is Python-bound
+        here: an expert costs about as much as its share of the layer)."""
+        return cls(read_latency_s=read_latency_s, read_Bps=read_Bps, token_s=0.0,
+                   layer_s=resident_tpot_s / layers, expert_s=0.0, hint_s=hint_s,
+                   route_s=route_s, miss_s=miss_s, source="measured on this machine")
+
+    def with_(self, **kw) -> "CostModel":
+        return replace(self, **kw)
+
+
+def prefetch_pays(cost: CostModel, shape: ModelShape, precision: float = 0.5) -> bool:
+    """Whether prefetch hints can pay on this device and shape: a hint costs `hint_s` on
+    every layer; it saves at most the layer's compute of stall per useful read. It pays when
+    one read is slower than a layer's compute (there is stall to hide) and a read's worth of
+    hidden stall, discounted by `precision` (the share of prefetched reads used), exceeds
+    the hint's cost."""
+    layer = cost.layer_s + shape.top_k * cost.expert_s + cost.route_s
+    read = cost.read_s(shape.expert_bytes)
+    return read > layer and precision * min(read, layer) > cost.hint_s

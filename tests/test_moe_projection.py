@@ -1,0 +1,201 @@
+"""The projection: traces recorded from the engine, replayed through the real cache on a
+virtual clock; the replay's hit counts equal a live cache's on the same trace."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from edgert.config import DeviceConfig, shipped
+from edgert.experts import trace as traces
+from edgert.experts.cache import ExpertCache
+from edgert.experts.costmodel import CostModel, ModelShape, prefetch_pays
+from edgert.experts.replay import drive, project, project_on_demand, project_resident
+from edgert.experts.trace import RoutingTrace, synthesize
+from edgert.pack import PackReader
+from test_expert_cache import E, FFN, HID, K, L, arena, write_moe_pack
+
+EXTENT = 3 * FFN * HID * 4
+SHAPE = ModelShape("test", L, E, K, EXTENT, HID, 0, 0)
+
+
+def skewed_trace(n=60, layers=L, experts=E, k=K, prefill=8, seed=0) -> RoutingTrace:
+    """Routing with per-layer popularity and some token-to-token persistence; hints are the
+    true next probabilities blurred with noise."""
+    g = np.random.default_rng(seed)
+    pop = np.log(g.dirichlet(np.ones(experts) * 0.5, size=layers))           # [L, E]
+    logits = np.empty((n, layers, experts))
+    logits[0] = pop + g.gumbel(size=(layers, experts))
+    for t in range(1, n):
+        logits[t] = 0.6 * logits[t - 1] + 0.4 * (pop + g.gumbel(size=(layers, experts)))
+    p = np.exp(logits - logits.max(-1, keepdims=True))
+    p = (p / p.sum(-1, keepdims=True)).astype(np.float32)
+    hints = np.abs(p + g.normal(0, 0.05, p.shape)).astype(np.float32)
+    hints /= hints.sum(-1, keepdims=True)
+    topk = torch.topk(torch.from_numpy(p), k, -1).indices.numpy().astype(np.int16)
+    steps = np.array([prefill] + [1] * (n - prefill), np.int32)
+    hinted = np.ones((len(steps), layers), bool)
+    hinted[:, 0] = False
+    return RoutingTrace(steps, p, topk, hints, hinted, tuple(range(layers)))
+
+
+class SyncWorker:
+    """The prefetch worker run in the caller's thread: a job runs when it is submitted."""
+
+    def __init__(self, run):
+        self._run = run
+
+    def submit(self, priority, job):
+        self._run()(*job)
+
+    def drain(self):
+        pass
+
+    def close(self):
+        pass
+
+
+def live(pack, trace, slots, **kw):
+    cache = ExpertCache(PackReader(pack, read_mode="buffered"), arena(), "test: experts", slots,
+                        worker=SyncWorker, **kw)
+    try:
+        return drive(cache, trace).stats["total"]
+    finally:
+        cache.close()
+
+
+INSTANT = CostModel(read_latency_s=0.0, read_Bps=float("inf"), token_s=0.0, layer_s=1e-3,
+                    expert_s=1e-4, hint_s=0.0)
+
+COUNTS = ("demands", "exact_hits", "substitutions", "inflight_at_route", "requests",
+          "ready_hits", "loads", "ahead_loads", "prefetch_loads", "prefetch_used", "evictions",
+          "borrowed", "bytes_read", "hints", "hints_queued")
+
+
+@pytest.mark.parametrize("policy,opts,alpha,prefetch", [
+    ("lru", {}, 0.0, False), ("lfu", {}, 0.0, False), ("gate", {"decay": 0.9}, 0.0, False),
+    ("stale", {}, 0.0, False), ("lru", {}, 0.3, False), ("gate", {}, 0.0, True),
+    ("lfu", {}, 0.2, True)])
+@pytest.mark.parametrize("slots", [2 * K, 7, 12])
+def test_replay_hit_counts_equal_the_live_cache(tmp_path, policy, opts, alpha, prefetch, slots):
+    pack = tmp_path / "moe.edgepack"
+    write_moe_pack(pack)
+    tr = skewed_trace()
+    kw = dict(policy=policy, policy_options=opts, lossy_alpha=alpha, prefetch=prefetch,
+              prefetch_min_prob=0.05)
+    want = live(pack, tr, slots, **kw)
+    got = project(tr, SHAPE, INSTANT, slots, **kw).stats["total"]
+    assert {k: got[k] for k in COUNTS} == {k: want[k] for k in COUNTS}
+    assert want["demands"] == (len(tr.steps) - 1) * L * K
+    assert 0 < want["exact_hits"] < want["demands"]
+
+
+def test_virtual_clock_charges_reads_and_compute():
+    """One slot per expert a step needs, no reuse possible: every demand reads."""
+    tr = skewed_trace(n=20)
+    cost = CostModel(read_latency_s=1e-3, read_Bps=EXTENT / 4e-3, token_s=2e-3, layer_s=1e-3,
+                     expert_s=5e-4, hint_s=0.0)
+    res = project(tr, SHAPE, cost, L * E)             # everything fits: misses only at first use
+    od = project_on_demand(tr, SHAPE, cost)
+    assert od["tpot_p50_ms"] == pytest.approx(1e3 * (2e-3 + L * (1e-3 + K * 5e-4 + K * 5e-3)))
+    assert project_resident(tr, SHAPE, cost)["tok_s"] == pytest.approx(1 / (2e-3 + L * 2e-3))
+    loads = res.stats["total"]["loads"]
+    compute = len(res.tpot_s) * (2e-3 + L * 2e-3)
+    assert sum(res.tpot_s) == pytest.approx(compute + loads * 5e-3)
+    assert res.stall_s == pytest.approx(loads * 5e-3)
+
+
+def test_prefetch_overlaps_reads_with_compute():
+    """Perfect hints and reads shorter than a layer's compute: prefetch hides them."""
+    tr = skewed_trace(n=40)
+    tr.hints[:] = tr.probs
+    cost = CostModel(read_latency_s=0.0, read_Bps=EXTENT / 2e-4, token_s=0.0, layer_s=2e-3,
+                     expert_s=0.0, hint_s=0.0)
+    off = project(tr, SHAPE, cost, 4 * L, prefetch=False)
+    on = project(tr, SHAPE, cost, 4 * L, prefetch=True, prefetch_min_prob=0.0, hint_probe=None)
+    assert on.stats["total"]["prefetch_loads"] > 0
+    assert on.stall_s < off.stall_s
+    assert on.tok_s > off.tok_s
+
+
+def test_synthesize_maps_onto_larger_shapes():
+    tr = skewed_trace(n=12, layers=4, experts=8, k=2)
+    same = synthesize(tr, 8, 8)
+    assert same.probs.shape == (12, 8, 8)
+    np.testing.assert_array_equal(same.topk[:, 5], tr.topk[:, 1])     # layer 5 <- source 1
+    wide = synthesize(tr, 6, 16)
+    assert wide.probs.shape == (12, 6, 16)
+    np.testing.assert_allclose(wide.probs.sum(-1), 1.0, rtol=1e-5)
+    np.testing.assert_allclose(wide.probs[:, 1, :8], tr.probs[:, 2] / 2)   # layer 1 <- 2, 3
+    np.testing.assert_allclose(wide.probs[:, 1, 8:], tr.probs[:, 3] / 2)
+    assert not wide.hinted[:, 0].any()
+    with pytest.raises(ValueError):
+        synthesize(tr, 4, 12)
+
+
+def test_traces_round_trip(tmp_path):
+    a, b = skewed_trace(n=10), skewed_trace(n=14, seed=1)
+    traces.save([a, b], tmp_path / "t.npz")
+    got = traces.load(tmp_path / "t.npz")
+    assert len(got) == 2
+    for x, y in zip([a, b], got):
+        for f in ("steps", "probs", "topk", "hints", "hinted"):
+            np.testing.assert_array_equal(getattr(x, f), getattr(y, f))
+        assert x.layers == y.layers
+
+
+def test_recorder_records_what_the_engine_routes(tmp_path):
+    pytest.importorskip("transformers")
+    from edgert.experts.api import ExpertLayout, ResidentExperts
+    from edgert.experts.trace import TraceRecorder
+    from edgert.pack.hf_import import pack_hf
+    from moe_models import mixtral_config, prompt, runtime, save
+    d = save(mixtral_config(num_local_experts=8, num_hidden_layers=3), tmp_path / "ckpt")
+    p = tmp_path / "m.edgepack"
+    pack_hf(d, p, progress=False)
+    rt = runtime()
+    reader = PackReader(p, read_mode="buffered")
+    lay = ExpertLayout.from_reader(reader)
+    rec = TraceRecorder(ResidentExperts(reader), lay.moe_layers)
+    ids = prompt(12)
+    with rt.load(p, provider=rec) as lm:
+        with lm.sequence() as seq:
+            seq.feed(ids[:5])
+            for t in ids[5:]:
+                seq.feed([t])
+    tr = rec.trace()
+    assert tr.steps.tolist() == [5] + [1] * 7
+    assert tr.probs.shape == (12, 3, 8) and tr.topk.shape == (12, 3, 2)
+    np.testing.assert_allclose(tr.probs.sum(-1), 1.0, rtol=1e-5)
+    top = np.sort(np.argsort(-tr.probs, -1)[..., :2], -1)
+    np.testing.assert_array_equal(np.sort(tr.topk, -1), top)
+    assert tr.hinted[:, 1:].all() and not tr.hinted[:, 0].any()
+
+
+@pytest.mark.parametrize("name", ["olmoe-1b-7b", "qwen3-30b-a3b"])
+def test_device_costs_from_shipped_configs(name):
+    shape = ModelShape.from_name(name)
+    assert shape.expert_bytes == {"olmoe-1b-7b": 12_582_912, "qwen3-30b-a3b": 9_437_184}[name]
+    for cfg_name in shipped():
+        cfg = DeviceConfig.load(cfg_name)
+        assert cfg.perf is not None, cfg_name
+        cost = CostModel.for_device(cfg.perf, shape)
+        assert cost.read_s(shape.expert_bytes) > cost.expert_s > 0
+    nano = CostModel.for_device(DeviceConfig.load("jetson-orin-nano-8gb").perf, shape)
+    assert prefetch_pays(nano, shape)
+    assert not prefetch_pays(nano.with_(hint_s=1.0), shape)
+
+
+def test_perf_section_is_validated():
+    from edgert.errors import ConfigError
+    base = {"name": "x", "memory": {"total": "1 GiB"}}
+    assert DeviceConfig.from_dict(base).perf is None
+    perf = {"storage_read_gbps": 2, "storage_latency_us": 100, "memory_gbps": 68,
+            "compute_tflops": 10}
+    got = DeviceConfig.from_dict({**base, "perf": perf}).perf
+    assert got.storage_read_Bps == 2e9 and got.layer_overhead_s == 0.0
+    with pytest.raises(ConfigError, match="perf.memory_gbps"):
+        DeviceConfig.from_dict({**base, "perf": {**perf, "memory_gbps": -1}})
+    with pytest.raises(ConfigError, match="perf.compute_tflops"):
+        DeviceConfig.from_dict({**base, "perf": {k: v for k, v in perf.items()
+                                                 if k != "compute_tflops"}})
