@@ -16,7 +16,9 @@ import edgert
 from edgert.cli import main
 from edgert.pack import PackReader
 from edgert.pack.onnx_import import pack_onnx
+from edgert.pack.importance import Importance, block_scores
 from edgert.pack.prune import PruneOptions, pruning_summary, weight_matrices
+from edgert.pack.stats import summary
 
 BS = 4096
 
@@ -34,11 +36,27 @@ def models(tmp_path_factory):
     return base, tasks, calib, root
 
 
-def _pack(models, name, fraction=0.5, joint=False, max_error=None):
+@pytest.fixture(scope="module")
+def scenes(models):
+    """The same task set, each task's calibration inputs drawn with its own band of the 64
+    input features 10x stronger than the rest (tasks that see different inputs)."""
+    base, tasks, _, root = models
+    calib = {}
+    for i, t in enumerate(tasks):
+        scale = np.full(64, 0.3, np.float32)
+        scale[16 * i:16 * i + 16] = 3.0
+        x = np.random.default_rng(i).standard_normal((16, 64)).astype(np.float32) * scale
+        calib[t] = str(root / f"{t}-scene.npz")
+        np.savez(calib[t], x=x)
+    return base, tasks, calib, root
+
+
+def _pack(models, name, fraction=0.5, joint=False, max_error=None, importance="activation"):
     base, tasks, calib, root = models
     out = root / f"{name}.edgepack"
     pack_onnx(base, tasks, out, block_size=BS,
-              prune=PruneOptions(fraction, calib, joint=joint, max_error=max_error))
+              prune=PruneOptions(fraction, calib, joint=joint, max_error=max_error,
+                                 importance=importance))
     return out
 
 
@@ -104,10 +122,67 @@ def test_pruned_pack_matches_ort_on_the_pruned_graph(models):
     m.close()
 
 
-def test_same_inputs_same_pack_bytes(models):
-    a = _pack(models, "det-a", joint=True, max_error=0.5).read_bytes()
-    b = _pack(models, "det-b", joint=True, max_error=0.5).read_bytes()
-    assert a == b
+@pytest.mark.parametrize("importance", ["activation", "norm"])
+def test_same_inputs_same_pack_bytes(scenes, importance):
+    a = _pack(scenes, f"det-a-{importance}", joint=True, max_error=0.5, importance=importance)
+    b = _pack(scenes, f"det-b-{importance}", joint=True, max_error=0.5, importance=importance)
+    assert a.read_bytes() == b.read_bytes()
+    with PackReader(a) as r:
+        assert pruning_summary(r)["importance"] == importance
+
+
+def _scale_model(op: str, w: np.ndarray, trans_b: int = 0) -> onnx.ModelProto:
+    """y = x @ w (MatMul) or Gemm(x, w, transB) with ``w`` an initializer."""
+    h = onnx.helper
+    node = h.make_node(op, ["x", "w"], ["y"], **({"transB": trans_b} if op == "Gemm" else {}))
+    k = w.shape[1] if trans_b else w.shape[0]
+    n = w.shape[0] if trans_b else w.shape[1]
+    g = h.make_graph([node], "g", [h.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [None, k])],
+                     [h.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [None, n])],
+                     [numpy_helper.from_array(w, "w")])
+    return h.make_model(g, opset_imports=[h.make_opsetid("", 17)], ir_version=10)
+
+
+@pytest.mark.parametrize("op,trans_b", [("MatMul", 0), ("Gemm", 0), ("Gemm", 1)])
+def test_activation_scores_scale_each_input_feature(op, trans_b):
+    """Per block: RMS of W * s with s the input feature's RMS, in the weight's own layout."""
+    rng = np.random.default_rng(7)
+    k, n = 96, 64                                              # 6144 floats: 6 blocks of 4 KiB
+    w = rng.standard_normal((n, k) if trans_b else (k, n)).astype(np.float32)
+    feature = np.exp(2 * rng.standard_normal(k)).astype(np.float32)   # scales 0.02 .. 50
+    x = (rng.standard_normal((32, k)) * feature).astype(np.float32)
+    s = np.sqrt(np.mean(np.square(x.astype(np.float64)), axis=0))
+    scaled = w * (s[None, :] if trans_b else s[:, None])
+    want = [np.sqrt(np.mean(np.square(b))) for b in np.split(scaled.reshape(-1), 6)]
+    model = _scale_model(op, w, trans_b)
+    got = block_scores(Importance.ACTIVATION, model, {"w": w}, {"x": x}, ["w"], BS)["w"]
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    norm = block_scores(Importance.NORM, model, {"w": w}, {"x": x}, ["w"], BS)["w"]
+    assert list(np.argsort(got)) != list(np.argsort(norm))
+
+
+def test_activation_importance_prunes_the_features_a_task_does_not_see(scenes):
+    """w0 [64, 256] has 4 input features per 4 KiB block: under activation importance a task
+    keeps the 4 blocks of its strong band; block norms know nothing of the band."""
+    _, tasks, _, _ = scenes
+    kept = {}
+    for importance in ("activation", "norm"):
+        with PackReader(_pack(scenes, f"band-{importance}", importance=importance)) as r:
+            kept[importance] = {t: set(range(16)) - _zero_positions(r, t)["w0"] for t in tasks}
+    for i, t in enumerate(tasks):
+        band = set(range(4 * i, 4 * i + 4))
+        assert band <= kept["activation"][t]
+        assert not band <= kept["norm"][t]
+
+
+def test_error_bound_honoured_with_each_importance(scenes):
+    for importance in ("activation", "norm"):
+        with PackReader(_pack(scenes, f"bound-{importance}", max_error=0.2,
+                              importance=importance)) as r:
+            doc = pruning_summary(r)
+        for t in doc["tasks"].values():
+            assert t["error"]["rel"] <= 0.2
+            assert t["blocks_pruned"] > 0
 
 
 def test_error_bound_honoured_and_lowers_the_fraction(models):
@@ -147,6 +222,32 @@ def test_joint_masks_share_more_blocks_than_independent(models):
     assert shared[True] > shared[False]
 
 
+def _shared_and_read(pack) -> tuple[int, float]:
+    """(block positions equal in a pair of tasks, summed over pairs; mean bytes read per
+    switch)."""
+    with PackReader(pack) as r:
+        hashes = {t: [r.blocks[b].hash for s in r.task(t).values() for b in s.blocks]
+                  for t in r.tasks}
+        reads = summary(r)["switch_bytes"].values()
+    names = list(hashes)
+    same = sum(x == y for i, a in enumerate(names) for b in names[i + 1:]
+               for x, y in zip(hashes[a], hashes[b]))
+    return same, sum(reads) / len(reads)
+
+
+def test_joint_activation_masks_align_what_task_inputs_split(scenes):
+    """Tasks that see different input features rank the shared w0 differently, so their
+    independent masks diverge there; joint masks share those blocks and switches read less."""
+    indep = _pack(scenes, "scene-indep")
+    joint = _pack(scenes, "scene-joint", joint=True)
+    with PackReader(indep) as r:
+        w0 = [_zero_positions(r, t)["w0"] for t in r.tasks]
+    assert w0[0] != w0[1] != w0[2]
+    (same_i, read_i), (same_j, read_j) = _shared_and_read(indep), _shared_and_read(joint)
+    assert same_j > same_i
+    assert read_j < read_i
+
+
 def _one_line(capsys, argv, needle):
     try:
         rc = main([str(a) for a in argv])
@@ -171,6 +272,9 @@ def test_mistakes_are_one_line(models, capsys, tmp_path):
     _one_line(capsys, cmd + ["--prune-blocks", "0.5", *cal, "--calib", "nope=x.npz"],
               "no task 'nope'")
     _one_line(capsys, cmd + ["--prune-blocks", "0.5", *cal, "--max-error", "0"], "--max-error")
+    _one_line(capsys, cmd + ["--importance", "norm"], "--importance is used only with")
+    _one_line(capsys, cmd + ["--prune-blocks", "0.5", *cal, "--importance", "wanda"],
+              "invalid choice: 'wanda'")
     x = np.zeros((4, 64), np.float32)
     for arrays, needle in (({"z": x}, "not inputs of the model"),
                            ({}, "lacks the input 'x'"),
@@ -195,7 +299,8 @@ def test_pack_and_inspect_say_it_is_lossy(models, capsys, tmp_path):
                  *[a for t, p in calib.items() for a in ("--calib", f"{t}={p}")],
                  "--prune-blocks", "0.25", "--joint", "--max-error", "5"]) == 0
     printed = capsys.readouterr().out
-    assert "pruned (lossy): joint block masks at 0.25, relative error bound 5" in printed
+    assert ("pruned (lossy): joint block masks at 0.25 by activation importance, relative "
+            "error bound 5") in printed
     assert main(["inspect", str(out)]) == 0
     shown = capsys.readouterr().out
     assert "pruned (lossy)" in shown and "top-1 agreement" in shown

@@ -24,7 +24,7 @@ def register(sub) -> None:
                    help="snap task blocks within this max abs difference to the base "
                         "(lossy; 0 = lossless, the default)")
     o.add_argument("--prune-blocks", type=float, metavar="FRACTION",
-                   help="zero this fraction of each weight matrix's blocks, lowest norms "
+                   help="zero this fraction of each weight matrix's blocks, least important "
                         "first (lossy; measured on --calib inputs and recorded in the pack)")
     o.add_argument("--joint", action="store_true",
                    help="with --prune-blocks: one block order for all tasks, so they prune "
@@ -32,6 +32,10 @@ def register(sub) -> None:
     o.add_argument("--calib", action="append", default=[], metavar="NAME=FILE.npz",
                    help="calibration inputs of a task (arrays named by model input, batch "
                         "allowed); one per task with --prune-blocks")
+    o.add_argument("--importance", choices=["activation", "norm"],
+                   help="with --prune-blocks: how blocks are ranked; activation (default): "
+                        "weights scaled by the RMS of the input features they multiply on the "
+                        "task's --calib inputs; norm: the block's own RMS")
     o.add_argument("--max-error", type=float, metavar="E",
                    help="with --prune-blocks: lower a task's fraction until its relative "
                         "output error |y - y_dense| / |y_dense| is at most E")
@@ -60,12 +64,14 @@ def _prune_options(args):
     from ..pack.prune import PruneOptions
     if args.prune_blocks is None:
         for flag, given in (("--joint", args.joint), ("--calib", args.calib),
-                            ("--max-error", args.max_error is not None)):
+                            ("--max-error", args.max_error is not None),
+                            ("--importance", args.importance is not None)):
             if given:
                 raise ValueError(f"{flag} is used only with --prune-blocks FRACTION")
         return None
     return PruneOptions(args.prune_blocks, named(args.calib, "--calib", "NAME=FILE.npz"),
-                        joint=args.joint, max_error=args.max_error)
+                        joint=args.joint, max_error=args.max_error,
+                        **({"importance": args.importance} if args.importance else {}))
 
 
 def _run_onnx(args) -> int:

@@ -6,7 +6,8 @@ section ``onnx_skeleton``. With ``align_tol > 0`` a task block within ``align_to
 (max abs difference) of the base model's block at the same position is replaced by the
 base block: lossy, opt-in, and reported per task with the output error it causes.
 With ``prune`` (``--prune-blocks``), whole blocks of the tasks' weight matrices are zeroed
-after that (``prune.py``): lossy, opt-in, measured on the user's calibration inputs.
+after that (``prune.py``, ranked by ``importance.py``): lossy, opt-in, measured on the
+user's calibration inputs.
 """
 from __future__ import annotations
 
@@ -212,7 +213,11 @@ def _check_calib_names(prune: PruneOptions, tasks) -> None:
 def _prune(base, weights, models, feeds, block_size: int, prune: PruneOptions,
            report: PackReport) -> None:
     """Zero weight-matrix blocks of every task in place of ``weights`` (prune.py)."""
-    order = pruning.prune_order(weights, pruning.weight_matrices(base), block_size, prune.joint)
+    from .importance import block_scores
+    names = pruning.weight_matrices(base)
+    scores = {t: block_scores(prune.importance, models[t], weights[t], feeds[t], names, block_size)
+              for t in weights}
+    order = pruning.prune_order(weights, scores, names, block_size, prune.joint)
     for rep in report.tasks:
         weights[rep.name], rep.pruning = pruning.prune_task(models[rep.name], weights[rep.name],
                                                     order[rep.name], feeds[rep.name],

@@ -9,16 +9,18 @@ switch only where the other task holds something else.
   Conv takes as its weight (input 1). Biases, norms, position embeddings and everything
   else stay dense.
 - **Which blocks.** Per tensor: at most ``floor(fraction * n)`` of its ``n`` blocks (a
-  tensor of one block is never pruned), those with the lowest RMS (block L2 norm over
-  sqrt(elements), so a short last block is not favoured). Ties go to the lower position.
-- **Independent** masks rank each task's own blocks. **Joint** masks rank block positions
-  once for all tasks: the mean over tasks of the block RMS, discounted by
-  ``SWITCH_COST_WEIGHT`` times the share of task pairs whose blocks differ there. A
-  position where tasks agree costs nothing to keep (a switch moves nothing there); one
-  where they differ costs a read on every switch between them, so among blocks of similar
-  norm the differing ones go first. Every task then prunes a prefix of the same order, so
-  two tasks prune the same positions (up to the shorter prefix when ``--max-error`` stops
-  one of them earlier).
+  tensor of one block is never pruned), those with the lowest importance (``importance.py``:
+  ``norm``, the block RMS, or ``activation``, the RMS of the weights scaled by the task's
+  input-feature RMS on its calibration inputs). Ties go to the lower position.
+- **Independent** masks rank each task's own scores. **Joint** masks rank block positions
+  once for all tasks: the mean over tasks of the scores, each task's normalised by its mean
+  over the tensor (so a task whose activations run larger does not outvote the others),
+  discounted by ``SWITCH_COST_WEIGHT`` times the share of task pairs whose blocks differ
+  there. A position where tasks agree costs nothing to keep (a switch moves nothing there);
+  one where they differ costs a read on every switch between them, so among blocks of
+  similar importance the differing ones go first. Every task then prunes a prefix of the
+  same order, so two tasks prune the same positions (up to the shorter prefix when
+  ``--max-error`` stops one of them earlier).
 - **Lossy, measured.** Each task's outputs on the user's calibration inputs are compared
   with its dense original ONNX model (ONNX Runtime, one thread, so the figures and the
   pack bytes are deterministic): max abs error, relative error ``|y - y0| / |y0|`` (L2 over
@@ -40,6 +42,7 @@ from onnx import numpy_helper
 
 from ..errors import InputMismatch
 from .format import block_hash
+from .importance import DEFAULT as DEFAULT_IMPORTANCE, Importance
 
 SECTION = "pruning"
 WEIGHT_INPUT = {"MatMul": 1, "Gemm": 1, "Conv": 1, "ConvTranspose": 1}  # op -> weight input
@@ -55,8 +58,14 @@ class PruneOptions:
     calib: dict[str, str]                 # task -> .npz of calibration inputs
     joint: bool = False
     max_error: float | None = None        # bound on the relative output error
+    importance: Importance = DEFAULT_IMPORTANCE
 
     def __post_init__(self):
+        try:
+            object.__setattr__(self, "importance", Importance(self.importance))
+        except ValueError:
+            raise ValueError(f"--importance {self.importance!r}: one of "
+                             f"{', '.join(i.value for i in Importance)}") from None
         if not (isinstance(self.fraction, (int, float)) and 0 < self.fraction < 1):
             raise ValueError(f"--prune-blocks {self.fraction!r}: the fraction of blocks to "
                              "prune must lie strictly between 0 and 1")
@@ -98,31 +107,29 @@ def _blocks(arr: np.ndarray, block_size: int) -> list[np.ndarray]:
     return [flat[i:i + per] for i in range(0, flat.size, per)]
 
 
-def block_rms(arr: np.ndarray, block_size: int) -> np.ndarray:
-    return np.array([math.sqrt(float(np.mean(np.square(b, dtype=np.float64))))
-                     for b in _blocks(arr, block_size)])
-
-
-def prune_order(weights: dict[str, dict[str, np.ndarray]], names: list[str], block_size: int,
-                joint: bool) -> dict[str, dict[str, np.ndarray]]:
-    """task -> tensor -> block positions, the first to prune first."""
+def prune_order(weights: dict[str, dict[str, np.ndarray]], scores: dict[str, dict[str, np.ndarray]],
+                names: list[str], block_size: int, joint: bool) -> dict[str, dict[str, np.ndarray]]:
+    """task -> tensor -> block positions, the first to prune first; ``scores`` is task ->
+    tensor -> one importance per block (importance.py)."""
     tasks = list(weights)
     out: dict[str, dict[str, np.ndarray]] = {t: {} for t in tasks}
     for name in names:
-        rms = np.stack([block_rms(weights[t][name], block_size) for t in tasks])  # [T, n]
+        imp = np.stack([scores[t][name] for t in tasks])                          # [T, n]
         if not joint:
             for i, t in enumerate(tasks):
-                out[t][name] = np.argsort(rms[i], kind="stable")
+                out[t][name] = np.argsort(imp[i], kind="stable")
             continue
+        mean = imp.mean(axis=1, keepdims=True)
+        imp = np.divide(imp, mean, out=np.zeros_like(imp), where=mean > 0)
         hashes = [[block_hash(memoryview(b.view(np.uint8))) for b in
                    _blocks(np.ascontiguousarray(weights[t][name]), block_size)] for t in tasks]
         pairs = len(tasks) * (len(tasks) - 1) // 2
-        differ = np.zeros(rms.shape[1])
+        differ = np.zeros(imp.shape[1])
         for i in range(len(tasks)):
             for j in range(i + 1, len(tasks)):
                 differ += [a != b for a, b in zip(hashes[i], hashes[j])]
         share = differ / pairs if pairs else differ
-        order = np.argsort(rms.mean(axis=0) * (1 - SWITCH_COST_WEIGHT * share), kind="stable")
+        order = np.argsort(imp.mean(axis=0) * (1 - SWITCH_COST_WEIGHT * share), kind="stable")
         for t in tasks:
             out[t][name] = order
     return out
@@ -254,6 +261,7 @@ def prune_task(model: onnx.ModelProto, weights: dict[str, np.ndarray],
 
 def encode_section(opts: PruneOptions, tasks: dict[str, TaskPruning]) -> bytes:
     doc = {"fraction": float(opts.fraction), "joint": bool(opts.joint),
+           "importance": opts.importance.value,
            "max_error": opts.max_error, "bound": "relative output error",
            "tasks": {t: {**{k: v for k, v in asdict(p).items() if k != "error"},
                          "error": asdict(p.error)} for t, p in tasks.items()}}
@@ -279,8 +287,10 @@ def describe(doc: dict) -> list[str]:
     if "invalid" in doc:
         return [f"pruning: section unreadable ({doc['invalid']})"]
     bound = doc.get("max_error")
+    # NOTE: packs written before --importance existed ranked blocks by norm
     lines = [f"pruned (lossy): {'joint' if doc.get('joint') else 'independent'} block masks at "
-             f"{doc.get('fraction')}" + (f", relative error bound {bound:g}" if bound else "")]
+             f"{doc.get('fraction')} by {doc.get('importance', 'norm')} importance"
+             + (f", relative error bound {bound:g}" if bound else "")]
     for t, p in doc["tasks"].items():
         e = p.get("error", {})
         top1 = e.get("top1")

@@ -6,7 +6,12 @@ Deterministic (fixed seeds, numpy only, graphs written with onnx.helper). Each t
 variant re-initialises its heads and perturbs a block-aligned subset of the late
 layers' weights, so 5-20% of the 64 KiB blocks differ from the base, the way a
 fine-tune that froze most of the backbone would. ``calib/TASK.npz`` holds each task's
-calibration inputs (``CALIB_SAMPLES`` images) for ``edgert pack onnx --prune-blocks``.
+calibration inputs (``CALIB_SAMPLES`` images) for ``edgert pack onnx --prune-blocks``,
+drawn from the task's own scene (``SCENES``): random images with the spectrum, orientation
+and colour statistics its camera sees (street scenes for detect, grey road with long
+near-vertical lines for lane, saturated sharp-edged close-ups for sign, a top-down grid of
+bay lines for parking), normalised as an ImageNet-trained ViT expects. So activation-aware
+importance sees each task's inputs, as it would with real calibration images.
 
 The ``sparse`` preset (the pruned variant set of ``edgert bench switch``) is the demo
 with every weight matrix's 64 KiB blocks scaled by log-normal factors (sigma
@@ -144,10 +149,56 @@ def scaled(weights: dict[str, np.ndarray], scales: dict[str, np.ndarray], block_
     return out
 
 
-def calib_inputs(spec: ViTSpec, seed: int) -> dict[str, np.ndarray]:
+@dataclass(frozen=True)
+class Scene:
+    """The image statistics a task's camera sees: amplitude spectrum ``f^-alpha`` (natural
+    images: about 1; lower = more fine detail), energy concentrated at orientation
+    ``theta`` with ``fold``-fold symmetry and strength ``kappa`` (0: isotropic), mean colour,
+    luminance contrast and colour (chroma) contrast."""
+    alpha: float
+    kappa: float
+    fold: int
+    theta: float
+    colour: tuple
+    contrast: float
+    chroma: float
+
+
+# Chosen once from what each camera sees, not tuned to any benchmark figure.
+SCENES = {
+    "detect": Scene(1.0, 0.0, 2, 0.0, (0.45, 0.45, 0.45), 0.20, 0.30),    # street: natural, isotropic
+    "lane": Scene(1.2, 3.0, 2, 0.0, (0.35, 0.35, 0.37), 0.25, 0.05),      # road ahead: long near-vertical lines, grey
+    "sign": Scene(0.5, 0.0, 2, 0.0, (0.55, 0.30, 0.30), 0.30, 0.60),      # close-up signs: sharp edges, saturated colour
+    "parking": Scene(1.0, 3.0, 4, 0.0, (0.40, 0.40, 0.40), 0.15, 0.10),   # top-down bays: horizontal and vertical lines
+}
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def _field(rng: np.random.Generator, size: int, scene: Scene) -> np.ndarray:
+    """One random image plane with the scene's spectrum, unit std: [size, size]."""
+    fy, fx = np.meshgrid(np.fft.fftfreq(size), np.fft.rfftfreq(size), indexing="ij")
+    f = np.hypot(fx, fy)
+    amp = np.where(f > 0, np.maximum(f, 1.0 / size) ** -scene.alpha, 0.0)
+    amp *= np.exp(scene.kappa * (np.cos(scene.fold * (np.arctan2(fy, fx) - scene.theta)) - 1))
+    spec = amp * np.exp(2j * np.pi * rng.random(f.shape))
+    x = np.fft.irfft2(spec, s=(size, size))
+    return x / (x.std() + 1e-12)
+
+
+def calib_inputs(spec: ViTSpec, task: str, seed: int) -> dict[str, np.ndarray]:
+    """``CALIB_SAMPLES`` images drawn from the task's scene (``SCENES``; a task without one
+    gets the street scene), normalised as an ImageNet-trained ViT expects: [N, 3, H, W]."""
     rng = np.random.default_rng(1000 + seed)
-    return {"image": rng.standard_normal((CALIB_SAMPLES, 3, spec.image, spec.image),
-                                         dtype=np.float32)}
+    scene = SCENES.get(task, SCENES["detect"])
+    u = np.array([[1, -1, 0], [1, 1, -2]], np.float64) / np.array([[np.sqrt(2)], [np.sqrt(6)]])
+    out = np.empty((CALIB_SAMPLES, 3, spec.image, spec.image), np.float32)
+    for i in range(CALIB_SAMPLES):
+        lum, c1, c2 = (_field(rng, spec.image, scene) for _ in range(3))
+        rgb = np.asarray(scene.colour)[:, None, None] + scene.contrast * (
+            lum[None] + scene.chroma * (u[0][:, None, None] * c1 + u[1][:, None, None] * c2))
+        rgb = np.clip(rgb, 0.0, 1.0)
+        out[i] = (rgb - np.asarray(IMAGENET_MEAN)[:, None, None]) / np.asarray(IMAGENET_STD)[:, None, None]
+    return {"image": out}
 
 
 def changed_blocks(a: dict[str, np.ndarray], b: dict[str, np.ndarray], block_bytes: int) -> tuple[int, int]:
@@ -220,12 +271,14 @@ def build(out_dir: str, preset: str = "demo") -> dict[str, str]:
     os.makedirs(out_dir, exist_ok=True)
     base = base_weights(spec)
     scales = block_scales(base, spec) if spec.block_sigma > 0 else {}
-    paths, report = {}, {"preset": preset, "spec": asdict(spec), "tasks": {}}
+    paths, report = {}, {"preset": preset, "spec": asdict(spec), "scenes": _scenes(spec),
+                         "tasks": {}}
     os.makedirs(os.path.join(out_dir, "calib"), exist_ok=True)
     for name, params in [("base", None), *spec.tasks.items()]:
         w = base if params is None else task_weights(base, spec, *params)
         if params is not None:
-            np.savez(os.path.join(out_dir, "calib", f"{name}.npz"), **calib_inputs(spec, params[0]))
+            np.savez(os.path.join(out_dir, "calib", f"{name}.npz"),
+                     **calib_inputs(spec, name, params[0]))
         path = os.path.join(out_dir, f"{name}.onnx")
         with open(path + ".tmp", "wb") as f:
             f.write(vit_graph(spec, scaled(w, scales, spec.block_bytes)).SerializeToString())
@@ -240,13 +293,19 @@ def build(out_dir: str, preset: str = "demo") -> dict[str, str]:
     return paths
 
 
+def _scenes(spec: ViTSpec) -> dict:
+    return {t: asdict(SCENES.get(t, SCENES["detect"])) for t in spec.tasks}
+
+
 def ensure_built(out_dir: str, preset: str = "demo") -> dict[str, str]:
-    """Build unless out_dir already holds this preset's models."""
+    """Build unless out_dir already holds this preset's models and calibration inputs."""
     spec = ViTSpec.from_name(preset)
     names = ["base", *spec.tasks]
     try:
         with open(os.path.join(out_dir, "models.json")) as f:
-            same = json.load(f).get("spec") == json.loads(json.dumps(asdict(spec)))
+            built = json.load(f)
+        same = [built.get("spec"), built.get("scenes")] == \
+            json.loads(json.dumps([asdict(spec), _scenes(spec)]))
     except (OSError, ValueError):
         same = False
     paths = {n: os.path.join(out_dir, f"{n}.onnx") for n in names}

@@ -8,7 +8,8 @@ Contenders, alternated over one fixed random switch sequence (no switch to self)
   (c) every task's session kept resident: a switch is a lookup; N times the memory
   (d) monolithic reload of all of the task's blocks into the same arena (cold)
 Sparse rows (switch_pruned.py): one model set packed dense, pruned independently and
-pruned jointly, warm and cold, with each task's recorded output error.
+pruned jointly (by activation and by norm importance), warm and cold, with each task's
+recorded output error.
 Physical limits are measured in the same run: copy bandwidth (warm) and O_DIRECT read
 bandwidth (cold). Steady-state inference compares a default ORT session of the task with
 edgert's bound-weights session and its pre-packed session, alternated.
@@ -39,7 +40,8 @@ def register(sub) -> None:
     p.add_argument("--models", default="models/out/tasks")
     p.add_argument("--plot", default="docs/img/bench-switch.png")
     p.add_argument("--pruned-only", action="store_true",
-                   help="only the sparse rows: dense vs pruned independently vs jointly")
+                   help="only the sparse rows: dense vs pruned independently vs jointly, "
+                        "by activation and by norm importance")
     p.set_defaults(func=main)
 
 
@@ -280,16 +282,19 @@ def _lm_pack(quick: bool) -> str:
 
 
 def pruned_rows(cfg, seq: list[str] | None, n: int) -> dict:
-    """The sparse rows (switch_pruned.py) over ``seq`` (a fresh sequence when None)."""
+    """preset -> the sparse rows (switch_pruned.py) of its model set over ``seq`` (a fresh
+    sequence when None)."""
     from . import switch_pruned
-    packs = switch_pruned.ensure_packs()
-    if seq is None:
-        from ...pack import PackReader
-        with PackReader(packs["dense"]) as r:
-            seq = _sequence(r.tasks, n)
-    rows = switch_pruned.run(cfg, seq, packs)
-    switch_pruned.print_rows(rows)
-    return rows
+    out = {}
+    for preset in switch_pruned.MODEL_SETS:
+        packs = switch_pruned.ensure_packs(preset)
+        if seq is None:
+            from ...pack import PackReader
+            with PackReader(packs["dense"]) as r:
+                seq = _sequence(r.tasks, n)
+        out[preset] = switch_pruned.run(cfg, seq, packs)
+        switch_pruned.print_rows(out[preset], preset)
+    return out
 
 
 def main(args) -> int:
