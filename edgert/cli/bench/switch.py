@@ -292,7 +292,7 @@ def pruned_rows(cfg, seq: list[str] | None, n: int) -> dict:
             from ...pack import PackReader
             with PackReader(packs["dense"]) as r:
                 seq = _sequence(r.tasks, n)
-        out[preset] = switch_pruned.run(cfg, seq, packs)
+        out[preset] = switch_pruned.run(cfg, seq, packs, preset)
         switch_pruned.print_rows(out[preset], preset)
     return out
 

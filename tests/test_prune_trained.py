@@ -1,0 +1,78 @@
+"""Pruning at pack time on a trained task set (models/tasks/trained.py, quick variant):
+the tasks learn, and joint masks align what independent activation-aware masks do not."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from edgert.cli.bench.switch_pruned import ModelSet, heldout_accuracy
+from edgert.pack import PackReader
+from edgert.pack.onnx_import import pack_onnx
+from edgert.pack.prune import PruneOptions
+from edgert.pack.stats import summary
+from models.tasks import trained
+
+BS = trained.BLOCK_BYTES
+# NOTE: 512 held-out images per task: chance (0.25) plus 5 standard deviations of a
+# guessing classifier's accuracy (0.019) is 0.35
+BEATS_CHANCE = 0.35
+
+
+@pytest.fixture(scope="module")
+def task_set(tmp_path_factory):
+    root = tmp_path_factory.mktemp("trained")
+    paths = trained.build(str(root / "models"), "quick")
+    return root, paths
+
+
+def _same_positions(path: str) -> float:
+    """Mean over task pairs of the block positions whose blocks are equal (zero or not)."""
+    with PackReader(path) as r:
+        h = {t: [r.blocks[i].hash for name in r.task(t) for i in r.task(t)[name].blocks]
+             for t in r.tasks}
+    ts = list(h)
+    return float(np.mean([sum(x == y for x, y in zip(h[a], h[b]))
+                          for i, a in enumerate(ts) for b in ts[i + 1:]]))
+
+
+def _pack(task_set, name: str, **prune) -> tuple[str, dict]:
+    root, paths = task_set
+    tasks = {t: p for t, p in paths.items() if t != "base"}
+    calib = {t: str(root / "models" / "calib" / f"{t}.npz") for t in tasks}
+    out = str(root / f"{name}.edgepack")
+    pack_onnx(paths["base"], tasks, out, block_size=BS,
+              prune=None if not prune else PruneOptions(calib=calib, **prune))
+    with PackReader(out) as r:
+        return out, summary(r)
+
+
+def _models(task_set) -> ModelSet:
+    return ModelSet(str(task_set[0] / "models"), "trained:quick", None, BS)
+
+
+def test_tasks_beat_chance_on_heldout_data(task_set):
+    out, _ = _pack(task_set, "dense")
+    acc = heldout_accuracy(out, _models(task_set))
+    assert set(acc) == set(trained.TASKS)
+    assert all(a > BEATS_CHANCE for a in acc.values()), acc
+
+
+def test_frozen_layers_are_shared_and_finetuned_ones_differ(task_set):
+    _, s = _pack(task_set, "dense")
+    spec = trained.TrainedSpec.from_name("quick")
+    per_task = s["task_bytes"]["lane"]
+    # every pair shares the frozen layers (more than half the bytes), and differs in the rest
+    for pair, shared in s["shared_bytes"].items():
+        assert 0.5 * per_task < shared < per_task, pair
+    assert spec.finetune_layers < spec.depth
+
+
+def test_joint_masks_align_what_independent_ones_do_not(task_set):
+    ind, ind_s = _pack(task_set, "independent", fraction=0.5, importance="activation")
+    joint, joint_s = _pack(task_set, "joint", fraction=0.5, joint=True, importance="activation")
+    read = {k: np.mean(list(s["switch_bytes"].values()))
+            for k, s in (("independent", ind_s), ("joint", joint_s))}
+    # the trained tasks rank the frozen blocks by their own inputs: independent masks
+    # diverge there, and a switch reads what the target kept and the source pruned
+    assert read["joint"] < 0.85 * read["independent"], read
+    assert _same_positions(joint) > _same_positions(ind)
