@@ -82,6 +82,8 @@ class CostModel:
     hint_s: float           # one prefetch hint: the next layer's router on this state
     route_s: float = 0.0    # the cache's bookkeeping per layer (0 for resident experts)
     miss_s: float = 0.0     # CPU work per demand read beyond the read itself
+    prefetch_cpu_s: float = 0.0   # CPU work of one prefetch read that delays the engine
+                                  # (cores all busy computing: 2 here; 0 on a GPU device)
     source: str = ""
 
     def read_s(self, nbytes: int) -> float:
@@ -110,21 +112,41 @@ class CostModel:
         """From figures measured on this machine: reads of one expert (O_DIRECT), the
         resident decode step, the cache's bookkeeping per layer (a cache that never misses
         minus resident) and one hint. Compute is lumped per layer (the step is Python-bound
-        here: an expert costs about as much as its share of the layer)."""
+        here: an expert costs about as much as its share of the layer). The prefetch thread's
+        CPU work per read equals a demand read's (`miss_s`) and delays compute: every core
+        computes here."""
         return cls(read_latency_s=read_latency_s, read_Bps=read_Bps, token_s=0.0,
                    layer_s=resident_tpot_s / layers, expert_s=0.0, hint_s=hint_s,
-                   route_s=route_s, miss_s=miss_s, source="measured on this machine")
+                   route_s=route_s, miss_s=miss_s, prefetch_cpu_s=miss_s,
+                   source="measured on this machine")
 
     def with_(self, **kw) -> "CostModel":
         return replace(self, **kw)
 
 
 def prefetch_pays(cost: CostModel, shape: ModelShape, precision: float = 0.5) -> bool:
-    """Whether prefetch hints can pay on this device and shape: a hint costs `hint_s` on
-    every layer; it saves at most the layer's compute of stall per useful read. It pays when
-    one read is slower than a layer's compute (there is stall to hide) and a read's worth of
-    hidden stall, discounted by `precision` (the share of prefetched reads used), exceeds
-    the hint's cost."""
-    layer = cost.layer_s + shape.top_k * cost.expert_s + cost.route_s
+    """Whether prefetch hints pay on this device and shape, by the cost model. A prefetched
+    read that is used hides at most the compute it overlaps (one layer: `window`); one that
+    is not used costs a hint and, when reads outlast the compute (the storage is the
+    bottleneck), the bandwidth it took from demand reads. With `precision` the share of
+    prefetched reads used, it pays when
+        precision * min(read, window) > hint + (1 - precision) * max(0, read - window)."""
+    window = cost.layer_s + shape.top_k * cost.expert_s + cost.route_s
     read = cost.read_s(shape.expert_bytes)
-    return read > layer and precision * min(read, layer) > cost.hint_s
+    return precision * min(read, window) > cost.hint_s + (1 - precision) * max(0.0, read - window)
+
+
+def prefetch_default(config, layout) -> bool:
+    """The expert cache's prefetch for a device config (its `perf:` section) and a pack's
+    expert layout: on where `prefetch_pays`; on when the config has no figures (the hint
+    governor still pauses hints that queue no reads)."""
+    perf = getattr(config, "perf", None)
+    if perf is None:
+        return True
+    hidden = int(layout.tensors["gate"]["shape"][-1]) if "gate" in layout.tensors else 0
+    itemsize = max(1, layout.extent_bytes // max(1, 3 * hidden * int(
+        layout.tensors["gate"]["shape"][0]))) if hidden else 2
+    shape = ModelShape("pack", len(layout.moe_layers), layout.num_experts, layout.top_k,
+                       layout.extent_bytes, hidden,
+                       4 * hidden * hidden * itemsize + hidden * layout.num_experts * itemsize, 0)
+    return prefetch_pays(CostModel.for_device(perf, shape), shape)

@@ -123,8 +123,10 @@ class VirtualReader:
         self.storage = SimpleNamespace(mode="virtual")
         self.clock, self.disk, self.miss_s = clock, storage, miss_s
         self.path = "<projection>"
+        self.reads = 0           # demand reads (the worker books its own)
 
     def read_into(self, idxs, bufs, tensors=None):
+        self.reads += len(idxs)
         n = sum(self.blocks[i].length for i in idxs)
         self.clock.now = self.disk.book(self.clock.now, n) + self.miss_s
         return n, None
@@ -142,9 +144,9 @@ class _Job:
 class VirtualWorker:
     """The prefetch worker on the virtual clock (see the module docstring)."""
 
-    def __init__(self, run, clock: VirtualClock, storage: VirtualStorage):
+    def __init__(self, run, clock: VirtualClock, storage: VirtualStorage, cpu_s: float = 0.0):
         self._run = run            # WeakMethod of ExpertCache._prefetch
-        self.clock, self.disk = clock, storage
+        self.clock, self.disk, self.cpu_s = clock, storage, cpu_s
         self._queue: list[_Job] = []
         self._order = itertools.count()
         self._job: _Job | None = None      # the job being worked on
@@ -165,6 +167,7 @@ class VirtualWorker:
                 if self._inflight[0] > t:
                     return
                 self._finish()
+                self.clock.now += self.cpu_s   # its CPU work took a core from compute
                 continue
             if not self._start_next(t):
                 return
@@ -239,10 +242,23 @@ class ReplayCache(ExpertCache):
 
 @dataclass
 class Projection:
-    """What one replay projects: per decode token, seconds; the cache's counters."""
+    """What one replay projects: per decode token, seconds and demand reads; the cache's
+    counters."""
     tpot_s: list
     stall_s: float
     stats: dict
+    reads: list = field(default_factory=list)
+    prefetch: bool = False
+
+    def retimed(self, shape: ModelShape, cost: CostModel) -> "Projection":
+        """The same replay on other costs. Only without prefetch: then nothing overlaps and
+        no decision depends on time (every read is a demand read, the storage idle), so
+        each token is its compute plus its reads, and hit counts do not change."""
+        assert not self.prefetch, "a replay with prefetch depends on time: replay it again"
+        compute = cost.resident_tpot(shape) + shape.layers * cost.route_s
+        per_read = cost.read_s(shape.expert_bytes) + cost.miss_s
+        tpot = [compute + n * per_read for n in self.reads]
+        return Projection(tpot, sum(self.reads) * per_read, self.stats, list(self.reads))
 
     @property
     def tok_s(self) -> float:
@@ -250,7 +266,9 @@ class Projection:
 
     def summary(self) -> dict:
         tot, n = self.stats.get("total", self.stats), len(self.tpot_s)
+        x = np.asarray(self.tpot_s)
         return {"tok_s": self.tok_s, "tpot_p50_ms": 1e3 * float(np.median(self.tpot_s)),
+                "tok_s_steady": float(1.0 / x[x <= np.quantile(x, 0.9)].mean()),
                 "exact_hit_rate": tot.get("exact_hit_rate"),
                 "effective_hit_rate": tot.get("effective_hit_rate"),
                 "bytes_per_token": tot.get("bytes_read", 0) / n,
@@ -268,7 +286,8 @@ def drive(cache, trace: RoutingTrace, clock: VirtualClock | None = None,
     tick = (lambda: worker.advance(clock.now)) if worker is not None else (lambda: None)
     charge = (lambda s: setattr(clock, "now", clock.now + s)) if clock is not None else (lambda s: None)
     zero = cost is None
-    tpot, stall = [], 0.0
+    tpot, stall, reads = [], 0.0, []
+    reader = getattr(cache, "reader", None)
     for s, rows in trace.step_rows():
         if s == 1:
             if worker is not None:
@@ -278,6 +297,7 @@ def drive(cache, trace: RoutingTrace, clock: VirtualClock | None = None,
             cache.reset_stats()
             stall = 0.0
         t0 = clock.now if clock is not None else 0.0
+        r0 = getattr(reader, "reads", 0)
         charge(0.0 if zero else cost.token_s)
         for i, l in enumerate(layers):
             charge(0.0 if zero else cost.layer_s)
@@ -302,7 +322,8 @@ def drive(cache, trace: RoutingTrace, clock: VirtualClock | None = None,
                 cache.release(l, ids)
         if s > 0 and clock is not None:
             tpot.append(clock.now - t0)
-    return Projection(tpot, stall, cache.stats())
+            reads.append(getattr(reader, "reads", 0) - r0)
+    return Projection(tpot, stall, cache.stats(), reads, bool(getattr(cache, "prefetch", False)))
 
 
 def project(trace: RoutingTrace, shape: ModelShape, cost: CostModel, num_slots: int,
@@ -319,7 +340,7 @@ def project(trace: RoutingTrace, shape: ModelShape, cost: CostModel, num_slots: 
     workers = []
 
     def make_worker(run):
-        workers.append(VirtualWorker(run, clock, disk))
+        workers.append(VirtualWorker(run, clock, disk, cost.prefetch_cpu_s))
         return workers[-1]
 
     cache = ReplayCache(reader, None, "projection", num_slots, policy=policy,
@@ -336,8 +357,8 @@ def project(trace: RoutingTrace, shape: ModelShape, cost: CostModel, num_slots: 
 def project_resident(trace: RoutingTrace, shape: ModelShape, cost: CostModel) -> dict:
     n = trace.decode_tokens()
     t = cost.resident_tpot(shape)
-    return {"tok_s": 1.0 / t, "tpot_p50_ms": 1e3 * t, "exact_hit_rate": 1.0,
-            "effective_hit_rate": 1.0, "bytes_per_token": 0.0, "stall_per_token_s": 0.0,
+    return {"tok_s": 1.0 / t, "tok_s_steady": 1.0 / t, "tpot_p50_ms": 1e3 * t,
+            "exact_hit_rate": 1.0, "effective_hit_rate": 1.0, "bytes_per_token": 0.0, "stall_per_token_s": 0.0,
             "tokens": n}
 
 
@@ -345,6 +366,6 @@ def project_on_demand(trace: RoutingTrace, shape: ModelShape, cost: CostModel) -
     """No cache: each step reads its k experts per layer, one after another, then computes."""
     per_layer_read = shape.top_k * (cost.read_s(shape.expert_bytes) + cost.miss_s)
     t = cost.resident_tpot(shape) + shape.layers * per_layer_read
-    return {"tok_s": 1.0 / t, "tpot_p50_ms": 1e3 * t, "exact_hit_rate": 0.0,
+    return {"tok_s": 1.0 / t, "tok_s_steady": 1.0 / t, "tpot_p50_ms": 1e3 * t, "exact_hit_rate": 0.0,
             "effective_hit_rate": 0.0, "bytes_per_token": shape.layers * shape.top_k * shape.expert_bytes,
             "stall_per_token_s": shape.layers * per_layer_read}

@@ -4,7 +4,8 @@ An even split gives every layer the same number of slots, but layers do not rout
 one spreads its tokens over many experts, another reuses a few. `share_slots` replays a
 calibration trace (replay.py, hit counts only) at a few even quotas, reads each layer's
 misses per quota (its miss curve) and hands the slots out one at a time to the layer whose
-next slot saves the most misses. Each layer keeps at least top-k slots (a decode step
+next slot saves the most misses (on each curve's lower convex hull, where handing out
+slots one at a time is optimal). Each layer keeps at least top-k slots (a decode step
 pins k experts of a layer at once).
 """
 from __future__ import annotations
@@ -44,7 +45,9 @@ def share_slots(trace: RoutingTrace, shape: ModelShape, num_slots: int, policy="
         return None
     qs, misses = miss_curves(trace, shape, policy, policy_options, grid)
     full = np.arange(k, E + 1)
-    curve = np.stack([np.interp(full, qs, m) for m in misses])          # [L, E - k + 1]
+    # NOTE: greedy is optimal on convex curves; a flat stretch before a drop would stop it,
+    # so each curve is replaced by its lower convex hull
+    curve = np.stack([np.interp(full, *_lower_hull(qs, m)) for m in misses])   # [L, E - k + 1]
     gain = curve[:, :-1] - curve[:, 1:]                                 # saved by slot q+1
     alloc = [k] * L
     heap = [(-gain[i, 0], i) for i in range(L)]
@@ -55,3 +58,18 @@ def share_slots(trace: RoutingTrace, shape: ModelShape, num_slots: int, policy="
         if alloc[i] < E:
             heapq.heappush(heap, (-gain[i, alloc[i] - k], i))
     return {l: a for l, a in zip(trace.layers, alloc)}
+
+
+def _lower_hull(x: np.ndarray, y: np.ndarray):
+    """The lower convex hull of the points (x, y), x ascending: its vertices' x and y."""
+    hull: list[tuple[float, float]] = []
+    for p in zip(x.tolist(), y.tolist()):
+        while len(hull) >= 2:
+            (x0, y0), (x1, y1) = hull[-2], hull[-1]
+            if (x1 - x0) * (p[1] - y0) - (y1 - y0) * (p[0] - x0) <= 0:   # hull[-1] above the chord
+                hull.pop()
+            else:
+                break
+        hull.append(p)
+    hx, hy = zip(*hull)
+    return np.array(hx), np.array(hy)
