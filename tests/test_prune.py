@@ -51,12 +51,13 @@ def scenes(models):
     return base, tasks, calib, root
 
 
-def _pack(models, name, fraction=0.5, joint=False, max_error=None, importance="activation"):
+def _pack(models, name, fraction=0.5, joint=False, max_error=None, importance="activation",
+          scope="tensor"):
     base, tasks, calib, root = models
     out = root / f"{name}.edgepack"
     pack_onnx(base, tasks, out, block_size=BS,
               prune=PruneOptions(fraction, calib, joint=joint, max_error=max_error,
-                                 importance=importance))
+                                 importance=importance, scope=scope))
     return out
 
 
@@ -248,6 +249,41 @@ def test_joint_activation_masks_align_what_task_inputs_split(scenes):
     assert read_j < read_i
 
 
+def test_model_scope_spends_one_budget_over_the_tensors(scenes):
+    """Model scope: floor(F * N) blocks over all the task's weight matrices, fractions per
+    tensor unequal, each matrix keeping a block; deterministic."""
+    base = onnx.load(str(scenes[0]))
+    sizes = {t.name: -(-int(np.prod(t.dims)) * 4 // BS) for t in base.graph.initializer
+             if t.name in weight_matrices(base)}
+    pack = _pack(scenes, "model-scope", scope="model")
+    with PackReader(pack) as r:
+        doc = pruning_summary(r)
+        for task in r.tasks:
+            zeros = _zero_positions(r, task)
+            pruned = {n: len(zeros[n]) for n in sizes}
+            assert sum(pruned.values()) == doc["tasks"][task]["blocks_pruned"] \
+                == math.floor(0.5 * sum(sizes.values()))
+            assert len({pruned[n] / sizes[n] for n in sizes}) > 1, pruned
+            assert all(pruned[n] < sizes[n] for n in sizes)
+    assert doc["scope"] == "model"
+    again = _pack(scenes, "model-scope-again", scope="model")
+    assert pack.read_bytes() == again.read_bytes()
+
+
+def test_joint_model_scope_prunes_more_where_tasks_differ(scenes):
+    """Joint masks over the model prune fewer blocks of the shared w0 and more of w1 and w2
+    (which the fine-tunes changed) than joint masks per tensor."""
+    def differing_pruned(pack):
+        with PackReader(pack) as r:
+            tasks = r.tasks
+            z = {t: _zero_positions(r, t) for t in tasks}
+        return {n: len(z[tasks[0]][n]) for n in z[tasks[0]]}
+    tensor = differing_pruned(_pack(scenes, "joint-tensor", joint=True))
+    model = differing_pruned(_pack(scenes, "joint-model", joint=True, scope="model"))
+    assert model["w0"] < tensor["w0"]
+    assert model["w1"] + model["w2"] > tensor["w1"] + tensor["w2"]
+
+
 def _one_line(capsys, argv, needle):
     try:
         rc = main([str(a) for a in argv])
@@ -273,6 +309,9 @@ def test_mistakes_are_one_line(models, capsys, tmp_path):
               "no task 'nope'")
     _one_line(capsys, cmd + ["--prune-blocks", "0.5", *cal, "--max-error", "0"], "--max-error")
     _one_line(capsys, cmd + ["--importance", "norm"], "--importance is used only with")
+    _one_line(capsys, cmd + ["--prune-scope", "model"], "--prune-scope is used only with")
+    _one_line(capsys, cmd + ["--prune-blocks", "0.5", *cal, "--prune-scope", "layer"],
+              "invalid choice: 'layer'")
     _one_line(capsys, cmd + ["--prune-blocks", "0.5", *cal, "--importance", "wanda"],
               "invalid choice: 'wanda'")
     x = np.zeros((4, 64), np.float32)
@@ -297,15 +336,16 @@ def test_pack_and_inspect_say_it_is_lossy(models, capsys, tmp_path):
     assert main(["pack", "onnx", "--base", str(base), "-o", str(out), "--block-size", str(BS),
                  *[a for t, p in tasks.items() for a in ("--task", f"{t}={p}")],
                  *[a for t, p in calib.items() for a in ("--calib", f"{t}={p}")],
-                 "--prune-blocks", "0.25", "--joint", "--max-error", "5"]) == 0
+                 "--prune-blocks", "0.25", "--joint", "--max-error", "5",
+                 "--prune-scope", "model"]) == 0
     printed = capsys.readouterr().out
     assert ("pruned (lossy): joint block masks at 0.25 by activation importance, relative "
-            "error bound 5") in printed
+            "error bound 5; fraction over all the task's weight-matrix blocks") in printed
     assert main(["inspect", str(out)]) == 0
     shown = capsys.readouterr().out
     assert "pruned (lossy)" in shown and "top-1 agreement" in shown
     assert main(["inspect", "--json", str(out)]) == 0
     doc = json.loads(capsys.readouterr().out)["pruning"]
-    assert doc["joint"] is True and set(doc["tasks"]) == set(tasks)
+    assert doc["joint"] is True and doc["scope"] == "model" and set(doc["tasks"]) == set(tasks)
     assert main(["inspect", "--json", str(_pack(models, "plain", fraction=0.1))]) == 0
     assert json.loads(capsys.readouterr().out)["pruning"]["fraction"] == 0.1

@@ -8,7 +8,7 @@ import pytest
 from edgert.cli.bench.switch_pruned import ModelSet, heldout_accuracy
 from edgert.pack import PackReader
 from edgert.pack.onnx_import import pack_onnx
-from edgert.pack.prune import PruneOptions
+from edgert.pack.prune import PruneOptions, pruning_summary
 from edgert.pack.stats import summary
 from models.tasks import trained
 
@@ -74,3 +74,16 @@ def test_joint_masks_align_what_independent_ones_do_not(task_set):
     # diverge there, and a switch reads what the target kept and the source pruned
     assert read["joint"] < 0.85 * read["independent"], read
     assert _same_positions(joint) > _same_positions(ind)
+
+
+def test_joint_model_scope_reads_less_than_joint_per_tensor(task_set):
+    """Per tensor, joint masks keep half of the fine-tuned blocks, which differ between
+    every pair of tasks; one budget over the model prunes more of them."""
+    _, tensor = _pack(task_set, "joint-tensor", fraction=0.5, joint=True)
+    model, model_s = _pack(task_set, "joint-model", fraction=0.5, joint=True, scope="model")
+    read = {k: np.mean(list(s["switch_bytes"].values()))
+            for k, s in (("tensor", tensor), ("model", model_s))}
+    assert read["model"] < read["tensor"], read
+    with PackReader(model) as r:
+        pruned = {p["blocks_pruned"] for p in pruning_summary(r)["tasks"].values()}
+    assert pruned == {model_s["zero_blocks"]["count"] // len(trained.TASKS)}

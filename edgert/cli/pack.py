@@ -36,6 +36,12 @@ def register(sub) -> None:
                    help="with --prune-blocks: how blocks are ranked; activation (default): "
                         "weights scaled by the RMS of the input features they multiply on the "
                         "task's --calib inputs; norm: the block's own RMS")
+    o.add_argument("--prune-scope", choices=["tensor", "model"],
+                   help="with --prune-blocks: tensor (default): every weight matrix prunes "
+                        "FRACTION of its blocks; model: FRACTION of all the task's "
+                        "weight-matrix blocks, ranked across matrices by each block's share "
+                        "of its matrix's energy (with --joint, blocks the tasks differ in go "
+                        "first)")
     o.add_argument("--max-error", type=float, metavar="E",
                    help="with --prune-blocks: lower a task's fraction until its relative "
                         "output error |y - y_dense| / |y_dense| is at most E")
@@ -65,13 +71,15 @@ def _prune_options(args):
     if args.prune_blocks is None:
         for flag, given in (("--joint", args.joint), ("--calib", args.calib),
                             ("--max-error", args.max_error is not None),
-                            ("--importance", args.importance is not None)):
+                            ("--importance", args.importance is not None),
+                            ("--prune-scope", args.prune_scope is not None)):
             if given:
                 raise ValueError(f"{flag} is used only with --prune-blocks FRACTION")
         return None
     return PruneOptions(args.prune_blocks, named(args.calib, "--calib", "NAME=FILE.npz"),
                         joint=args.joint, max_error=args.max_error,
-                        **({"importance": args.importance} if args.importance else {}))
+                        **({"importance": args.importance} if args.importance else {}),
+                        **({"scope": args.prune_scope} if args.prune_scope else {}))
 
 
 def _run_onnx(args) -> int:

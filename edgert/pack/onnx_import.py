@@ -217,7 +217,8 @@ def _prune(base, weights, models, feeds, block_size: int, prune: PruneOptions,
     names = pruning.weight_matrices(base)
     scores = {t: block_scores(prune.importance, models[t], weights[t], feeds[t], names, block_size)
               for t in weights}
-    order = pruning.prune_order(weights, scores, names, block_size, prune.joint)
+    order = pruning.prune_order(weights, scores, names, block_size, prune.joint,
+                                 prune.scope)
     for rep in report.tasks:
         weights[rep.name], rep.pruning = pruning.prune_task(models[rep.name], weights[rep.name],
                                                     order[rep.name], feeds[rep.name],

@@ -8,13 +8,18 @@ switch only where the other task holds something else.
 - **Which tensors.** Float initializers of two or more dimensions that a MatMul, Gemm or
   Conv takes as its weight (input 1). Biases, norms, position embeddings and everything
   else stay dense.
-- **Which blocks.** Per tensor: at most ``floor(fraction * n)`` of its ``n`` blocks (a
-  tensor of one block is never pruned), those with the lowest importance (``importance.py``:
-  ``norm``, the block RMS, or ``activation``, the RMS of the weights scaled by the task's
-  input-feature RMS on its calibration inputs). Ties go to the lower position.
+- **Which blocks.** Lowest importance first (``importance.py``: ``norm``, the block RMS, or
+  ``activation``, the RMS of the weights scaled by the task's input-feature RMS on its
+  calibration inputs); ties go to the lower position (graph order, then block index).
+  ``Scope.TENSOR`` (the default): each tensor of ``n`` blocks loses ``floor(fraction * n)``
+  (a tensor of one block is never pruned). ``Scope.MODEL``: the fraction is a budget of
+  ``floor(fraction * N)`` over all ``N`` weight-matrix blocks of the task, ranked across
+  tensors by each block's **share of its tensor's energy** (``score^2 * elements`` over
+  the tensor's sum; ``energy_share``), and every tensor keeps its most important block.
 - **Independent** masks rank each task's own scores. **Joint** masks rank block positions
   once for all tasks: the mean over tasks of the scores, each task's normalised by its mean
-  over the tensor (so a task whose activations run larger does not outvote the others),
+  over the tensor (tensor scope) or taken as energy shares (model scope), so a task whose
+  activations run larger does not outvote the others,
   discounted by ``SWITCH_COST_WEIGHT`` times the share of task pairs whose blocks differ
   there. A position where tasks agree costs nothing to keep (a switch moves nothing there);
   one where they differ costs a read on every switch between them, so among blocks of
@@ -34,6 +39,7 @@ import math
 import os
 import zipfile
 from dataclasses import asdict, dataclass, field
+from enum import Enum
 
 import msgpack
 import numpy as np
@@ -52,6 +58,11 @@ SWITCH_COST_WEIGHT = 0.5
 SEARCH_STEPS = 6          # bisection steps of the fraction under max_error: 1/64 resolution
 
 
+class Scope(str, Enum):
+    TENSOR = "tensor"     # every weight matrix prunes the fraction of its blocks
+    MODEL = "model"       # the fraction is a budget over all the task's weight-matrix blocks
+
+
 @dataclass(frozen=True)
 class PruneOptions:
     fraction: float
@@ -59,8 +70,14 @@ class PruneOptions:
     joint: bool = False
     max_error: float | None = None        # bound on the relative output error
     importance: Importance = DEFAULT_IMPORTANCE
+    scope: Scope = Scope.TENSOR
 
     def __post_init__(self):
+        try:
+            object.__setattr__(self, "scope", Scope(self.scope))
+        except ValueError:
+            raise ValueError(f"--prune-scope {self.scope!r}: one of "
+                             f"{', '.join(s.value for s in Scope)}") from None
         try:
             object.__setattr__(self, "importance", Importance(self.importance))
         except ValueError:
@@ -107,48 +124,127 @@ def _blocks(arr: np.ndarray, block_size: int) -> list[np.ndarray]:
     return [flat[i:i + per] for i in range(0, flat.size, per)]
 
 
+def _elements(arr: np.ndarray, block_size: int) -> np.ndarray:
+    """Elements of each pack block of ``arr`` (the last one may be short): [n]."""
+    per = block_size // arr.dtype.itemsize
+    n = -(-arr.size // per)
+    out = np.full(n, per, np.float64)
+    out[-1] = arr.size - per * (n - 1)
+    return out
+
+
+def energy_share(score: np.ndarray, elements: np.ndarray) -> np.ndarray:
+    """Each block's share of its tensor's energy: ``score^2 * elements`` over the sum.
+
+    NOTE: this is what makes scores of different tensors comparable. A block's squared
+    score times its elements estimates the output energy it carries (for activation
+    importance, Wanda's ``||W s||^2`` of its rows), so its share is about the relative error
+    pruning it adds at that layer's output; every block costs the same bytes, so ranking
+    by share removes the least relative damage per byte first. Raw scores are not
+    comparable: a head's weights and an MLP's differ in scale by design."""
+    e = np.square(score) * elements
+    total = float(e.sum())
+    return e / total if total > 0 else np.zeros_like(e)
+
+
+@dataclass(frozen=True)
+class PruneOrder:
+    """One task's weight-matrix blocks, the first to prune first, and how a fraction
+    picks a prefix of them (per tensor, or over the model)."""
+    scope: Scope
+    sizes: dict[str, int]                  # tensor -> its blocks
+    ranked: list[tuple[str, int]]          # (tensor, block); model scope omits each
+    #                                        tensor's most important block (never pruned)
+
+    def select(self, fraction: float) -> dict[str, list[int]]:
+        """tensor -> the block positions pruned at ``fraction``."""
+        out: dict[str, list[int]] = {n: [] for n in self.sizes}
+        if self.scope is Scope.MODEL:
+            k = min(pruned_count(sum(self.sizes.values()), fraction), len(self.ranked))
+            for name, b in self.ranked[:k]:
+                out[name].append(b)
+            return out
+        left = {n: pruned_count(s, fraction) for n, s in self.sizes.items()}
+        for name, b in self.ranked:
+            if left[name] > 0:
+                out[name].append(b)
+                left[name] -= 1
+        return out
+
+
+def _tensor_order(score: np.ndarray) -> np.ndarray:
+    return np.argsort(score, kind="stable")
+
+
+def _over_model(names: list[str], score: dict[str, np.ndarray]) -> list[tuple[str, int]]:
+    """(tensor, block) over all tensors by ascending ``score``, each tensor's highest left
+    out; ties in graph order, then block order."""
+    keys, flat = [], []
+    for name in names:
+        keep = int(_tensor_order(score[name])[-1])
+        for b, v in enumerate(score[name].tolist()):
+            if b != keep:
+                keys.append((name, b))
+                flat.append(v)
+    return [keys[i] for i in np.argsort(np.asarray(flat), kind="stable").tolist()]
+
+
+def _differ_share(weights: dict[str, dict[str, np.ndarray]], tasks: list[str], name: str,
+                  block_size: int) -> np.ndarray:
+    """Per block position of ``name``: the share of task pairs whose blocks differ."""
+    hashes = [[block_hash(memoryview(b.view(np.uint8))) for b in
+               _blocks(np.ascontiguousarray(weights[t][name]), block_size)] for t in tasks]
+    pairs = len(tasks) * (len(tasks) - 1) // 2
+    differ = np.zeros(len(hashes[0]))
+    for i in range(len(tasks)):
+        for j in range(i + 1, len(tasks)):
+            differ += [a != b for a, b in zip(hashes[i], hashes[j])]
+    return differ / pairs if pairs else differ
+
+
 def prune_order(weights: dict[str, dict[str, np.ndarray]], scores: dict[str, dict[str, np.ndarray]],
-                names: list[str], block_size: int, joint: bool) -> dict[str, dict[str, np.ndarray]]:
-    """task -> tensor -> block positions, the first to prune first; ``scores`` is task ->
-    tensor -> one importance per block (importance.py)."""
+                names: list[str], block_size: int, joint: bool,
+                scope: Scope = Scope.TENSOR) -> dict[str, PruneOrder]:
+    """task -> its PruneOrder; ``scores`` is task -> tensor -> one importance per block
+    (importance.py)."""
     tasks = list(weights)
-    out: dict[str, dict[str, np.ndarray]] = {t: {} for t in tasks}
+    sizes = {n: len(scores[tasks[0]][n]) for n in names}
+    if scope is Scope.MODEL:      # comparable across tensors (energy_share)
+        scores = {t: {n: energy_share(scores[t][n], _elements(weights[t][n], block_size))
+                      for n in names} for t in tasks}
+    if not joint:
+        return {t: PruneOrder(scope, sizes, _ranked(scope, names, scores[t])) for t in tasks}
+    shared: dict[str, np.ndarray] = {}
     for name in names:
         imp = np.stack([scores[t][name] for t in tasks])                          # [T, n]
-        if not joint:
-            for i, t in enumerate(tasks):
-                out[t][name] = np.argsort(imp[i], kind="stable")
-            continue
-        mean = imp.mean(axis=1, keepdims=True)
-        imp = np.divide(imp, mean, out=np.zeros_like(imp), where=mean > 0)
-        hashes = [[block_hash(memoryview(b.view(np.uint8))) for b in
-                   _blocks(np.ascontiguousarray(weights[t][name]), block_size)] for t in tasks]
-        pairs = len(tasks) * (len(tasks) - 1) // 2
-        differ = np.zeros(imp.shape[1])
-        for i in range(len(tasks)):
-            for j in range(i + 1, len(tasks)):
-                differ += [a != b for a, b in zip(hashes[i], hashes[j])]
-        share = differ / pairs if pairs else differ
-        order = np.argsort(imp.mean(axis=0) * (1 - SWITCH_COST_WEIGHT * share), kind="stable")
-        for t in tasks:
-            out[t][name] = order
-    return out
+        if scope is Scope.TENSOR:
+            mean = imp.mean(axis=1, keepdims=True)
+            imp = np.divide(imp, mean, out=np.zeros_like(imp), where=mean > 0)
+        share = _differ_share(weights, tasks, name, block_size)
+        shared[name] = imp.mean(axis=0) * (1 - SWITCH_COST_WEIGHT * share)
+    order = PruneOrder(scope, sizes, _ranked(scope, names, shared))
+    return {t: order for t in tasks}
+
+
+def _ranked(scope: Scope, names: list[str], score: dict[str, np.ndarray]) -> list[tuple[str, int]]:
+    if scope is Scope.MODEL:
+        return _over_model(names, score)
+    return [(n, int(b)) for n in names for b in _tensor_order(score[n])]
 
 
 def pruned_count(n_blocks: int, fraction: float) -> int:
     return int(math.floor(fraction * n_blocks + 1e-9))
 
 
-def apply(arr: np.ndarray, order: np.ndarray, fraction: float, block_size: int) -> tuple[np.ndarray, int]:
-    """``arr`` with its first ``pruned_count`` blocks in ``order`` zeroed; (copy, count)."""
-    k = pruned_count(len(order), fraction)
-    if k == 0:
-        return arr, 0
+def apply(arr: np.ndarray, blocks: list[int], block_size: int) -> np.ndarray:
+    """``arr`` with ``blocks`` zeroed (a copy; ``arr`` itself when there are none)."""
+    if not blocks:
+        return arr
     per = block_size // arr.dtype.itemsize
     flat = arr.reshape(-1).copy()
-    for b in order[:k].tolist():
+    for b in blocks:
         flat[b * per:(b + 1) * per] = 0
-    return flat.reshape(arr.shape), k
+    return flat.reshape(arr.shape)
 
 
 # --- calibration and error ----------------------------------------------------------------
@@ -228,7 +324,7 @@ def compare(ref: list[np.ndarray], out: list[np.ndarray]) -> OutputError:
 
 
 def prune_task(model: onnx.ModelProto, weights: dict[str, np.ndarray],
-               order: dict[str, np.ndarray], feeds: dict[str, np.ndarray], block_size: int,
+               order: PruneOrder, feeds: dict[str, np.ndarray], block_size: int,
                opts: PruneOptions) -> tuple[dict[str, np.ndarray], TaskPruning]:
     """Prune one task at ``opts.fraction``, or at the largest bisected fraction whose
     relative error stays within ``opts.max_error``; (its weights, what was done)."""
@@ -236,10 +332,10 @@ def prune_task(model: onnx.ModelProto, weights: dict[str, np.ndarray],
 
     def at(f: float) -> tuple[dict[str, np.ndarray], TaskPruning]:
         w, rep = dict(weights), TaskPruning(fraction=f)
-        for name, o in order.items():
-            w[name], k = apply(weights[name], o, f, block_size)
-            rep.blocks_pruned += k
-            rep.blocks_prunable += len(o)
+        for name, blocks in order.select(f).items():
+            w[name] = apply(weights[name], blocks, block_size)
+            rep.blocks_pruned += len(blocks)
+            rep.blocks_prunable += order.sizes[name]
         rep.error = compare(ref, run_model(model, feeds, w))
         return w, rep
 
@@ -261,7 +357,7 @@ def prune_task(model: onnx.ModelProto, weights: dict[str, np.ndarray],
 
 def encode_section(opts: PruneOptions, tasks: dict[str, TaskPruning]) -> bytes:
     doc = {"fraction": float(opts.fraction), "joint": bool(opts.joint),
-           "importance": opts.importance.value,
+           "importance": opts.importance.value, "scope": opts.scope.value,
            "max_error": opts.max_error, "bound": "relative output error",
            "tasks": {t: {**{k: v for k, v in asdict(p).items() if k != "error"},
                          "error": asdict(p.error)} for t, p in tasks.items()}}
@@ -290,7 +386,10 @@ def describe(doc: dict) -> list[str]:
     # NOTE: packs written before --importance existed ranked blocks by norm
     lines = [f"pruned (lossy): {'joint' if doc.get('joint') else 'independent'} block masks at "
              f"{doc.get('fraction')} by {doc.get('importance', 'norm')} importance"
-             + (f", relative error bound {bound:g}" if bound else "")]
+             + (f", relative error bound {bound:g}" if bound else "")
+             # NOTE: packs written before --prune-scope existed pruned per tensor
+             + ("; fraction over all the task's weight-matrix blocks"
+                if doc.get("scope") == Scope.MODEL.value else "; fraction per weight matrix")]
     for t, p in doc["tasks"].items():
         e = p.get("error", {})
         top1 = e.get("top1")

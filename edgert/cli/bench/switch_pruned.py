@@ -1,7 +1,8 @@
 """The sparse rows of `edgert bench switch`: one set of task models packed dense, and
 pruned independently and jointly (``edgert pack onnx --prune-blocks``) under each block
-importance (activation, the default, and norm), switched warm and cold over the bench's
-switch sequence.
+importance (activation, the default, and norm) and, on the trained sets, each pruning scope
+(per tensor, the default, and ``--prune-scope model``), switched warm and cold over the
+bench's switch sequence.
 
 Model sets (``MODEL_SETS``), each with its calibration inputs per task:
 
@@ -42,6 +43,7 @@ class ModelSet:
     max_error: float | None          # --max-error of the pruned packs
     block_size: int = 65536          # the pack's block size
     tag: str = ""                    # packs: MODELS{tag}.KIND.edgepack
+    kinds: tuple[str, ...] = ("dense", "independent", "joint", "independent/norm", "joint/norm")
 
     def ensure_built(self) -> dict[str, str]:
         root = Path(__file__).resolve().parents[3]
@@ -63,17 +65,22 @@ class ModelSet:
 # trained: the 50% rows, unbounded, and the bounded rows; sparse: the target rows of the
 # random sets, bounded by what 50% of its blocks cost; demo: no bound, to show the masks at
 # 50% on a model whose block norms do not discriminate (not a target row)
+WITH_MODEL_SCOPE = ("dense", "independent", "joint", "independent/model", "joint/model",
+                    "independent/norm", "joint/norm")
 MODEL_SETS = {
-    "trained": ModelSet("models/out/tasks-trained", "trained:full", None, 4096),
+    "trained": ModelSet("models/out/tasks-trained", "trained:full", None, 4096,
+                        kinds=WITH_MODEL_SCOPE),
     "trained-bound": ModelSet("models/out/tasks-trained", "trained:full", TRAINED_BOUND, 4096,
-                              f".bound{TRAINED_BOUND:g}"),
+                              f".bound{TRAINED_BOUND:g}", kinds=WITH_MODEL_SCOPE),
     "sparse": ModelSet("models/out/tasks-sparse", "build:sparse", 0.7),
     "demo": ModelSet("models/out/tasks", "build:demo", None),
 }
-# kind -> (joint, importance); None: dense
+# kind -> (joint, importance, scope); None: dense
 KINDS = {"dense": None,
-         "independent": (False, "activation"), "joint": (True, "activation"),
-         "independent/norm": (False, "norm"), "joint/norm": (True, "norm")}
+         "independent": (False, "activation", "tensor"), "joint": (True, "activation", "tensor"),
+         "independent/model": (False, "activation", "model"),
+         "joint/model": (True, "activation", "model"),
+         "independent/norm": (False, "norm", "tensor"), "joint/norm": (True, "norm", "tensor")}
 
 
 def ensure_packs(preset: str = "sparse", fraction: float = FRACTION) -> dict[str, str]:
@@ -89,17 +96,19 @@ def ensure_packs(preset: str = "sparse", fraction: float = FRACTION) -> dict[str
     calib = {t: os.path.join(models, "calib", f"{t}.npz") for t in tasks}
     newest = max(map(os.path.getmtime, [*paths.values(), *calib.values()]))
     out = {}
-    for kind, how in KINDS.items():
+    for kind in ms.kinds:
+        how = KINDS[kind]
         pack = f"{models}{ms.tag}.{kind.replace('/', '-')}.edgepack"
-        prune = None if how is None else \
-            PruneOptions(fraction, calib, joint=how[0], max_error=max_error, importance=how[1])
+        prune = None if how is None else PruneOptions(
+            fraction, calib, joint=how[0], max_error=max_error, importance=how[1], scope=how[2])
         fresh = os.path.exists(pack) and os.path.getmtime(pack) >= newest
         if fresh:
             with PackReader(pack) as r:
                 doc, block_size = pruning_summary(r), r.block_size
             same = (doc is None) if prune is None else doc is not None and \
                 (doc.get("fraction"), doc.get("joint"), doc.get("max_error"),
-                 doc.get("importance")) == (fraction, prune.joint, max_error, how[1])
+                 doc.get("importance"), doc.get("scope", "tensor")) == \
+                (fraction, prune.joint, max_error, how[1], how[2])
             fresh = same and block_size == ms.block_size
         if not fresh:
             print(f"packing {models} -> {pack} ({kind})")
@@ -200,11 +209,19 @@ def print_rows(rows: dict, preset: str, fraction: float = FRACTION) -> None:
     within = max_error is not None and all(
         p["error"]["rel"] <= max_error for k, r in rows.items() if k != "dense"
         for p in r["pruning"]["tasks"].values())
-    for suffix, name in (("", "activation (default)"), ("/norm", "norm")):
+    for suffix, name in (("", "activation (default), per tensor"),
+                         ("/model", "activation, over the model"), ("/norm", "norm, per tensor")):
+        if f"joint{suffix}" not in rows:
+            continue
         i, j = rows[f"independent{suffix}"], rows[f"joint{suffix}"]
         print(f"  {name}: joint vs independent, bytes read per cold switch "
               f"{i['read_bytes_mean'] / max(j['read_bytes_mean'], 1):.2f}x fewer (target >= 2x); "
               f"cold p50 vs dense: joint {d['cold_ms']['p50'] / j['cold_ms']['p50']:.2f}x, "
               f"independent {d['cold_ms']['p50'] / i['cold_ms']['p50']:.2f}x faster (target >= 2x)")
+    if "joint/model" in rows:
+        j = rows["joint/model"]
+        print(f"  joint over the model vs independent per tensor (the defaults): "
+              f"{rows['independent']['read_bytes_mean'] / max(j['read_bytes_mean'], 1):.2f}x "
+              f"fewer bytes per cold switch")
     if max_error is not None:
         print(f"  every task within the error bound: {'yes' if within else 'NO'}")
