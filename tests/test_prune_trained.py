@@ -87,3 +87,26 @@ def test_joint_model_scope_reads_less_than_joint_per_tensor(task_set):
     with PackReader(model) as r:
         pruned = {p["blocks_pruned"] for p in pruning_summary(r)["tasks"].values()}
     assert pruned == {model_s["zero_blocks"]["count"] // len(trained.TASKS)}
+
+
+def test_block_penalty_is_the_group_lasso_over_pack_blocks():
+    """The training penalty groups exactly the bytes a 4 KiB pack block holds: the sum of
+    the L2 norms of the blocks of the exported weight matrices."""
+    import torch
+    from edgert.pack.prune import _blocks, weight_matrices
+    from models.tasks.build import vit_graph
+    spec = trained.TrainedSpec.from_name("quick")
+    torch.manual_seed(0)
+    model = trained._torch_model(spec)
+    with torch.no_grad():
+        got = float(trained.block_penalty(trained._weight_matrices(model)))
+    w = trained.onnx_weights(model, trained.TASKS[0])
+    graph = vit_graph(spec.vit(), w)
+    heads = [n for n in weight_matrices(graph) if n.startswith("head.")]
+    # the torch model holds every task's head; the graph one: add the other heads' norms
+    others = sum(float(np.linalg.norm(b)) for t in trained.TASKS[1:]
+                 for name, arr in trained.onnx_weights(model, t).items() if name in heads
+                 for b in _blocks(arr, BS))
+    want = sum(float(np.linalg.norm(b)) for name in weight_matrices(graph)
+               for b in _blocks(w[name], BS)) + others
+    assert got == pytest.approx(want, rel=1e-5)

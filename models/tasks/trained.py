@@ -1,7 +1,7 @@
 """Build a trained multi-task model set: a small ViT pretrained on four camera tasks, then
 fine-tuned per task.
 
-    python -m models.tasks.trained --out models/out/tasks-trained [--quick]
+    python -m models.tasks.trained --out models/out/tasks-trained [--quick] [--block-l1 LAMBDA]
 
 Every image is drawn by this recipe (no downloads), each task from its own scene with its
 own labels (``TASKS``):
@@ -28,6 +28,13 @@ images per step from a seeded generator):
    weights shared, each task's importance of them its own. Fine-tuning every layer with a
    small learning rate would change every block, leaving nothing to share or align.
 
+**Trained for block sparsity** (``--block-l1 LAMBDA``, the ``full-sparse`` and
+``quick-sparse`` presets with ``BLOCK_L1``): both phases add ``LAMBDA`` times a group lasso
+(``block_penalty``: the summed L2 norms of the ``BLOCK_BYTES`` pack blocks of every weight
+matrix being trained, in its ONNX layout) to the loss, so the network learns to leave
+whole pack blocks near zero and pruning them at pack time costs little: the regime of a
+model trained for the device, not a dense one pruned after the fact.
+
 Exported with ``models.tasks.build.vit_graph`` (Conv patch embedding, MatMul weights,
 LayerNormalization, Erf GELU; the ops the packer and pruner handle): ``base.onnx`` (the
 pretrained backbone with the first task's pretrained head) and ``TASK.onnx`` per task,
@@ -40,7 +47,9 @@ against the torch model it came from.
 Measured (``python -m models.tasks.trained``, one thread on 2 shared cores, preliminary):
 170 s; held-out accuracy of the exported task files detect 0.904, lane 1.000, sign 0.889,
 parking 1.000 (chance 0.25); each fine-tune changes 223 of the 856 4 KiB blocks (the last
-of four layers and the head). The quick preset (the tests') trains in about 10 s.
+of four layers and the head). The quick preset (the tests') trains in about 10 s. With
+``--block-l1 0.001`` (the ``full-sparse`` preset): 172 s; detect 0.914, lane 1.000, sign
+0.900, parking 1.000.
 
 Pack it with 4 KiB blocks (``BLOCK_BYTES``): a block of a ``[128, 512]`` float32 MatMul
 weight is two input rows, of a ``[128, 128]`` or ``[512, 128]`` one eight, so activation
@@ -53,7 +62,7 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 
@@ -64,6 +73,10 @@ IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 TASKS = ("detect", "lane", "sign", "parking")
 CLASSES = 4               # every task has four classes: chance is 25%
 RECIPE = 1                # bump when the scenes or training change: ensure_built rebuilds
+# NOTE: the group-lasso weight of the -sparse presets, per unit of summed block L2 norm;
+# chosen as the largest power of ten at which every task's dense held-out accuracy stays
+# within a few points of the unpenalised set's (docs/benchmarks.md)
+BLOCK_L1 = 1e-3
 # NOTE: one thread: on 2 shared cores two threads ran 5x slower under contention, and one
 # thread's float sums are the same on every run
 TORCH_THREADS = 1
@@ -84,15 +97,21 @@ class TrainedSpec:
     finetune_steps: int = 120
     batch: int = 128               # images per step (pretraining: split over the tasks)
     lr: float = 2e-3
+    block_l1: float = 0.0          # group-lasso weight over the pack blocks (block_penalty)
 
     @staticmethod
     def from_name(name: str) -> "TrainedSpec":
-        if name == "full":
-            return TrainedSpec()
-        if name == "quick":        # for tests: seconds
-            return TrainedSpec(dim=64, depth=2, heads=2, mlp=256, head_hidden=64,
+        """``full``, ``quick`` (the tests'), and each with ``-sparse``: trained with the
+        group-lasso penalty ``BLOCK_L1`` (pretraining and fine-tunes)."""
+        base, sparse = name.removesuffix("-sparse"), name.endswith("-sparse")
+        if base == "full":
+            spec = TrainedSpec()
+        elif base == "quick":      # for tests: seconds
+            spec = TrainedSpec(dim=64, depth=2, heads=2, mlp=256, head_hidden=64,
                                pretrain_steps=100, finetune_steps=30, batch=64, lr=3e-3)
-        raise ValueError(f"unknown preset {name!r} (full, quick)")
+        else:
+            raise ValueError(f"unknown preset {name!r} (full, quick, full-sparse, quick-sparse)")
+        return replace(spec, block_l1=BLOCK_L1) if sparse else spec
 
     def vit(self):
         from .build import ViTSpec
@@ -264,11 +283,36 @@ def onnx_weights(model, task: str) -> dict:
 
 # --- training ---------------------------------------------------------------------------
 
+def _weight_matrices(model) -> list[tuple]:
+    """(parameter, transposed) of every weight the pruner may prune, ``transposed`` when
+    the ONNX file holds it as ``weight.T`` (nn.Linear: MatMul B is [in, out])."""
+    from torch import nn
+    return [(m.weight, isinstance(m, nn.Linear)) for m in model.modules()
+            if isinstance(m, (nn.Linear, nn.Conv2d))]
+
+
+def block_penalty(matrices: list[tuple]):
+    """Group lasso over pack blocks: the sum of the L2 norms of every ``BLOCK_BYTES`` run
+    of each weight's row-major bytes in its ONNX layout (the blocks ``edgert pack onnx``
+    cuts and ``--prune-blocks`` zeroes), so training drives whole blocks toward zero."""
+    import torch
+    per = BLOCK_BYTES // 4                                       # float32 elements
+    total = torch.zeros(())
+    for p, transposed in matrices:
+        flat = (p.t() if transposed else p).reshape(-1)
+        flat = torch.nn.functional.pad(flat, (0, -flat.numel() % per))
+        total = total + flat.view(-1, per).norm(dim=1).sum()
+    return total
+
+
 def _train(model, params, spec: TrainedSpec, tasks: tuple[str, ...], steps: int, lr: float,
            seed: int) -> float:
     """Adam with linear warm-up and cosine decay over a fresh seeded image stream; each
-    step splits ``spec.batch`` over ``tasks``. Returns the last step's loss."""
+    step splits ``spec.batch`` over ``tasks``, plus ``spec.block_l1`` times the block
+    penalty of the trained weight matrices. Returns the last step's task loss."""
     import torch
+    trained = {id(p) for p in params}
+    matrices = [(p, t) for p, t in _weight_matrices(model) if id(p) in trained]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
     warm = max(1, steps // 10)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (
@@ -283,8 +327,9 @@ def _train(model, params, spec: TrainedSpec, tasks: tuple[str, ...], steps: int,
         loss = sum(torch.nn.functional.cross_entropy(model.heads[t](feats[i * per:(i + 1) * per]),
                                                      torch.from_numpy(batch[i][1]))
                    for i, t in enumerate(tasks)) / len(tasks)
+        total = loss + spec.block_l1 * block_penalty(matrices) if spec.block_l1 else loss
         opt.zero_grad()
-        loss.backward()
+        total.backward()
         opt.step()
         sched.step()
     return float(loss.detach())
@@ -305,12 +350,15 @@ def accuracy(path: str, data: dict[str, np.ndarray], weights: dict | None = None
     return float(np.mean(np.argmax(logits, axis=1) == data["label"]))
 
 
-def build(out_dir: str, preset: str = "full") -> dict[str, str]:
-    """Train and write base.onnx, TASK.onnx, calib/ and heldout/ into out_dir; {name: path}."""
+def build(out_dir: str, preset: str = "full", block_l1: float | None = None) -> dict[str, str]:
+    """Train and write base.onnx, TASK.onnx, calib/ and heldout/ into out_dir; {name: path}.
+    ``block_l1`` overrides the preset's group-lasso weight."""
     import copy
     import torch
     from .build import changed_blocks, vit_graph
     spec = TrainedSpec.from_name(preset)
+    if block_l1 is not None:
+        spec = replace(spec, block_l1=block_l1)
     torch.set_num_threads(TORCH_THREADS)
     torch.manual_seed(0)
     t0 = time.perf_counter()
@@ -373,7 +421,8 @@ def ensure_built(out_dir: str, preset: str = "full") -> dict[str, str]:
     try:
         with open(os.path.join(out_dir, "models.json")) as f:
             built = json.load(f)
-        same = (built.get("recipe"), built.get("spec")) == \
+        # NOTE: sets built before block_l1 existed were trained without the penalty
+        same = (built.get("recipe"), {"block_l1": 0.0, **built.get("spec", {})}) == \
             (RECIPE, json.loads(json.dumps(asdict(spec))))
     except (OSError, ValueError):
         same = False
@@ -386,8 +435,15 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default="models/out/tasks-trained")
     ap.add_argument("--quick", action="store_true", help="the test's small model (seconds)")
+    ap.add_argument("--block-l1", type=float, metavar="LAMBDA",
+                    help="train for block sparsity: a group-lasso penalty, LAMBDA x the summed "
+                         f"L2 norms of the {BLOCK_BYTES // 1024} KiB pack blocks of the weight "
+                         f"matrices, in pretraining and fine-tunes (the -sparse presets: "
+                         f"{BLOCK_L1:g})")
     args = ap.parse_args(argv)
-    build(args.out, "quick" if args.quick else "full")
+    if args.block_l1 is not None and not (args.block_l1 >= 0 and math.isfinite(args.block_l1)):
+        ap.error(f"--block-l1 {args.block_l1}: must be a non-negative number")
+    build(args.out, "quick" if args.quick else "full", block_l1=args.block_l1)
     with open(os.path.join(args.out, "models.json")) as f:
         report = json.load(f)
     print(f"trained in {report['seconds']['total']:.0f} s (pretraining "

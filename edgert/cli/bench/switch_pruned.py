@@ -12,6 +12,9 @@ Model sets (``MODEL_SETS``), each with its calibration inputs per task:
   **accuracy**, dense and pruned, beside the output error. Twice: at 50% with no bound
   (the issue's fraction), and under ``--max-error`` (``TRAINED_BOUND``), where each task
   stops at the fraction the bound allows.
+- ``trained-l1``: the same recipe trained for block sparsity (``full-sparse``: a group-lasso
+  penalty over the 4 KiB pack blocks of the weight matrices in pretraining and fine-tunes,
+  ``models.tasks.trained.BLOCK_L1``), at 50% and under the same bound.
 - ``sparse``: the random demo ViT and fine-tunes (models/tasks/build.py) with a spread of
   block norms shared by all tasks, where the weights decide most of a block's importance.
 - ``demo``: the random demo ViT, whose blocks have nearly equal norms.
@@ -19,7 +22,6 @@ Model sets (``MODEL_SETS``), each with its calibration inputs per task:
 from __future__ import annotations
 
 import gc
-import json
 import os
 import sys
 from dataclasses import dataclass
@@ -62,9 +64,11 @@ class ModelSet:
         return path if os.path.exists(path) else None
 
 
-# trained: the 50% rows, unbounded, and the bounded rows; sparse: the target rows of the
+# trained (and trained for block sparsity, -l1): the 50% rows, unbounded, and the bounded
+# rows, each also over the model (--prune-scope model); sparse: the target rows of the
 # random sets, bounded by what 50% of its blocks cost; demo: no bound, to show the masks at
 # 50% on a model whose block norms do not discriminate (not a target row)
+L1_KINDS = ("dense", "independent", "joint", "independent/model", "joint/model")
 WITH_MODEL_SCOPE = ("dense", "independent", "joint", "independent/model", "joint/model",
                     "independent/norm", "joint/norm")
 MODEL_SETS = {
@@ -72,6 +76,10 @@ MODEL_SETS = {
                         kinds=WITH_MODEL_SCOPE),
     "trained-bound": ModelSet("models/out/tasks-trained", "trained:full", TRAINED_BOUND, 4096,
                               f".bound{TRAINED_BOUND:g}", kinds=WITH_MODEL_SCOPE),
+    "trained-l1": ModelSet("models/out/tasks-trained-l1", "trained:full-sparse", None, 4096,
+                           kinds=L1_KINDS),
+    "trained-l1-bound": ModelSet("models/out/tasks-trained-l1", "trained:full-sparse",
+                                 TRAINED_BOUND, 4096, f".bound{TRAINED_BOUND:g}", L1_KINDS),
     "sparse": ModelSet("models/out/tasks-sparse", "build:sparse", 0.7),
     "demo": ModelSet("models/out/tasks", "build:demo", None),
 }
