@@ -167,7 +167,9 @@ def decode_run(rt, pack, spec: dict, ids: list[int], ref: np.ndarray | None) -> 
     """Prefill PROMPT ids, then teacher-forced decode steps over the rest; figures of the steps."""
     import torch
     provider = make_provider(rt, pack, spec)
-    lm = rt.load(pack, provider=provider)
+    # NOTE: no prefix cache: every run prefills for real (a cached prompt would skip the
+    # prefill's routing and start the expert cache cold, and only after the first run)
+    lm = rt.load(pack, provider=provider, prefix_cache=False)
     seq = lm.sequence()
     try:
         seq.feed(ids[:PROMPT])
@@ -207,9 +209,12 @@ def record(rt, pack, ids: list[int]):
     return decode_run(rt, pack, {"kind": "record"}, ids, None)["trace"]
 
 
-def probe_spec(name: str) -> dict:
-    """The cost model's probes: a cache holding every expert, without and with hints."""
+def probe_spec(name: str, min_budget: float = 0.125) -> dict:
+    """The cost model's probes: a cache holding every expert, without and with hints; one
+    with top-k slots per layer (`min_budget`: nearly every expert a step uses is a miss)."""
     spec = {"kind": "cache", "budget": 1.0, "policy": "lru"}
+    if name == "min lru":
+        return {**spec, "budget": min_budget}
     return spec if name == "100% lru" else {**spec, "prefetch": True, "hint_probe": None,
                                             "min_prob": 1.01}
 
@@ -243,9 +248,10 @@ def measure_read_bandwidth(rt, pack, repeats: int = 3) -> dict:
 
 
 # --- the benchmark ---------------------------------------------------------------------------
-def contenders(edgert: dict, budgets, full: bool) -> list[tuple[str, dict]]:
+def contenders(edgert: dict, budgets, full: bool, min_budget: float) -> list[tuple[str, dict]]:
     out = [("resident", {"kind": "resident"}), ("on-demand", {"kind": "on-demand"}),
-           ("100% lru", probe_spec("100% lru")), ("100% hints", probe_spec("100% hints"))]
+           ("100% lru", probe_spec("100% lru")), ("100% hints", probe_spec("100% hints")),
+           ("min lru", probe_spec("min lru", min_budget))]
     for b in budgets:
         if b >= 1.0:
             continue
@@ -301,13 +307,14 @@ def main(args) -> int:
               for name, spec in [("resident", {"kind": "resident"}),
                                  ("on-demand", {"kind": "on-demand"}),
                                  ("100% lru", probe_spec("100% lru")),
-                                 ("100% hints", probe_spec("100% hints"))]}
+                                 ("100% hints", probe_spec("100% hints")),
+                                 ("min lru", probe_spec("min lru", lay.top_k / lay.num_experts))]}
     pre_cost = P.calibrated_cost(probes, limits, shape)
     P.register_calibration(shape, calib_trace)
     edgert = P.choose_all(calib_trace, shape, pre_cost, budgets, args.prefetch_min_prob)
     print("edgert here (chosen by the cost model on the calibration text): " + "; ".join(
         f"{round(100 * b)}% {P.describe(e)}" for b, e in edgert.items()), flush=True)
-    cs = contenders(edgert, budgets, full=not quick)
+    cs = contenders(edgert, budgets, not quick, lay.top_k / lay.num_experts)
     decode_run(rt, pack, cs[0][1], segments[0], None)             # warm up once
     raw = {name: [] for name, _ in cs}
     for r, ids in enumerate(segments):
@@ -337,7 +344,7 @@ def _reproject(args, rt, pack, model, cfg, quick, budgets, limits, calib_trace, 
     result = json.loads(Path(args.reproject).read_text())
     edgert = {b: {**result["edgert"][f"{round(100 * b)}%"], "budget": b}
               for b in budgets if b < 1.0}
-    cs = contenders(edgert, budgets, full=not quick)
+    cs = contenders(edgert, budgets, not quick, lay.top_k / lay.num_experts)
     P.register_calibration(shape, calib_trace)
     return _project_and_report(args, result, cs, cfg, quick, calib_trace, seg_traces, lay,
                                model_cfg, shape)
@@ -471,6 +478,12 @@ def _plot(res: dict, path: str) -> None:
             key = "effective_hit_rate" if label.startswith("lossy") else "exact_hit_rate"
             ax2.plot(xs, [t[f"{b}% {label}"][key] for b in xs], marker="o",
                      label=label + (" (effective)" if key.startswith("eff") else ""))
+    proj = res.get("projected_here") or {}
+    for label, c in (("lru", "C0"), ("edgert", "C2")):
+        xs = [b for b in budgets if f"{b}% {label}" in proj]
+        if xs:
+            ax1.plot(xs, [proj[f"{b}% {label}"]["tok_s"] for b in xs], ls="--", c=c, marker="x",
+                     label=f"{label} (PROJECTED)")
     for name, style in (("resident", "--"), ("on-demand", ":")):
         ax1.axhline(t[name]["tok_s"], ls=style, c="gray", label=name)
     xs = [b for b in budgets if f"{b}% belady" in t]

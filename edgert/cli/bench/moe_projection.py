@@ -136,15 +136,16 @@ def choose_all(calib, shape, cost, budgets, min_prob: float = 0.2) -> dict:
     return {b: choose(calib, shape, cost, b, min_prob) for b in budgets if b < 1.0}
 
 
-PROBES = ("resident", "on-demand", "100% lru", "100% hints")
+PROBES = ("resident", "on-demand", "100% lru", "100% hints", "min lru")
 
 
 def calibrated_cost(table: dict, limits: dict, shape: ModelShape) -> CostModel:
     """This machine's cost model from the probes measured in the same run: the resident
-    step (compute), on-demand (every expert a step uses is read: the cost of a read in a
-    decode step beyond the measured read itself: syscalls, verification, threads waking),
-    a cache holding everything (its bookkeeping per layer) and the same with a hint at
-    every layer (one hint). Reads: the measured random O_DIRECT expert reads."""
+    step (compute), a cache holding everything (its bookkeeping per layer), the same with
+    a hint at every layer (one hint), and a cache of top-k slots per layer ("min lru":
+    nearly every expert a step uses is a miss; the cost of a miss beyond the measured read:
+    syscalls, verification, eviction, threads waking). Without that probe, on-demand
+    (every expert read, no cache) stands in. Reads: the measured random O_DIRECT reads."""
     tpot = {n: 1.0 / table[n].get("tok_s_steady", table[n]["tok_s"]) for n in PROBES if n in table}
     L = shape.layers
     route = max(0.0, (tpot.get("100% lru", tpot["resident"]) - tpot["resident"]) / L)
@@ -152,7 +153,10 @@ def calibrated_cost(table: dict, limits: dict, shape: ModelShape) -> CostModel:
         if "100% hints" in tpot and "100% lru" in tpot else 0.0
     read_s = shape.expert_bytes / limits["read_Bps"]
     miss = 0.0
-    if "on-demand" in tpot:
+    if "min lru" in tpot and "100% lru" in tpot and table["min lru"].get("bytes_per_token"):
+        misses = table["min lru"]["bytes_per_token"] / shape.expert_bytes       # per token
+        miss = max(0.0, (tpot["min lru"] - tpot["100% lru"]) / misses - read_s)
+    elif "on-demand" in tpot:
         per_read = (tpot["on-demand"] - tpot["resident"]) / (L * shape.top_k)
         miss = max(0.0, per_read - read_s)
     return CostModel.calibrated(read_latency_s=0.0, read_Bps=limits["read_Bps"],
