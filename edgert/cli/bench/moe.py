@@ -62,6 +62,9 @@ def register(sub) -> None:
                    help="edgert prefetches hinted experts with at least this probability")
     p.add_argument("--plot", default="docs/img/bench-moe.png")
     p.add_argument("--plot-projection", default="docs/img/bench-moe-projection.png")
+    p.add_argument("--only", metavar="NAMES",
+                   help="comma-separated contenders to measure (e.g. 'resident,min lru,25%% lru'); "
+                        "the probes among them set the costs")
     p.add_argument("--reproject", metavar="JSON",
                    help="keep the measured figures of an earlier run's JSON (same model, "
                         "--tokens, --repeats) and redo only the traces and projections")
@@ -315,6 +318,13 @@ def main(args) -> int:
     print("edgert here (chosen by the cost model on the calibration text): " + "; ".join(
         f"{round(100 * b)}% {P.describe(e)}" for b, e in edgert.items()), flush=True)
     cs = contenders(edgert, budgets, not quick, lay.top_k / lay.num_experts)
+    if args.only:
+        keep = {n.strip() for n in args.only.split(",")}
+        unknown = keep - {n for n, _ in cs}
+        if unknown:
+            raise ValueError(f"--only: unknown contenders {sorted(unknown)}; known: "
+                             f"{', '.join(n for n, _ in cs)}")
+        cs = [c for c in cs if c[0] in keep]
     decode_run(rt, pack, cs[0][1], segments[0], None)             # warm up once
     raw = {name: [] for name, _ in cs}
     for r, ids in enumerate(segments):
@@ -485,7 +495,8 @@ def _plot(res: dict, path: str) -> None:
             ax1.plot(xs, [proj[f"{b}% {label}"]["tok_s"] for b in xs], ls="--", c=c, marker="x",
                      label=f"{label} (PROJECTED)")
     for name, style in (("resident", "--"), ("on-demand", ":")):
-        ax1.axhline(t[name]["tok_s"], ls=style, c="gray", label=name)
+        if name in t:
+            ax1.axhline(t[name]["tok_s"], ls=style, c="gray", label=name)
     xs = [b for b in budgets if f"{b}% belady" in t]
     if xs:
         ax2.plot(xs, [t[f"{b}% belady"]["exact_hit_rate"] for b in xs], ls="--", c="k",
