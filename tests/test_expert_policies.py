@@ -106,3 +106,24 @@ def test_belady_beats_lru_on_a_cyclic_trace():
     lru, opt = misses(LRUPolicy(1, 3)), misses(BeladyPolicy(1, 3, future={0: trace}))
     assert lru == len(trace)
     assert opt < lru and opt == 10
+
+
+def test_lfu_ages_so_an_old_favourite_gives_way():
+    """Counts halve every `age_every` accesses per expert of a layer: an expert used often
+    long ago loses to one used often lately; without aging it would stay forever."""
+    for age_every, old_survives in ((2, False), (0, True)):
+        p = make_policy("lfu", 1, 4, age_every=age_every)
+        for _ in range(12):
+            p.on_access(0, 0)            # the morning's favourite
+        for _ in range(7):
+            p.on_access(0, 1)            # the afternoon's
+        assert (p.victim(0, [0, 1]) == 1) is old_survives, (age_every, p.uses[0])
+
+
+def test_lfu_aging_counts_per_layer():
+    p = make_policy("lfu", 2, 2, age_every=1)        # halve after 2 accesses of a layer
+    p.on_access(0, 0); p.on_access(0, 0)              # layer 0 ages: 2 -> 1
+    p.on_access(1, 1)
+    assert p.uses[0].tolist() == [1, 0] and p.uses[1].tolist() == [0, 1]
+    with pytest.raises(ValueError, match="age_every"):
+        make_policy("lfu", 1, 2, age_every=-1)

@@ -6,6 +6,7 @@ from dataclasses import replace
 import pytest
 
 import edgert
+from edgert.experts.costmodel import default_policy
 from edgert.cli import main
 
 pytest.importorskip("transformers")
@@ -31,7 +32,9 @@ def test_generate_streams_the_greedy_continuation_and_summarises(pack, capsys):
     with edgert.Runtime().load(pack, expert_budget=0.5) as lm:
         want = lm.generate(prompt, max_new_tokens=12)
     assert out == want + "\n"
-    assert "exact hit rate" in err and "policy gate" in err
+    # no --policy: the cost model of the default config (cpu-dev) picks it
+    want_policy = default_policy(lm.rt.config, lm.layout)
+    assert "exact hit rate" in err and f"policy {want_policy}" in err
     slots = len(lm.layout.table) // 2
     assert f"expert cache: {slots} slots" in err
 

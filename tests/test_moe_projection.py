@@ -245,3 +245,22 @@ def test_prefetch_default_follows_the_device_figures(tmp_path):
             "perf": {"storage_read_gbps": 0.001, "storage_latency_us": 5000, "memory_gbps": 100,
                      "compute_tflops": 10, "layer_overhead_us": 1}}
     assert prefetch_default(DeviceConfig.from_dict(slow), lay) is False   # reads dwarf compute
+
+
+def test_default_policy_follows_the_device_figures(tmp_path):
+    """Unnamed, the runtime's policy is LFU where a miss outlasts a layer's compute (decode
+    follows bytes read) and LRU elsewhere or without figures (test_moe_cli: a loaded model
+    uses it)."""
+    from edgert.experts.api import ExpertLayout
+    from edgert.experts.costmodel import default_policy
+    pack = tmp_path / "moe.edgepack"
+    write_moe_pack(pack)
+    lay = ExpertLayout.from_reader(PackReader(pack, read_mode="buffered"))
+    base = {"name": "x", "memory": {"total": "64 MiB"}, "storage": {"read_mode": "buffered"}}
+    figures = {"storage_latency_us": 100, "memory_gbps": 100, "compute_tflops": 10,
+               "layer_overhead_us": 50}
+    slow = {**base, "perf": {**figures, "storage_read_gbps": 0.001}}
+    fast = {**base, "perf": {**figures, "storage_read_gbps": 1000, "storage_latency_us": 1}}
+    assert default_policy(DeviceConfig.from_dict(base), lay) == "lru"
+    assert default_policy(DeviceConfig.from_dict(slow), lay) == "lfu"
+    assert default_policy(DeviceConfig.from_dict(fast), lay) == "lru"

@@ -35,6 +35,7 @@ from edgert.dtypes import torch_dtype
 from edgert.errors import BudgetExceeded, EdgertError
 from edgert.experts.api import ExpertLayout, slots_for_budget
 from edgert.experts.cache import ExpertCache
+from edgert.experts.costmodel import default_policy, prefetch_default
 from edgert.experts.policies import PolicyName
 from edgert.kv.cache import KVCache
 from edgert.kv.paged import PagePool
@@ -121,8 +122,11 @@ class MoeLM(LoadedModel):
         total = len(self.layout.table)
         cap = budget.experts if expert_budget is None else self.rt.arena.mapped
         slots = slots_for_budget(expert_budget, total, self.layout.extent_bytes, cap)
+        # unnamed: the policy and prefetch the device config's cost model picks (costmodel.py)
         return ExpertCache(self.reader, self.rt.arena, f"{self.name}: expert slots", slots,
-                           policy=policy or "gate", lossy_alpha=lossy_alpha, prefetch=True)
+                           policy=policy or default_policy(self.rt.config, self.layout),
+                           lossy_alpha=lossy_alpha,
+                           prefetch=prefetch_default(self.rt.config, self.layout))
 
     # --- the forward pass -----------------------------------------------------------------
     @torch.inference_mode()
