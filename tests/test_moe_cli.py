@@ -33,7 +33,7 @@ def test_generate_streams_the_greedy_continuation_and_summarises(pack, capsys):
         want = lm.generate(prompt, max_new_tokens=12)
     assert out == want + "\n"
     # no --policy: the cost model of the default config (cpu-dev) picks it
-    want_policy = default_policy(lm.rt.config, lm.layout)
+    want_policy = default_policy(lm.rt.config, lm.layout, 0.5)
     assert "exact hit rate" in err and f"policy {want_policy}" in err
     slots = len(lm.layout.table) // 2
     assert f"expert cache: {slots} slots" in err

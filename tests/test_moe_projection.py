@@ -249,7 +249,8 @@ def test_prefetch_default_follows_the_device_figures(tmp_path):
 
 def test_default_policy_follows_the_device_figures(tmp_path):
     """Unnamed, the runtime's policy is LFU where a miss outlasts a layer's compute (decode
-    follows bytes read) and LRU elsewhere or without figures (test_moe_cli: a loaded model
+    follows bytes read) and the cache holds under 75% of the experts; LRU elsewhere or
+    without figures (test_moe_cli: a loaded model
     uses it)."""
     from edgert.experts.api import ExpertLayout
     from edgert.experts.costmodel import default_policy
@@ -263,4 +264,6 @@ def test_default_policy_follows_the_device_figures(tmp_path):
     fast = {**base, "perf": {**figures, "storage_read_gbps": 1000, "storage_latency_us": 1}}
     assert default_policy(DeviceConfig.from_dict(base), lay) == "lru"
     assert default_policy(DeviceConfig.from_dict(slow), lay) == "lfu"
+    assert default_policy(DeviceConfig.from_dict(slow), lay, 0.5) == "lfu"
+    assert default_policy(DeviceConfig.from_dict(slow), lay, 0.75) == "lru"   # hits ~all
     assert default_policy(DeviceConfig.from_dict(fast), lay) == "lru"

@@ -124,7 +124,8 @@ class MoeLM(LoadedModel):
         slots = slots_for_budget(expert_budget, total, self.layout.extent_bytes, cap)
         # unnamed: the policy and prefetch the device config's cost model picks (costmodel.py)
         return ExpertCache(self.reader, self.rt.arena, f"{self.name}: expert slots", slots,
-                           policy=policy or default_policy(self.rt.config, self.layout),
+                           policy=policy or default_policy(self.rt.config, self.layout,
+                                                           slots / max(1, total)),
                            lossy_alpha=lossy_alpha,
                            prefetch=prefetch_default(self.rt.config, self.layout))
 
