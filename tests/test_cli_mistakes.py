@@ -116,3 +116,20 @@ def test_configs_by_name(capsys):
     assert main(["configs"]) == 0
     out = capsys.readouterr().out
     assert "jetson-orin-nano-8gb" in out and "cpu-dev" in out
+
+
+def test_bench_moe_mistakes_before_any_work(capsys, tmp_path):
+    """Wrong bench arguments are named before the model is trained or anything measured:
+    --model points where no model is, so reaching the work would fail differently."""
+    nowhere = ["--model", tmp_path / "no-model-here"]
+    one_line(capsys, ["bench", "moe", *nowhere, "--only", "25% lru,fastest"],
+             "unknown contenders ['fastest']")
+    one_line(capsys, ["bench", "moe", *nowhere, "--reproject", tmp_path / "run.json"],
+             "no such file")
+    (tmp_path / "run.json").write_text("not json")
+    one_line(capsys, ["bench", "moe", *nowhere, "--reproject", tmp_path / "run.json"],
+             "not JSON")
+    (tmp_path / "run.json").write_text('{"table": {}}')
+    one_line(capsys, ["bench", "moe", *nowhere, "--reproject", tmp_path / "run.json"],
+             "no limits, edgert")
+    assert not (tmp_path / "no-model-here").exists()

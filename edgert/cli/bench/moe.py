@@ -280,12 +280,16 @@ def main(args) -> int:
     cfg = resolve(args.config)
     quick = args.quick
     model = Path(args.model or ("models/out/moe-fine-tiny" if quick else "models/out/moe-fine"))
+    budgets = (0.5, 1.0) if quick else BUDGETS
+    # mistakes in the arguments are named before minutes of training or measuring
+    previous = _load_result(args.reproject) if args.reproject else None
+    if args.only:
+        _only(args.only, contenders({b: {} for b in budgets}, budgets, not quick, 0.0))
     ensure_model(model, quick)
     pack = str(ensure_pack(model))
     text = (model / "heldout.txt").read_bytes()
     n_tok = args.tokens or (24 if quick else 192)
     repeats = args.repeats or (1 if quick else 3)
-    budgets = (0.5, 1.0) if quick else BUDGETS
     rt = Runtime(cfg)
     torch.set_num_threads(cfg.threads)
     span = PROMPT + n_tok + 1
@@ -302,8 +306,8 @@ def main(args) -> int:
     seg_traces = [record(rt, pack, ids) for ids in segments]
     lay, model_cfg = _layout(pack), json.loads((model / "config.json").read_text())
     shape = P.trained_shape(lay, model_cfg)
-    if args.reproject:
-        return _reproject(args, rt, pack, model, cfg, quick, budgets, limits, calib_trace,
+    if previous is not None:
+        return _reproject(args, previous, pack, model, cfg, quick, budgets, calib_trace,
                           seg_traces, lay, model_cfg, shape)
     probes = {name: _summary(decode_run(rt, pack, spec, calib_ids, None) | {"kl": [0.0],
                                                                              "max_abs_logprob_diff": 0.0})
@@ -319,11 +323,7 @@ def main(args) -> int:
         f"{round(100 * b)}% {P.describe(e)}" for b, e in edgert.items()), flush=True)
     cs = contenders(edgert, budgets, not quick, lay.top_k / lay.num_experts)
     if args.only:
-        keep = {n.strip() for n in args.only.split(",")}
-        unknown = keep - {n for n, _ in cs}
-        if unknown:
-            raise ValueError(f"--only: unknown contenders {sorted(unknown)}; known: "
-                             f"{', '.join(n for n, _ in cs)}")
+        keep = _only(args.only, cs)
         cs = [c for c in cs if c[0] in keep]
     decode_run(rt, pack, cs[0][1], segments[0], None)             # warm up once
     raw = {name: [] for name, _ in cs}
@@ -349,11 +349,40 @@ def main(args) -> int:
                                model_cfg, shape)
 
 
-def _reproject(args, rt, pack, model, cfg, quick, budgets, limits, calib_trace, seg_traces,
+def _only(text: str, cs) -> set[str]:
+    keep = {n.strip() for n in text.split(",")}
+    unknown = keep - {n for n, _ in cs}
+    if unknown:
+        raise ValueError(f"--only: unknown contenders {sorted(unknown)}; known: "
+                         f"{', '.join(n for n, _ in cs)}")
+    return keep
+
+
+def _load_result(path: str) -> dict:
+    """A previous run's --json output, for --reproject; ValueError naming the file."""
+    p = Path(path)
+    if not p.is_file():
+        raise ValueError(f"--reproject {path}: no such file")
+    try:
+        result = json.loads(p.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"--reproject {path}: not JSON ({e})") from None
+    missing = [k for k in ("table", "limits", "edgert") if not isinstance(result, dict)
+               or k not in result]
+    if missing:
+        raise ValueError(f"--reproject {path}: not the --json output of `edgert bench moe` "
+                         f"(no {', '.join(missing)})")
+    return result
+
+
+def _reproject(args, result, pack, model, cfg, quick, budgets, calib_trace, seg_traces,
                lay, model_cfg, shape) -> int:
-    result = json.loads(Path(args.reproject).read_text())
-    edgert = {b: {**result["edgert"][f"{round(100 * b)}%"], "budget": b}
-              for b in budgets if b < 1.0}
+    try:
+        edgert = {b: {**result["edgert"][f"{round(100 * b)}%"], "budget": b}
+                  for b in budgets if b < 1.0}
+    except KeyError as e:
+        raise ValueError(f"--reproject {args.reproject}: no edgert choice for budget {e} "
+                         f"(a --quick run's JSON needs --quick)") from None
     cs = contenders(edgert, budgets, not quick, lay.top_k / lay.num_experts)
     P.register_calibration(shape, calib_trace)
     return _project_and_report(args, result, cs, cfg, quick, calib_trace, seg_traces, lay,
