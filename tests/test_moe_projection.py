@@ -267,3 +267,26 @@ def test_default_policy_follows_the_device_figures(tmp_path):
     assert default_policy(DeviceConfig.from_dict(slow), lay, 0.5) == "lfu"
     assert default_policy(DeviceConfig.from_dict(slow), lay, 0.75) == "lru"   # hits ~all
     assert default_policy(DeviceConfig.from_dict(fast), lay) == "lru"
+
+
+def test_each_policy_is_charged_its_own_measured_bookkeeping():
+    """Probes of a cache that never misses, one per policy, set each policy's bookkeeping
+    per layer; a policy without a probe keeps LRU's; the projection charges it per layer."""
+    from edgert.cli.bench import moe_projection as P
+    steady = {"resident": 100.0, "100% lru": 90.0, "100% gate": 80.0, "100% stale": 75.0,
+              "100% lfu": 95.0}              # lfu measured faster than lru: noise, clamped at 0
+    table = {n: {"tok_s": v, "tok_s_steady": v} for n, v in steady.items()}
+    cost = P.calibrated_cost(table, {"read_Bps": 1e9}, SHAPE)
+    per = dict(cost.route_by_policy)
+    assert cost.route_s == pytest.approx((1 / 90 - 1 / 100) / L)
+    assert per["gate"] == pytest.approx((1 / 80 - 1 / 100) / L)
+    assert per["stale"] == pytest.approx((1 / 75 - 1 / 100) / L)
+    assert per["lfu"] == pytest.approx((1 / 95 - 1 / 100) / L)
+    assert cost.for_policy("belady") is cost and cost.for_policy("lru") is cost
+    tr = skewed_trace(n=30)
+    spec = {"kind": "cache", "budget": 1.0}
+    full = {p: P.project_spec(tr, SHAPE, cost, {**spec, "policy": p})["tok_s_steady"]
+            for p in ("lru", "gate", "stale")}
+    assert full["lru"] == pytest.approx(90.0, rel=1e-3)     # a full cache only misses in the prefill
+    assert full["gate"] == pytest.approx(80.0, rel=1e-3)
+    assert full["stale"] == pytest.approx(75.0, rel=1e-3)

@@ -85,6 +85,15 @@ class CostModel:
     prefetch_cpu_s: float = 0.0   # CPU work of one prefetch read that delays the engine
                                   # (cores all busy computing: 2 here; 0 on a GPU device)
     source: str = ""
+    # (policy, route_s) where a policy's bookkeeping was measured apart (gate-score and
+    # least-stale read every expert's router probability each layer: 2-3x LRU's on this
+    # machine); `for_policy` picks it
+    route_by_policy: tuple = ()
+
+    def for_policy(self, policy: str) -> "CostModel":
+        """These costs with `policy`'s own bookkeeping per layer, where it was measured."""
+        r = dict(self.route_by_policy).get(str(policy))
+        return self if r is None else replace(self, route_s=r)
 
     def read_s(self, nbytes: int) -> float:
         return self.read_latency_s + nbytes / self.read_Bps
@@ -108,7 +117,8 @@ class CostModel:
 
     @classmethod
     def calibrated(cls, *, read_latency_s: float, read_Bps: float, resident_tpot_s: float,
-                   layers: int, route_s: float, hint_s: float, miss_s: float = 0.0) -> "CostModel":
+                   layers: int, route_s: float, hint_s: float, miss_s: float = 0.0,
+                   route_by_policy: dict | None = None) -> "CostModel":
         """From figures measured on this machine: reads of one expert (O_DIRECT), the
         resident decode step, the cache's bookkeeping per layer (a cache that never misses
         minus resident) and one hint. Compute is lumped per layer (the step is Python-bound
@@ -118,6 +128,7 @@ class CostModel:
         return cls(read_latency_s=read_latency_s, read_Bps=read_Bps, token_s=0.0,
                    layer_s=resident_tpot_s / layers, expert_s=0.0, hint_s=hint_s,
                    route_s=route_s, miss_s=miss_s, prefetch_cpu_s=miss_s,
+                   route_by_policy=tuple(sorted((route_by_policy or {}).items())),
                    source="measured on this machine")
 
     def with_(self, **kw) -> "CostModel":

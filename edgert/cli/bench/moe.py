@@ -20,9 +20,11 @@ Contenders, alternated within each repeat (the starting one rotates):
   edgert       the exact configuration the cost model picks for this machine (moe_projection
                .choose: best projected policy on a calibration text; prefetch of hinted experts
                with p >= --prefetch-min-prob (0.2) + read-ahead where it pays)
-  lossy a      edgert + substitution at alpha a (0.1, 0.2, 0.3)
+  lossy a      edgert + substitution at alpha a (0.3, 0.4, 0.5)
   100% lru, 100% hints   probes for the cost model: the cache's bookkeeping with no misses,
                and the same with a prefetch hint at every layer
+  100% lfu, 100% gate, 100% stale   probes: each policy's own bookkeeping with no misses
+  min lru      probe: top-k slots per layer, nearly every expert a miss (a miss's CPU cost)
 Budgets: 25/50/75% of all experts, plus 100%. Every contender is also projected from its
 segment's routing trace with this machine's measured costs; the error is reported.
 Physical limits measured in the same run: O_DIRECT read bandwidth (bytes per token / bandwidth
@@ -218,6 +220,9 @@ def probe_spec(name: str, min_budget: float = 0.125) -> dict:
     spec = {"kind": "cache", "budget": 1.0, "policy": "lru"}
     if name == "min lru":
         return {**spec, "budget": min_budget}
+    policy = name.removeprefix("100% ")
+    if policy in P.POLICY_PROBES:               # one policy's own bookkeeping, no misses
+        return {**spec, "policy": policy, **({"options": {"decay": 0.9}} if policy == "gate" else {})}
     return spec if name == "100% lru" else {**spec, "prefetch": True, "hint_probe": None,
                                             "min_prob": 1.01}
 
@@ -254,7 +259,8 @@ def measure_read_bandwidth(rt, pack, repeats: int = 3) -> dict:
 def contenders(edgert: dict, budgets, full: bool, min_budget: float) -> list[tuple[str, dict]]:
     out = [("resident", {"kind": "resident"}), ("on-demand", {"kind": "on-demand"}),
            ("100% lru", probe_spec("100% lru")), ("100% hints", probe_spec("100% hints")),
-           ("min lru", probe_spec("min lru", min_budget))]
+           ("min lru", probe_spec("min lru", min_budget)),
+           *((n, probe_spec(n)) for n in P.POLICY_PROBES.values())]
     for b in budgets:
         if b >= 1.0:
             continue
@@ -315,7 +321,8 @@ def main(args) -> int:
                                  ("on-demand", {"kind": "on-demand"}),
                                  ("100% lru", probe_spec("100% lru")),
                                  ("100% hints", probe_spec("100% hints")),
-                                 ("min lru", probe_spec("min lru", lay.top_k / lay.num_experts))]}
+                                 ("min lru", probe_spec("min lru", lay.top_k / lay.num_experts)),
+                                 *((n, probe_spec(n)) for n in P.POLICY_PROBES.values())]}
     pre_cost = P.calibrated_cost(probes, limits, shape)
     P.register_calibration(shape, calib_trace)
     edgert = P.choose_all(calib_trace, shape, pre_cost, budgets, args.prefetch_min_prob)

@@ -46,6 +46,7 @@ def project_spec(tr: RoutingTrace, shape: ModelShape, cost: CostModel, spec: dic
         return project_resident(tr, shape, cost)
     if kind == "on-demand":
         return project_on_demand(tr, shape, cost)
+    cost = cost.for_policy(spec["policy"])
     opts = dict(spec.get("options") or {})
     if spec["policy"] == "belady":
         opts = {"future": belady_future(tr)}
@@ -136,7 +137,9 @@ def choose_all(calib, shape, cost, budgets, min_prob: float = 0.2) -> dict:
     return {b: choose(calib, shape, cost, b, min_prob) for b in budgets if b < 1.0}
 
 
-PROBES = ("resident", "on-demand", "100% lru", "100% hints", "min lru")
+# the bookkeeping of each policy that observes more than LRU, with no misses
+POLICY_PROBES = {"lfu": "100% lfu", "gate": "100% gate", "stale": "100% stale"}
+PROBES = ("resident", "on-demand", "100% lru", "100% hints", "min lru", *POLICY_PROBES.values())
 
 
 def calibrated_cost(table: dict, limits: dict, shape: ModelShape) -> CostModel:
@@ -159,9 +162,12 @@ def calibrated_cost(table: dict, limits: dict, shape: ModelShape) -> CostModel:
     elif "on-demand" in tpot:
         per_read = (tpot["on-demand"] - tpot["resident"]) / (L * shape.top_k)
         miss = max(0.0, per_read - read_s)
+    by_policy = {pol: max(0.0, (tpot[name] - tpot["resident"]) / L)
+                 for pol, name in POLICY_PROBES.items() if name in tpot}
     return CostModel.calibrated(read_latency_s=0.0, read_Bps=limits["read_Bps"],
                                 resident_tpot_s=tpot["resident"], layers=L,
-                                route_s=route, hint_s=hint, miss_s=miss)
+                                route_s=route, hint_s=hint, miss_s=miss,
+                                route_by_policy=by_policy)
 
 
 def trained_shape(layout, model_cfg: dict, dtype_bytes: int | None = None) -> ModelShape:
@@ -248,7 +254,9 @@ def print_calibration(measured: dict, projected: dict, cost: CostModel) -> list[
     print(f"\nPROJECTED vs measured on this machine (cost model from the probes "
           f"{', '.join(PROBES)}: read {cost.read_Bps / 1e6:.0f} MB/s + {1e3 * cost.miss_s:.3f} ms "
           f"per miss, resident step {1e3 * cost.layer_s:.3f} ms/layer, cache bookkeeping "
-          f"{1e3 * cost.route_s:.3f} ms/layer, hint {1e3 * cost.hint_s:.3f} ms). Compared: steady "
+          f"{1e3 * cost.route_s:.3f} ms/layer (" + ", ".join(
+              f"{pol} {1e3 * r:.3f}" for pol, r in cost.route_by_policy) +
+          f"), hint {1e3 * cost.hint_s:.3f} ms). Compared: steady "
           f"tok/s (each run without its slowest 10% of steps, median of runs), both sides alike")
     print(f"{'contender':16s} {'measured':>9s} {'projected':>10s} {'error':>7s} "
           f"{'(all steps: meas.':>18s} {'proj.)':>7s} {'hit meas.':>9s} {'hit proj.':>9s} "
