@@ -69,7 +69,7 @@ INSTANT = CostModel(read_latency_s=0.0, read_Bps=float("inf"), token_s=0.0, laye
 
 COUNTS = ("demands", "exact_hits", "substitutions", "inflight_at_route", "requests",
           "ready_hits", "loads", "ahead_loads", "prefetch_loads", "prefetch_used", "evictions",
-          "borrowed", "bytes_read", "hints", "hints_queued")
+          "borrowed", "bytes_read", "hints", "hints_queued", "first_reads", "next_reads")
 
 
 @pytest.mark.parametrize("policy,opts,alpha,prefetch", [
@@ -212,7 +212,8 @@ def test_a_replay_without_prefetch_retimes_exactly(alpha):
     tr = skewed_trace(n=30)
     a = CostModel(read_latency_s=1e-4, read_Bps=EXTENT / 1e-3, token_s=1e-3, layer_s=2e-3,
                   expert_s=3e-4, hint_s=1e-4, route_s=5e-5, miss_s=2e-5)
-    b = a.with_(read_latency_s=3e-3, read_Bps=EXTENT / 1e-4, layer_s=1e-4, miss_s=0.0)
+    b = a.with_(read_latency_s=3e-3, read_Bps=EXTENT / 1e-4, layer_s=1e-4, miss_s=0.0,
+                first_read_extra_s=7e-4)
     direct = project(tr, SHAPE, b, 7, policy="lfu", lossy_alpha=alpha)
     retimed = project(tr, SHAPE, a, 7, policy="lfu", lossy_alpha=alpha).retimed(SHAPE, b)
     assert retimed.tpot_s == pytest.approx(direct.tpot_s)
@@ -290,3 +291,32 @@ def test_each_policy_is_charged_its_own_measured_bookkeeping():
     assert full["lru"] == pytest.approx(90.0, rel=1e-3)     # a full cache only misses in the prefill
     assert full["gate"] == pytest.approx(80.0, rel=1e-3)
     assert full["stale"] == pytest.approx(75.0, rel=1e-3)
+
+
+def test_a_read_after_compute_is_charged_its_extra_once_per_acquire(tmp_path):
+    """The live cache times a layer's first demand read (it follows compute) apart from the
+    reads right after it; the replay charges the first ones `first_read_extra_s`, and counts
+    them exactly as the live cache does."""
+    pack = tmp_path / "moe.edgepack"
+    write_moe_pack(pack)
+    cache = ExpertCache(PackReader(pack, read_mode="buffered"), arena(), "test: experts", 2 * K,
+                        policy="lru", prefetch=False)
+    try:
+        cache.acquire(0, [0, 1])                 # two misses: one first read, one next read
+        cache.release(0, [0, 1])
+        cache.acquire(0, [0, 1])                 # hits: no read at all
+        cache.release(0, [0, 1])
+        c = cache.stats()["total"]
+        assert (c["first_reads"], c["next_reads"], c["loads"]) == (1, 1, 2)
+        assert c["first_read_s"] > 0 and c["next_read_s"] > 0
+    finally:
+        cache.close()
+    tr = skewed_trace(n=30)
+    base = CostModel(read_latency_s=0.0, read_Bps=EXTENT / 1e-3, token_s=0.0, layer_s=1e-3,
+                     expert_s=0.0, hint_s=0.0)
+    plain = project(tr, SHAPE, base, 7)
+    extra = project(tr, SHAPE, base.with_(first_read_extra_s=5e-4), 7)
+    firsts = sum(extra.first_reads)
+    assert firsts == extra.stats["total"]["first_reads"] > 0
+    assert sum(extra.reads) > firsts                 # some acquires read more than one
+    assert sum(extra.tpot_s) == pytest.approx(sum(plain.tpot_s) + firsts * 5e-4)

@@ -171,9 +171,19 @@ class ExpertCache:
                     self._trace[layer].extend(ids)
                 return {e: s_.weights(s) for e, s in zip(ids, slots)}
         pinned: list[int] = []
+        c, read = self.counters[layer], False
         try:
             for e in ids:
-                self._acquire_one(layer, e)
+                t0 = time.perf_counter()
+                if self._acquire_one(layer, e):            # a demand read: timed by kind
+                    dt = time.perf_counter() - t0
+                    if read:
+                        c.next_reads += 1
+                        c.next_read_s += dt
+                    else:
+                        c.first_reads += 1
+                        c.first_read_s += dt
+                    read = True
                 pinned.append(e)
         except BaseException:
             self.release(layer, pinned)
@@ -261,7 +271,8 @@ class ExpertCache:
         self._slots.close()
 
     # --- loading -------------------------------------------------------------------------
-    def _acquire_one(self, layer: int, e: int) -> None:
+    def _acquire_one(self, layer: int, e: int) -> bool:
+        """Pin (layer, e), reading it if needed; True when this call read it."""
         c = self.counters[layer]
         s_ = self._slots
         key = (layer, e)
@@ -293,8 +304,9 @@ class ExpertCache:
             info.used = True
             info.last = time.monotonic()
             self.policy.on_access(layer, e)
+            return False
 
-    def _demand_read(self, layer: int, e: int, slot: int, t0: float) -> None:
+    def _demand_read(self, layer: int, e: int, slot: int, t0: float) -> bool:
         """Read a claimed slot outside the lock (caller holds `_cv`; released meanwhile)."""
         c = self.counters[layer]
         s_ = self._slots
@@ -315,6 +327,7 @@ class ExpertCache:
         self.policy.on_insert(layer, e)
         self.policy.on_access(layer, e)
         self._cv.notify_all()
+        return True
 
     def _read(self, layer: int, e: int, slot: int) -> int:
         """Read expert (layer, e) into `slot` through the pack's verified read path (a

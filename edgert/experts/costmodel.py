@@ -82,6 +82,8 @@ class CostModel:
     hint_s: float           # one prefetch hint: the next layer's router on this state
     route_s: float = 0.0    # the cache's bookkeeping per layer (0 for resident experts)
     miss_s: float = 0.0     # CPU work per demand read beyond the read itself
+    first_read_extra_s: float = 0.0  # more for a demand read that follows compute (the first
+                                     # of an acquire) than for one right after another read
     prefetch_cpu_s: float = 0.0   # CPU work of one prefetch read that delays the engine
                                   # (cores all busy computing: 2 here; 0 on a GPU device)
     source: str = ""
@@ -118,6 +120,7 @@ class CostModel:
     @classmethod
     def calibrated(cls, *, read_latency_s: float, read_Bps: float, resident_tpot_s: float,
                    layers: int, route_s: float, hint_s: float, miss_s: float = 0.0,
+                   first_read_extra_s: float = 0.0,
                    route_by_policy: dict | None = None) -> "CostModel":
         """From figures measured on this machine: reads of one expert (O_DIRECT), the
         resident decode step, the cache's bookkeeping per layer (a cache that never misses
@@ -128,6 +131,7 @@ class CostModel:
         return cls(read_latency_s=read_latency_s, read_Bps=read_Bps, token_s=0.0,
                    layer_s=resident_tpot_s / layers, expert_s=0.0, hint_s=hint_s,
                    route_s=route_s, miss_s=miss_s, prefetch_cpu_s=miss_s,
+                   first_read_extra_s=first_read_extra_s,
                    route_by_policy=tuple(sorted((route_by_policy or {}).items())),
                    source="measured on this machine")
 

@@ -112,7 +112,7 @@ class VirtualReader:
     """The pack as the cache sees it: a demand read books the storage and waits on the clock."""
 
     def __init__(self, layout: ExpertLayout, clock: VirtualClock, storage: VirtualStorage,
-                 miss_s: float = 0.0):
+                 miss_s: float = 0.0, first_extra_s: float = 0.0):
         self.manifest = SimpleNamespace(experts=SimpleNamespace(
             num_layers=layout.num_layers, num_experts=layout.num_experts, top_k=layout.top_k,
             extent_bytes=layout.extent_bytes, table=layout.table, moe_layers=layout.moe_layers,
@@ -121,14 +121,23 @@ class VirtualReader:
         entry = SimpleNamespace(length=layout.extent_bytes, zero=False)
         self.blocks = [entry] * len(layout.table)
         self.storage = SimpleNamespace(mode="virtual")
-        self.clock, self.disk, self.miss_s = clock, storage, miss_s
+        self.clock, self.disk, self.miss_s, self.first_extra_s = clock, storage, miss_s, first_extra_s
         self.path = "<projection>"
         self.reads = 0           # demand reads (the worker books its own)
+        self.first_reads = 0     # ... that followed compute rather than another demand read
+        self._ended = None       # the clock when the last demand read ended
 
     def read_into(self, idxs, bufs, tensors=None):
         self.reads += len(idxs)
         n = sum(self.blocks[i].length for i in idxs)
-        self.clock.now = self.disk.book(self.clock.now, n) + self.miss_s
+        # NOTE: the clock stands still between two demand reads of one acquire; anything
+        # else moves it (compute is charged per layer)
+        extra = 0.0
+        if self.clock.now != self._ended:
+            self.first_reads += 1
+            extra = self.first_extra_s
+        self.clock.now = self.disk.book(self.clock.now, n) + self.miss_s + extra
+        self._ended = self.clock.now
         return n, None
 
 
@@ -249,6 +258,7 @@ class Projection:
     stats: dict
     reads: list = field(default_factory=list)
     prefetch: bool = False
+    first_reads: list = field(default_factory=list)   # per token: reads that followed compute
 
     def retimed(self, shape: ModelShape, cost: CostModel) -> "Projection":
         """The same replay on other costs. Only without prefetch: then nothing overlaps and
@@ -257,8 +267,11 @@ class Projection:
         assert not self.prefetch, "a replay with prefetch depends on time: replay it again"
         compute = cost.resident_tpot(shape) + shape.layers * cost.route_s
         per_read = cost.read_s(shape.expert_bytes) + cost.miss_s
-        tpot = [compute + n * per_read for n in self.reads]
-        return Projection(tpot, sum(self.reads) * per_read, self.stats, list(self.reads))
+        first = self.first_reads or [0] * len(self.reads)
+        extra = cost.first_read_extra_s
+        tpot = [compute + n * per_read + f * extra for n, f in zip(self.reads, first)]
+        return Projection(tpot, sum(self.reads) * per_read + sum(first) * extra, self.stats,
+                          list(self.reads), first_reads=list(first))
 
     @property
     def tok_s(self) -> float:
@@ -286,7 +299,7 @@ def drive(cache, trace: RoutingTrace, clock: VirtualClock | None = None,
     tick = (lambda: worker.advance(clock.now)) if worker is not None else (lambda: None)
     charge = (lambda s: setattr(clock, "now", clock.now + s)) if clock is not None else (lambda s: None)
     zero = cost is None
-    tpot, stall, reads = [], 0.0, []
+    tpot, stall, reads, firsts = [], 0.0, [], []
     reader = getattr(cache, "reader", None)
     for s, rows in trace.step_rows():
         if s == 1:
@@ -298,6 +311,7 @@ def drive(cache, trace: RoutingTrace, clock: VirtualClock | None = None,
             stall = 0.0
         t0 = clock.now if clock is not None else 0.0
         r0 = getattr(reader, "reads", 0)
+        f0 = getattr(reader, "first_reads", 0)
         charge(0.0 if zero else cost.token_s)
         for i, l in enumerate(layers):
             charge(0.0 if zero else cost.layer_s)
@@ -323,7 +337,9 @@ def drive(cache, trace: RoutingTrace, clock: VirtualClock | None = None,
         if s > 0 and clock is not None:
             tpot.append(clock.now - t0)
             reads.append(getattr(reader, "reads", 0) - r0)
-    return Projection(tpot, stall, cache.stats(), reads, bool(getattr(cache, "prefetch", False)))
+            firsts.append(getattr(reader, "first_reads", 0) - f0)
+    return Projection(tpot, stall, cache.stats(), reads, bool(getattr(cache, "prefetch", False)),
+                      firsts)
 
 
 def project(trace: RoutingTrace, shape: ModelShape, cost: CostModel, num_slots: int,
@@ -336,7 +352,7 @@ def project(trace: RoutingTrace, shape: ModelShape, cost: CostModel, num_slots: 
     clock = VirtualClock()
     disk = VirtualStorage(cost)
     layout = virtual_layout(shape)
-    reader = VirtualReader(layout, clock, disk, cost.miss_s)
+    reader = VirtualReader(layout, clock, disk, cost.miss_s, cost.first_read_extra_s)
     workers = []
 
     def make_worker(run):
@@ -364,7 +380,8 @@ def project_resident(trace: RoutingTrace, shape: ModelShape, cost: CostModel) ->
 
 def project_on_demand(trace: RoutingTrace, shape: ModelShape, cost: CostModel) -> dict:
     """No cache: each step reads its k experts per layer, one after another, then computes."""
-    per_layer_read = shape.top_k * (cost.read_s(shape.expert_bytes) + cost.miss_s)
+    per_layer_read = shape.top_k * (cost.read_s(shape.expert_bytes) + cost.miss_s) + \
+        cost.first_read_extra_s
     t = cost.resident_tpot(shape) + shape.layers * per_layer_read
     return {"tok_s": 1.0 / t, "tok_s_steady": 1.0 / t, "tpot_p50_ms": 1e3 * t, "exact_hit_rate": 0.0,
             "effective_hit_rate": 0.0, "bytes_per_token": shape.layers * shape.top_k * shape.expert_bytes,

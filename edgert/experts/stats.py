@@ -41,6 +41,12 @@ class LayerCounters:
     borrowed: int = 0           # slots taken beyond the layer's quota (pins > quota)
     bytes_read: int = 0         # demand + prefetch
     stall_s: float = 0.0        # time acquire spent waiting on reads
+    # demand reads split by what came before them: the first of an acquire follows compute
+    # (storage and threads idle: measured ~0.1 ms dearer here), a next one follows a read
+    first_reads: int = 0
+    first_read_s: float = 0.0   # acquire's time in them (the read and its bookkeeping)
+    next_reads: int = 0
+    next_read_s: float = 0.0
 
     def add(self, other: "LayerCounters") -> None:
         for f in fields(self):

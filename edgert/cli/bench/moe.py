@@ -438,7 +438,16 @@ def _summary(res: dict) -> dict:
             "exact_hit_rate": st.get("exact_hit_rate"), "effective_hit_rate": st.get("effective_hit_rate"),
             "bytes_per_token": st.get("bytes_read", 0) / n, "stall_per_token_s": st.get("stall_s", 0.0) / n,
             "prefetch_precision": st.get("prefetch_precision"), "prefetch_recall": st.get("prefetch_recall"),
-            "substitution_rate": st.get("substitution_rate"), "stats": st}
+            "substitution_rate": st.get("substitution_rate"),
+            # demand reads by what preceded them (compute, or another read): the cost model's
+            # first_read_extra_s is the difference of their means in the "min lru" probe
+            "first_read_s_mean": _per(st, "first_read_s", "first_reads"),
+            "next_read_s_mean": _per(st, "next_read_s", "next_reads"),
+            "first_reads_per_token": st.get("first_reads", 0) / n, "stats": st}
+
+
+def _per(st: dict, total: str, count: str) -> float | None:
+    return st[total] / st[count] if st.get(count) else None
 
 
 def steady_tok_s(tpot_s) -> float:
@@ -463,7 +472,9 @@ def _aggregate(runs: list[dict]) -> dict:
             "kl_mean": mean("kl_mean"), "kl_max": float(max(r["kl_max"] for r in runs)),
             "max_abs_logprob_diff": float(max(r["max_abs_logprob_diff"] for r in runs)),
             **{k: mean(k) for k in ("exact_hit_rate", "effective_hit_rate", "bytes_per_token",
-                                    "stall_per_token_s", "prefetch_precision", "prefetch_recall")}}
+                                    "stall_per_token_s", "prefetch_precision", "prefetch_recall",
+                                    "first_read_s_mean", "next_read_s_mean",
+                                    "first_reads_per_token")}}
 
 
 def _fmt(x, spec):

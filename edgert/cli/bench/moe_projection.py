@@ -155,10 +155,16 @@ def calibrated_cost(table: dict, limits: dict, shape: ModelShape) -> CostModel:
     hint = max(0.0, (tpot["100% hints"] - tpot["100% lru"]) / max(1, L - 1)) \
         if "100% hints" in tpot and "100% lru" in tpot else 0.0
     read_s = shape.expert_bytes / limits["read_Bps"]
-    miss = 0.0
+    miss, extra = 0.0, 0.0
     if "min lru" in tpot and "100% lru" in tpot and table["min lru"].get("bytes_per_token"):
-        misses = table["min lru"]["bytes_per_token"] / shape.expert_bytes       # per token
-        miss = max(0.0, (tpot["min lru"] - tpot["100% lru"]) / misses - read_s)
+        m = table["min lru"]
+        misses = m["bytes_per_token"] / shape.expert_bytes                     # per token
+        # a demand read that follows compute costs more than one right after another read
+        # (storage and threads idle); the probe times both kinds
+        if m.get("first_read_s_mean") is not None and m.get("next_read_s_mean") is not None:
+            extra = max(0.0, m["first_read_s_mean"] - m["next_read_s_mean"])
+        firsts = m.get("first_reads_per_token") or 0.0
+        miss = max(0.0, (tpot["min lru"] - tpot["100% lru"] - extra * firsts) / misses - read_s)
     elif "on-demand" in tpot:
         per_read = (tpot["on-demand"] - tpot["resident"]) / (L * shape.top_k)
         miss = max(0.0, per_read - read_s)
@@ -167,7 +173,7 @@ def calibrated_cost(table: dict, limits: dict, shape: ModelShape) -> CostModel:
     return CostModel.calibrated(read_latency_s=0.0, read_Bps=limits["read_Bps"],
                                 resident_tpot_s=tpot["resident"], layers=L,
                                 route_s=route, hint_s=hint, miss_s=miss,
-                                route_by_policy=by_policy)
+                                first_read_extra_s=extra, route_by_policy=by_policy)
 
 
 def trained_shape(layout, model_cfg: dict, dtype_bytes: int | None = None) -> ModelShape:
@@ -253,7 +259,7 @@ def shapes_for(layout, model_cfg: dict, quick: bool) -> dict:
 def print_calibration(measured: dict, projected: dict, cost: CostModel) -> list[dict]:
     print(f"\nPROJECTED vs measured on this machine (cost model from the probes "
           f"{', '.join(PROBES)}: read {cost.read_Bps / 1e6:.0f} MB/s + {1e3 * cost.miss_s:.3f} ms "
-          f"per miss, resident step {1e3 * cost.layer_s:.3f} ms/layer, cache bookkeeping "
+          f"per miss, + {1e3 * cost.first_read_extra_s:.3f} ms for a read after compute, resident step {1e3 * cost.layer_s:.3f} ms/layer, cache bookkeeping "
           f"{1e3 * cost.route_s:.3f} ms/layer (" + ", ".join(
               f"{pol} {1e3 * r:.3f}" for pol, r in cost.route_by_policy) +
           f"), hint {1e3 * cost.hint_s:.3f} ms). Compared: steady "
