@@ -14,19 +14,25 @@ import numpy as np
 
 def substitute(p: np.ndarray, row: np.ndarray, loaded: np.ndarray, alpha: float) -> int:
     """Apply the band to `row` (the token's k selected experts, changed in place) given its
-    probabilities `p` [E] and the `loaded` mask [E]; returns how many were replaced."""
+    probabilities `p` [E] and the `loaded` mask [E] (bool); returns how many were replaced.
+    Ties in probability go to the lower position (of `row` for the missing experts, of the
+    expert id for substitutes)."""
     k = len(row)
     if alpha <= 0 or k >= len(p):
         return 0
     S = float(np.partition(p, -(k + 1))[-(k + 1)])
     hi, lo = (1.0 + alpha) * S, (1.0 - alpha) * S
-    missing = [j for j in np.argsort(-p[row], kind="stable")
-               if not loaded[row[j]] and p[row[j]] < hi]
-    if not missing:
+    pr = p[row]
+    order = np.argsort(-pr, kind="stable")                       # selected, highest first
+    missing = order[~loaded[row[order]] & (pr[order] < hi)]
+    if missing.size == 0:
         return 0
-    chosen = set(row.tolist())
-    subs = [e for e in np.argsort(-p, kind="stable") if e not in chosen and loaded[e] and p[e] > lo]
-    n = min(len(missing), len(subs))
-    for j, e in zip(missing[:n], subs[:n]):
-        row[j] = e
-    return n
+    cand = loaded & (p > lo)
+    cand[row] = False                                            # unselected only
+    subs = np.flatnonzero(cand)
+    if subs.size == 0:
+        return 0
+    subs = subs[np.argsort(-p[subs], kind="stable")]             # highest first
+    n = min(missing.size, subs.size)
+    row[missing[:n]] = subs[:n]
+    return int(n)

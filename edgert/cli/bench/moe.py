@@ -25,6 +25,7 @@ Contenders, alternated within each repeat (the starting one rotates):
                and the same with a prefetch hint at every layer
   100% lfu, 100% gate, 100% stale   probes: each policy's own bookkeeping with no misses
   min lru      probe: top-k slots per layer, nearly every expert a miss (a miss's CPU cost)
+  min ahead    probe: the same with read-ahead (what a prefetch read costs the engine here)
 Budgets: 25/50/75% of all experts, plus 100%. Every contender is also projected from its
 segment's routing trace with this machine's measured costs; the error is reported.
 Physical limits measured in the same run: O_DIRECT read bandwidth (bytes per token / bandwidth
@@ -220,6 +221,9 @@ def probe_spec(name: str, min_budget: float = 0.125) -> dict:
     spec = {"kind": "cache", "budget": 1.0, "policy": "lru"}
     if name == "min lru":
         return {**spec, "budget": min_budget}
+    if name == P.AHEAD_PROBE:                   # the same with read-ahead (no hinted reads)
+        return {**spec, "budget": min_budget, "prefetch": True, "hint_probe": None,
+                "min_prob": 1.01}
     policy = name.removeprefix("100% ")
     if policy in P.POLICY_PROBES:               # one policy's own bookkeeping, no misses
         return {**spec, "policy": policy, **({"options": {"decay": 0.9}} if policy == "gate" else {})}
@@ -260,6 +264,7 @@ def contenders(edgert: dict, budgets, full: bool, min_budget: float) -> list[tup
     out = [("resident", {"kind": "resident"}), ("on-demand", {"kind": "on-demand"}),
            ("100% lru", probe_spec("100% lru")), ("100% hints", probe_spec("100% hints")),
            ("min lru", probe_spec("min lru", min_budget)),
+           (P.AHEAD_PROBE, probe_spec(P.AHEAD_PROBE, min_budget)),
            *((n, probe_spec(n)) for n in P.POLICY_PROBES.values())]
     for b in budgets:
         if b >= 1.0:
@@ -322,8 +327,11 @@ def main(args) -> int:
                                  ("100% lru", probe_spec("100% lru")),
                                  ("100% hints", probe_spec("100% hints")),
                                  ("min lru", probe_spec("min lru", lay.top_k / lay.num_experts)),
+                                 (P.AHEAD_PROBE, probe_spec(P.AHEAD_PROBE,
+                                                            lay.top_k / lay.num_experts)),
                                  *((n, probe_spec(n)) for n in P.POLICY_PROBES.values())]}
-    pre_cost = P.calibrated_cost(probes, limits, shape)
+    pre_cost = P.fit_prefetch_cpu(P.calibrated_cost(probes, limits, shape), probes, [calib_trace],
+                                  shape, probe_spec(P.AHEAD_PROBE, lay.top_k / lay.num_experts))
     P.register_calibration(shape, calib_trace)
     edgert = P.choose_all(calib_trace, shape, pre_cost, budgets, args.prefetch_min_prob)
     print("edgert here (chosen by the cost model on the calibration text): " + "; ".join(
@@ -399,7 +407,8 @@ def _reproject(args, result, pack, model, cfg, quick, budgets, calib_trace, seg_
 def _project_and_report(args, result, cs, cfg, quick, calib_trace, seg_traces, lay,
                         model_cfg, shape) -> int:
     table, limits = result["table"], result["limits"]
-    cost = P.calibrated_cost(table, limits, shape)
+    cost = P.fit_prefetch_cpu(P.calibrated_cost(table, limits, shape), table, seg_traces, shape,
+                              probe_spec(P.AHEAD_PROBE, lay.top_k / lay.num_experts))
     projected = P.project_measured(seg_traces, calib_trace, shape, cost, cs)
     configs = [DeviceConfig.load(n) for n in shipped() if n != cfg.name]   # this one: measured
     shapes = P.shapes_for(lay, model_cfg, quick)

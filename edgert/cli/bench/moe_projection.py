@@ -139,7 +139,36 @@ def choose_all(calib, shape, cost, budgets, min_prob: float = 0.2) -> dict:
 
 # the bookkeeping of each policy that observes more than LRU, with no misses
 POLICY_PROBES = {"lfu": "100% lfu", "gate": "100% gate", "stale": "100% stale"}
-PROBES = ("resident", "on-demand", "100% lru", "100% hints", "min lru", *POLICY_PROBES.values())
+AHEAD_PROBE = "min ahead"        # "min lru" with read-ahead: what a prefetch read costs
+PROBES = ("resident", "on-demand", "100% lru", "100% hints", "min lru", AHEAD_PROBE,
+          *POLICY_PROBES.values())
+
+
+def fit_prefetch_cpu(cost: CostModel, table: dict, traces, shape: ModelShape,
+                     spec: dict) -> CostModel:
+    """`cost` with the engine time one prefetch read takes (`prefetch_cpu_s`) set so that the
+    read-ahead probe projects its measured steady tok/s (bisection: the projection slows as
+    that time grows). Without the probe, `cost` unchanged (a demand read's CPU cost).
+
+    NOTE: on a machine whose cores all compute, the worker's reads take time from the
+    engine (thread switches, the GIL, a core); the probe measures how much, so the chooser
+    turns prefetch on here only where it pays at that price."""
+    m = table.get(AHEAD_PROBE)
+    if not m:
+        return cost
+    target = m.get("tok_s_steady", m["tok_s"])
+
+    def at(x: float) -> float:
+        return project_over(traces, shape, cost.with_(prefetch_cpu_s=x), spec)["tok_s_steady"]
+    lo, hi = 0.0, 4.0 * (cost.read_s(shape.expert_bytes) + cost.miss_s)
+    if at(lo) <= target:
+        return cost.with_(prefetch_cpu_s=lo)
+    if at(hi) >= target:
+        return cost.with_(prefetch_cpu_s=hi)
+    for _ in range(10):
+        mid = 0.5 * (lo + hi)
+        lo, hi = (mid, hi) if at(mid) > target else (lo, mid)
+    return cost.with_(prefetch_cpu_s=0.5 * (lo + hi))
 
 
 def calibrated_cost(table: dict, limits: dict, shape: ModelShape) -> CostModel:
@@ -262,7 +291,8 @@ def print_calibration(measured: dict, projected: dict, cost: CostModel) -> list[
           f"per miss, + {1e3 * cost.first_read_extra_s:.3f} ms for a read after compute, resident step {1e3 * cost.layer_s:.3f} ms/layer, cache bookkeeping "
           f"{1e3 * cost.route_s:.3f} ms/layer (" + ", ".join(
               f"{pol} {1e3 * r:.3f}" for pol, r in cost.route_by_policy) +
-          f"), hint {1e3 * cost.hint_s:.3f} ms). Compared: steady "
+          f"), hint {1e3 * cost.hint_s:.3f} ms, a prefetch read takes "
+          f"{1e3 * cost.prefetch_cpu_s:.3f} ms from the engine). Compared: steady "
           f"tok/s (each run without its slowest 10% of steps, median of runs), both sides alike")
     print(f"{'contender':16s} {'measured':>9s} {'projected':>10s} {'error':>7s} "
           f"{'(all steps: meas.':>18s} {'proj.)':>7s} {'hit meas.':>9s} {'hit proj.':>9s} "
