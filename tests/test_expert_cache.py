@@ -424,6 +424,42 @@ def test_substitute_is_a_pure_band_rule():
     assert substitute(p, r, np.zeros(6, bool), 0.9) == 0 and r.tolist() == [0, 1]  # nothing loaded
 
 
+def _band_by_the_letter(p, row, loaded, alpha):
+    """The band rule of substitution.py's docstring, one expert at a time."""
+    k, E = len(row), len(p)
+    if alpha <= 0 or k >= E:
+        return 0
+    S = sorted(p.tolist(), reverse=True)[k]
+    hi, lo = (1 + alpha) * S, (1 - alpha) * S
+    by_p = sorted(range(k), key=lambda j: (-p[row[j]], j))           # ties: lower position
+    missing = [j for j in by_p if not loaded[row[j]] and p[row[j]] < hi]
+    chosen = set(row.tolist())
+    subs = [e for e in sorted(range(E), key=lambda e: (-p[e], e))  # ties: lower id
+            if e not in chosen and loaded[e] and p[e] > lo]
+    for j, e in zip(missing, subs):
+        row[j] = e
+    return min(len(missing), len(subs))
+
+
+def test_substitute_follows_the_band_rule_on_random_routing():
+    """The vectorised band equals the rule applied one expert at a time (ties included)."""
+    from edgert.experts.substitution import substitute
+    g = np.random.default_rng(0)
+    for t in range(3000):
+        E = int(g.integers(2, 70))
+        k = int(g.integers(1, min(E, 9)))
+        p = g.dirichlet(np.ones(E) * g.choice([0.3, 1.0, 5.0])).astype(np.float32)
+        if t % 4 == 0:
+            p = np.round(p, 2)                              # ties
+        row = g.choice(E, k, replace=False)
+        loaded = g.random(E) < g.random()
+        alpha = float(g.choice([0.0, 0.1, 0.4, 1.0]))
+        want, got = row.copy(), row.copy()
+        n_want = _band_by_the_letter(p, want, loaded, alpha)
+        assert substitute(p, got, loaded.copy(), alpha) == n_want, (p, row, loaded, alpha)
+        assert got.tolist() == want.tolist(), (p, row, loaded, alpha)
+
+
 def test_hints_that_queue_nothing_pause_then_probe_again(pack):
     cache, _ = make_cache(pack, num_slots=6, prefetch=True, hint_probe=(8, 5))
     unsure = torch.full((1, E), 1.0 / E)          # below prefetch_min_prob: nothing to read
