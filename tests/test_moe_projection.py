@@ -272,17 +272,18 @@ def test_default_policy_follows_the_device_figures(tmp_path):
 
 def test_each_policy_is_charged_its_own_measured_bookkeeping():
     """Probes of a cache that never misses, one per policy, set each policy's bookkeeping
-    per layer; a policy without a probe keeps LRU's; the projection charges it per layer."""
+    per layer, never less than LRU's; a policy without a probe keeps LRU's; the projection
+    charges it per layer."""
     from edgert.cli.bench import moe_projection as P
     steady = {"resident": 100.0, "100% lru": 90.0, "100% gate": 80.0, "100% stale": 75.0,
-              "100% lfu": 95.0}              # lfu measured faster than lru: noise, clamped at 0
+              "100% lfu": 95.0}              # lfu measured faster than lru: noise
     table = {n: {"tok_s": v, "tok_s_steady": v} for n, v in steady.items()}
     cost = P.calibrated_cost(table, {"read_Bps": 1e9}, SHAPE)
     per = dict(cost.route_by_policy)
     assert cost.route_s == pytest.approx((1 / 90 - 1 / 100) / L)
     assert per["gate"] == pytest.approx((1 / 80 - 1 / 100) / L)
     assert per["stale"] == pytest.approx((1 / 75 - 1 / 100) / L)
-    assert per["lfu"] == pytest.approx((1 / 95 - 1 / 100) / L)
+    assert per["lfu"] == cost.route_s             # never charged less than LRU's bookkeeping
     assert cost.for_policy("belady") is cost and cost.for_policy("lru") is cost
     tr = skewed_trace(n=30)
     spec = {"kind": "cache", "budget": 1.0}
@@ -320,3 +321,29 @@ def test_a_read_after_compute_is_charged_its_extra_once_per_acquire(tmp_path):
     assert firsts == extra.stats["total"]["first_reads"] > 0
     assert sum(extra.reads) > firsts                 # some acquires read more than one
     assert sum(extra.tpot_s) == pytest.approx(sum(plain.tpot_s) + firsts * 5e-4)
+
+
+def test_prefetch_cost_is_fitted_to_the_read_ahead_gain():
+    """The read-ahead probe's measured gain over "min lru" sets what a prefetch read costs
+    the engine; the fit recovers the cost that produced a gain, whatever the projection's
+    error on "min lru" itself, and clamps at zero when read-ahead measured no gain."""
+    from edgert.cli.bench import moe_projection as P
+    tr = skewed_trace(n=40)
+    cost = CostModel(read_latency_s=0.0, read_Bps=EXTENT / 1e-3, token_s=0.0, layer_s=1e-3,
+                     expert_s=0.0, hint_s=0.0, miss_s=1e-4)
+    spec = {"kind": "cache", "budget": K / E, "policy": "lru", "prefetch": True,
+            "hint_probe": None, "min_prob": 1.01}
+    plain = P.project_over([tr], SHAPE, cost, {**spec, "prefetch": False})["tok_s_steady"]
+
+    def gain(x):
+        return P.project_over([tr], SHAPE, cost.with_(prefetch_cpu_s=x), spec)["tok_s_steady"] / plain
+    assert gain(0.0) > gain(5e-4) > 0
+    for scale in (1.0, 0.8):                     # the projection 25% optimistic on "min lru"
+        table = {"min lru": {"tok_s": 100 * scale, "tok_s_steady": 100 * scale},
+                 P.AHEAD_PROBE: {"tok_s": 100 * scale * gain(3e-4),
+                                 "tok_s_steady": 100 * scale * gain(3e-4)}}
+        fitted = P.fit_prefetch_cpu(cost, table, [tr], SHAPE, spec).prefetch_cpu_s
+        assert gain(fitted) == pytest.approx(gain(3e-4), rel=0.01)
+    table[P.AHEAD_PROBE] = {"tok_s": 80 * gain(0.0) * 2, "tok_s_steady": 80 * gain(0.0) * 2}
+    assert P.fit_prefetch_cpu(cost, table, [tr], SHAPE, spec).prefetch_cpu_s == 0.0
+    assert P.fit_prefetch_cpu(cost, {"min lru": table["min lru"]}, [tr], SHAPE, spec) is cost

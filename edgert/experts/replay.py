@@ -187,6 +187,7 @@ class VirtualWorker:
             raise RuntimeError("projection: the cache waits for a read no one makes")
         self.clock.now = max(self.clock.now, self._inflight[0])
         self._finish()
+        self.clock.now += self.cpu_s       # its CPU work (checks, bookkeeping) is waited for too
 
     def drain(self) -> None:
         self.advance(float("inf"))

@@ -147,19 +147,23 @@ PROBES = ("resident", "on-demand", "100% lru", "100% hints", "min lru", AHEAD_PR
 def fit_prefetch_cpu(cost: CostModel, table: dict, traces, shape: ModelShape,
                      spec: dict) -> CostModel:
     """`cost` with the engine time one prefetch read takes (`prefetch_cpu_s`) set so that the
-    read-ahead probe projects its measured steady tok/s (bisection: the projection slows as
-    that time grows). Without the probe, `cost` unchanged (a demand read's CPU cost).
+    read-ahead probe's gain over "min lru" (the same cache without read-ahead) projects as
+    measured (bisection: the projected gain falls as that time grows). Without the two
+    probes, `cost` unchanged (a demand read's CPU cost).
 
     NOTE: on a machine whose cores all compute, the worker's reads take time from the
     engine (thread switches, the GIL, a core); the probe measures how much, so the chooser
-    turns prefetch on here only where it pays at that price."""
-    m = table.get(AHEAD_PROBE)
-    if not m:
+    turns prefetch on here only where it pays at that price. The gain, not the probe's own
+    tok/s, is matched: the projection's error on "min lru" is not prefetch's."""
+    m, base = table.get(AHEAD_PROBE), table.get("min lru")
+    if not m or not base:
         return cost
-    target = m.get("tok_s_steady", m["tok_s"])
+    target = m.get("tok_s_steady", m["tok_s"]) / base.get("tok_s_steady", base["tok_s"])
+    plain = project_over(traces, shape, cost, {**spec, "prefetch": False})["tok_s_steady"]
 
     def at(x: float) -> float:
-        return project_over(traces, shape, cost.with_(prefetch_cpu_s=x), spec)["tok_s_steady"]
+        ahead = project_over(traces, shape, cost.with_(prefetch_cpu_s=x), spec)["tok_s_steady"]
+        return ahead / plain
     lo, hi = 0.0, 4.0 * (cost.read_s(shape.expert_bytes) + cost.miss_s)
     if at(lo) <= target:
         return cost.with_(prefetch_cpu_s=lo)
@@ -197,7 +201,10 @@ def calibrated_cost(table: dict, limits: dict, shape: ModelShape) -> CostModel:
     elif "on-demand" in tpot:
         per_read = (tpot["on-demand"] - tpot["resident"]) / (L * shape.top_k)
         miss = max(0.0, per_read - read_s)
-    by_policy = {pol: max(0.0, (tpot[name] - tpot["resident"]) / L)
+    # NOTE: every policy keeps LRU's recency clock and adds its own bookkeeping, so none
+    # is charged less than LRU: a probe that measured faster than "100% lru" measured noise
+    # (left unclamped, that noise alone made the chooser prefer LFU at 75% in one run)
+    by_policy = {pol: max(route, (tpot[name] - tpot["resident"]) / L)
                  for pol, name in POLICY_PROBES.items() if name in tpot}
     return CostModel.calibrated(read_latency_s=0.0, read_Bps=limits["read_Bps"],
                                 resident_tpot_s=tpot["resident"], layers=L,
