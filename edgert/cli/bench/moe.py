@@ -330,8 +330,8 @@ def main(args) -> int:
                                  (P.AHEAD_PROBE, probe_spec(P.AHEAD_PROBE,
                                                             lay.top_k / lay.num_experts)),
                                  *((n, probe_spec(n)) for n in P.POLICY_PROBES.values())]}
-    pre_cost = P.fit_prefetch_cpu(P.calibrated_cost(probes, limits, shape), probes, [calib_trace],
-                                  shape, probe_spec(P.AHEAD_PROBE, lay.top_k / lay.num_experts))
+    pre_cost = P.fit_costs(P.calibrated_cost(probes, limits, shape), probes, [calib_trace],
+                           shape, probe_spec(P.AHEAD_PROBE, lay.top_k / lay.num_experts))
     P.register_calibration(shape, calib_trace)
     edgert = P.choose_all(calib_trace, shape, pre_cost, budgets, args.prefetch_min_prob)
     print("edgert here (chosen by the cost model on the calibration text): " + "; ".join(
@@ -407,8 +407,8 @@ def _reproject(args, result, pack, model, cfg, quick, budgets, calib_trace, seg_
 def _project_and_report(args, result, cs, cfg, quick, calib_trace, seg_traces, lay,
                         model_cfg, shape) -> int:
     table, limits = result["table"], result["limits"]
-    cost = P.fit_prefetch_cpu(P.calibrated_cost(table, limits, shape), table, seg_traces, shape,
-                              probe_spec(P.AHEAD_PROBE, lay.top_k / lay.num_experts))
+    cost = P.fit_costs(P.calibrated_cost(table, limits, shape), table, seg_traces, shape,
+                       probe_spec(P.AHEAD_PROBE, lay.top_k / lay.num_experts))
     projected = P.project_measured(seg_traces, calib_trace, shape, cost, cs)
     configs = [DeviceConfig.load(n) for n in shipped() if n != cfg.name]   # this one: measured
     shapes = P.shapes_for(lay, model_cfg, quick)
