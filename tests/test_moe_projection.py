@@ -347,3 +347,18 @@ def test_prefetch_cost_is_fitted_to_the_read_ahead_gain():
     table[P.AHEAD_PROBE] = {"tok_s": 80 * gain(0.0) * 2, "tok_s_steady": 80 * gain(0.0) * 2}
     assert P.fit_prefetch_cpu(cost, table, [tr], SHAPE, spec).prefetch_cpu_s == 0.0
     assert P.fit_prefetch_cpu(cost, {"min lru": table["min lru"]}, [tr], SHAPE, spec) is cost
+
+
+def test_miss_cost_is_fitted_so_the_probe_projects_as_measured():
+    """The "min lru" probe's measured steady tok/s sets a miss's CPU cost by bisection."""
+    from edgert.cli.bench import moe_projection as P
+    tr = skewed_trace(n=40)
+    cost = CostModel(read_latency_s=0.0, read_Bps=EXTENT / 1e-3, token_s=0.0, layer_s=1e-3,
+                     expert_s=0.0, hint_s=0.0)
+    spec = {"kind": "cache", "budget": K / E, "policy": "lru"}
+    want = P.project_over([tr], SHAPE, cost.with_(miss_s=4e-4), spec)["tok_s_steady"]
+    table = {"min lru": {"tok_s": want, "tok_s_steady": want}}
+    fitted = P.fit_miss_cost(cost, table, [tr], SHAPE, spec)
+    assert fitted.miss_s == pytest.approx(4e-4, rel=0.01)
+    table = {"min lru": {"tok_s": 1e9, "tok_s_steady": 1e9}}     # faster than any miss: 0
+    assert P.fit_miss_cost(cost, table, [tr], SHAPE, spec).miss_s == 0.0
