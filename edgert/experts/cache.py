@@ -174,9 +174,8 @@ class ExpertCache:
         c, read = self.counters[layer], False
         try:
             for e in ids:
-                t0 = time.perf_counter()
-                if self._acquire_one(layer, e):            # a demand read: timed by kind
-                    dt = time.perf_counter() - t0
+                dt = self._acquire_one(layer, e)
+                if dt is not None:                         # a demand read: timed by kind
                     if read:
                         c.next_reads += 1
                         c.next_read_s += dt
@@ -271,8 +270,9 @@ class ExpertCache:
         self._slots.close()
 
     # --- loading -------------------------------------------------------------------------
-    def _acquire_one(self, layer: int, e: int) -> bool:
-        """Pin (layer, e), reading it if needed; True when this call read it."""
+    def _acquire_one(self, layer: int, e: int) -> float | None:
+        """Pin (layer, e), reading it if needed; the seconds this call spent when it read it,
+        None when it did not."""
         c = self.counters[layer]
         s_ = self._slots
         key = (layer, e)
@@ -304,9 +304,9 @@ class ExpertCache:
             info.used = True
             info.last = time.monotonic()
             self.policy.on_access(layer, e)
-            return False
+            return None
 
-    def _demand_read(self, layer: int, e: int, slot: int, t0: float) -> bool:
+    def _demand_read(self, layer: int, e: int, slot: int, t0: float) -> float:
         """Read a claimed slot outside the lock (caller holds `_cv`; released meanwhile)."""
         c = self.counters[layer]
         s_ = self._slots
@@ -323,11 +323,12 @@ class ExpertCache:
         s_.info[slot].last = time.monotonic()
         c.loads += 1
         c.bytes_read += nbytes
-        c.stall_s += time.perf_counter() - t0
+        dt = time.perf_counter() - t0
+        c.stall_s += dt
         self.policy.on_insert(layer, e)
         self.policy.on_access(layer, e)
         self._cv.notify_all()
-        return True
+        return dt
 
     def _read(self, layer: int, e: int, slot: int) -> int:
         """Read expert (layer, e) into `slot` through the pack's verified read path (a

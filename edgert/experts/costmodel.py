@@ -88,8 +88,8 @@ class CostModel:
                                   # (cores all busy computing: 2 here; 0 on a GPU device)
     source: str = ""
     # (policy, route_s) where a policy's bookkeeping was measured apart (gate-score and
-    # least-stale read every expert's router probability each layer: 2-3x LRU's on this
-    # machine); `for_policy` picks it
+    # least-stale read every expert's router probability each layer: 1.6-1.8x LRU's on
+    # this machine); `for_policy` picks it
     route_by_policy: tuple = ()
 
     def for_policy(self, policy: str) -> "CostModel":

@@ -226,7 +226,7 @@ def probe_spec(name: str, min_budget: float = 0.125) -> dict:
                 "min_prob": 1.01}
     policy = name.removeprefix("100% ")
     if policy in P.POLICY_PROBES:               # one policy's own bookkeeping, no misses
-        return {**spec, "policy": policy, **({"options": {"decay": 0.9}} if policy == "gate" else {})}
+        return {**spec, "policy": policy, "options": dict(P.EXACT)[policy]}
     return spec if name == "100% lru" else {**spec, "prefetch": True, "hint_probe": None,
                                             "min_prob": 1.01}
 
@@ -260,12 +260,14 @@ def measure_read_bandwidth(rt, pack, repeats: int = 3) -> dict:
 
 
 # --- the benchmark ---------------------------------------------------------------------------
+def probes(min_budget: float) -> list[tuple[str, dict]]:
+    """The contenders that set this machine's costs (moe_projection.PROBES), with specs."""
+    return [("resident", {"kind": "resident"}), ("on-demand", {"kind": "on-demand"}),
+            *((n, probe_spec(n, min_budget)) for n in P.PROBES[2:])]
+
+
 def contenders(edgert: dict, budgets, full: bool, min_budget: float) -> list[tuple[str, dict]]:
-    out = [("resident", {"kind": "resident"}), ("on-demand", {"kind": "on-demand"}),
-           ("100% lru", probe_spec("100% lru")), ("100% hints", probe_spec("100% hints")),
-           ("min lru", probe_spec("min lru", min_budget)),
-           (P.AHEAD_PROBE, probe_spec(P.AHEAD_PROBE, min_budget)),
-           *((n, probe_spec(n)) for n in P.POLICY_PROBES.values())]
+    out = probes(min_budget)
     for b in budgets:
         if b >= 1.0:
             continue
@@ -274,7 +276,7 @@ def contenders(edgert: dict, budgets, full: bool, min_budget: float) -> list[tup
         out.append((f"{tag} lru", {**cache, "policy": "lru"}))
         if full and b <= 0.5:
             out += [(f"{tag} lfu", {**cache, "policy": "lfu"}),
-                    (f"{tag} gate", {**cache, "policy": "gate", "options": {"decay": 0.9}}),
+                    (f"{tag} gate", {**cache, "policy": "gate", "options": dict(P.EXACT)["gate"]}),
                     (f"{tag} stale", {**cache, "policy": "stale"}),
                     (f"{tag} belady", {**cache, "policy": "belady"})]
         e = edgert[b]
@@ -320,18 +322,12 @@ def main(args) -> int:
     if previous is not None:
         return _reproject(args, previous, pack, model, cfg, quick, budgets, calib_trace,
                           seg_traces, lay, model_cfg, shape)
-    probes = {name: _summary(decode_run(rt, pack, spec, calib_ids, None) | {"kl": [0.0],
-                                                                             "max_abs_logprob_diff": 0.0})
-              for name, spec in [("resident", {"kind": "resident"}),
-                                 ("on-demand", {"kind": "on-demand"}),
-                                 ("100% lru", probe_spec("100% lru")),
-                                 ("100% hints", probe_spec("100% hints")),
-                                 ("min lru", probe_spec("min lru", lay.top_k / lay.num_experts)),
-                                 (P.AHEAD_PROBE, probe_spec(P.AHEAD_PROBE,
-                                                            lay.top_k / lay.num_experts)),
-                                 *((n, probe_spec(n)) for n in P.POLICY_PROBES.values())]}
-    pre_cost = P.fit_costs(P.calibrated_cost(probes, limits, shape), probes, [calib_trace],
-                           shape, probe_spec(P.AHEAD_PROBE, lay.top_k / lay.num_experts))
+    min_budget = lay.top_k / lay.num_experts
+    measured_probes = {name: _summary(decode_run(rt, pack, spec, calib_ids, None) |
+                                      {"kl": [0.0], "max_abs_logprob_diff": 0.0})
+                       for name, spec in probes(min_budget)}
+    pre_cost = P.fit_costs(P.calibrated_cost(measured_probes, limits, shape), measured_probes,
+                           [calib_trace], shape, probe_spec(P.AHEAD_PROBE, min_budget))
     P.register_calibration(shape, calib_trace)
     edgert = P.choose_all(calib_trace, shape, pre_cost, budgets, args.prefetch_min_prob)
     print("edgert here (chosen by the cost model on the calibration text): " + "; ".join(
