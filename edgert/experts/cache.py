@@ -87,6 +87,7 @@ class ExpertCache:
         self.prefetch_width = prefetch_width or lay.top_k
         self.prefetch_min_prob = float(prefetch_min_prob)
         self._governor = HintGovernor(hint_probe)   # pauses hints that queue no reads
+        self._closing = False                       # under `_cv`: prefetches claim no slot
         self._worker = worker(weakref.WeakMethod(self._prefetch)) if self.prefetch else None
 
     @property
@@ -264,7 +265,11 @@ class ExpertCache:
             self._worker.drain()
 
     def close(self) -> None:
-        """Stop the worker and give every slot back. Idempotent."""
+        """Drop the queued prefetches (they never run), wait for the read in flight, then give
+        every slot back. Afterwards nothing reads into the slots or takes arena memory.
+        Idempotent."""
+        with self._cv:
+            self._closing = True       # a job already running stops after its current read
         if self._worker is not None:
             self._worker.close()
         self._slots.close()
@@ -363,10 +368,10 @@ class ExpertCache:
     def _prefetch_claim(self, layer: int, e: int, epoch: int, kind: str,
                         keep: frozenset) -> int | None:
         """A slot claimed for a prefetch of (layer, e); SKIP when it is resident or on its
-        way; None when the job should stop (the layer routed since, or no slot to take)."""
+        way; None when the job should stop (closing, the layer routed since, or no slot)."""
         s_ = self._slots
         with self._cv:
-            if self._epoch[layer] != epoch:   # the layer already routed: demand loads took over
+            if self._closing or self._epoch[layer] != epoch:   # routed: demand loads took over
                 return None
             if (layer, e) in s_.where:
                 return SKIP
