@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..errors import BudgetExceeded, PackCorrupt
+from ..errors import BudgetExceeded
 from ..memory.arena import PAGE, Arena
 from ..memory.slots import SlotPool
 from ..pack import PackReader
@@ -39,15 +39,18 @@ class BlockCache:
 
     NOTE: a pinned block (pin count > 0) is never evicted; unpinned resident blocks sit
     in ``_lru`` (oldest first, value = last use), so a hit and an eviction are O(1).
-    ``lock`` guards the cache: pass the owner's lock when it already serialises calls;
-    the arena's reclaim only ever *tries* it, so a busy cache is simply skipped.
+    ``lock`` is the cache's own and is held only for bookkeeping and memory copies, never
+    for a storage read nor by the owner around its own work (an inference, a switch):
+    the arena's reclaim only *tries* it, so a long hold would make another model's
+    allocation fail while unpinned blocks sit idle. Whoever copies from a slot pins it
+    first, so a reclaim between two calls never frees a slot that is being read.
     """
 
     def __init__(self, arena: Arena, reader: PackReader, label: str, *,
-                 lock: threading.RLock | None = None, cap: int | None = None):
+                 cap: int | None = None):
         self.pool = SlotPool(arena, label, reader.block_size, cap=cap)
         self.label, self.reader = label, reader
-        self.lock = lock if lock is not None else threading.RLock()
+        self.lock = threading.RLock()
         self._slot: dict[bytes, int] = {}
         self._pins: dict[bytes, int] = {}
         self._lru: OrderedDict[bytes, float] = OrderedDict()
@@ -62,7 +65,8 @@ class BlockCache:
         return len(self._slot)
 
     def peek(self, h: bytes) -> np.ndarray | None:
-        """The slot view of a resident block, without counting or reordering."""
+        """The slot view of a resident block, without counting or reordering. Only for a
+        look: a reclaim may free the slot at any moment unless it is pinned."""
         s = self._slot.get(h)
         return None if s is None else self.pool.view(s)
 
@@ -77,10 +81,10 @@ class BlockCache:
     def get(self, idx: int, pin: bool = True) -> np.ndarray:
         """The slot view holding block ``idx``, loading it from storage on a miss.
         ValueError for a zero block (never cached)."""
+        ent = self.reader.blocks[idx]
+        if ent.zero:
+            raise ValueError(f"block {idx} is a zero block: memset it, it is never cached")
         with self.lock:
-            ent = self.reader.blocks[idx]
-            if ent.zero:
-                raise ValueError(f"block {idx} is a zero block: memset it, it is never cached")
             s = self._slot.get(ent.hash)
             if s is not None:
                 self.counters.hits += 1
@@ -88,16 +92,24 @@ class BlockCache:
                 return self.pool.view(s)
             self.counters.misses += 1
             s = self._take_slot(f"block {idx}")
-            view = self.pool.view(s)
-            try:
-                self.reader.read_into([idx], [view])
-            except (PackCorrupt, OSError):
+        # NOTE: read outside the lock; the slot is in neither `_slot` nor `_lru` until it is
+        # published below, so no reclaim can take it meanwhile
+        view = self.pool.view(s)
+        try:
+            self.reader.read_into([idx], [view])
+        except BaseException:
+            with self.lock:
                 self.pool.free([s])
-                raise
+            raise
+        with self.lock:
             self.counters.bytes_read += ent.length
-            self._slot[ent.hash] = s
+            if ent.hash in self._slot:        # loaded meanwhile by another caller: keep theirs
+                self.pool.free([s])
+                s = self._slot[ent.hash]
+            else:
+                self._slot[ent.hash] = s
             self._touch(ent.hash, pin)
-            return view
+            return self.pool.view(s)
 
     def put(self, idx: int, data: np.ndarray, pin: bool = False) -> np.ndarray | None:
         """Keep a copy of block ``idx`` whose bytes are already in memory (no storage read).

@@ -60,7 +60,7 @@ class TaskSwitcher:
     """The active task of one pack over a run of arena memory, and its spare-block cache.
 
     ``label`` names the owner in the arena's accounting; ``lock`` (the owner's) serialises
-    the switcher and its cache."""
+    switches and prewarms; the cache has a short lock of its own."""
 
     def __init__(self, reader: PackReader, arena: Arena, label: str, *,
                  keep_displaced: bool = True, lock: threading.RLock | None = None):
@@ -75,7 +75,9 @@ class TaskSwitcher:
         # gives way first
         self._lease = Lease(arena, f"{label}: task weights", self.run_bytes)
         self.run = self._lease.view[:self.run_bytes]            # uint8 [run_bytes]
-        self.cache = BlockCache(arena, reader, f"{label}: spare task blocks", lock=self.lock)
+        # NOTE: the cache keeps its own short lock: the owner's is held for whole inferences,
+        # and another model's allocation must be able to reclaim spare blocks meanwhile
+        self.cache = BlockCache(arena, reader, f"{label}: spare task blocks")
         self.active: str | None = None
         self._cur = np.full(len(self.pos_off), -1, np.int64)    # hash id per position, -1 = empty
         self._cur_blk = np.full(len(self.pos_off), -1, np.int64)
@@ -190,9 +192,13 @@ class TaskSwitcher:
                 if b < 0:
                     continue
                 o, n = self.pos_off[p], self.pos_len[p]
-                src = self.cache.peek(self.reader.blocks[b].hash)
-                if src is not None:
-                    self.run[o:o + n] = src[:n]
+                h = self.reader.blocks[b].hash
+                (s,) = self.cache.pin_resident([h])   # pinned: no reclaim frees it mid-copy
+                if s is not None:
+                    try:
+                        self.run[o:o + n] = self.cache.pool.view(s)[:n]
+                    finally:
+                        self.cache.unpin(h)
                 else:
                     self.reader.read_into([b], [self.run[o:o + align_up(int(n))]])
         except (PackCorrupt, OSError):
