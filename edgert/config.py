@@ -103,6 +103,26 @@ class Perf:
 
 
 @dataclass(frozen=True)
+class ServiceLimits:
+    """What `edgert serve` admits (docs/protocol.md, "Limits"). A caller is a CURVE public
+    key where CURVE is on, else one socket. Jobs are requests queued or at work; tokens are
+    the ``max_new_tokens`` of a caller's admitted generations. Past a cap a request gets
+    ``busy`` before any work. ``max_batch``: items of one task request the frame limit is
+    sized for (frames larger than the served models can take are refused by libzmq).
+    ``drain_timeout_s``: how long a reload or unload lets in-flight requests finish on the
+    old model before ending them with ``reloaded``. Defaults are sized for an 8 GB Orin Nano:
+    16k tokens is minutes of decoding there, 256 MiB of queued input a few hundred frames."""
+    workers: int = 4
+    max_jobs_per_client: int = 16
+    max_jobs: int = 64
+    max_tokens_per_client: int = 4096
+    max_tokens: int = 16384
+    max_queued_bytes: int = 256 << 20
+    max_batch: int = 64
+    drain_timeout_s: float = 30.0
+
+
+@dataclass(frozen=True)
 class DeviceConfig:
     name: str
     budget: Budget
@@ -114,6 +134,7 @@ class DeviceConfig:
     server: str = ""
     kv_cache: KvCache = field(default_factory=KvCache)
     perf: Perf | None = None      # figures for the projection (`perf:`)
+    service: ServiceLimits = field(default_factory=ServiceLimits)
     source: str = ""              # file it was read from
 
     @staticmethod
@@ -157,7 +178,7 @@ def _check_keys(doc, allowed: set[str], where: str) -> dict:
 
 def _build(doc, source: str) -> DeviceConfig:
     top = {"name", "memory", "storage", "providers", "device", "threads", "dtype", "server",
-           "kv_cache", "perf"}
+           "kv_cache", "perf", "service"}
     doc = _check_keys(doc, top, "")
     for key in ("name", "memory"):
         if key not in doc:
@@ -206,7 +227,7 @@ def _build(doc, source: str) -> DeviceConfig:
                         storage=Storage(read_mode, str(st.get("scratch_dir", "") or "")),
                         providers=tuple(providers), device=device, threads=threads,
                         dtype=dtype, server=server, kv_cache=_kv_cache(doc), perf=_perf(doc),
-                        source=source)
+                        service=_service(doc), source=source)
 
 
 _PERF_KEYS = {"storage_read_gbps": ("storage_read_Bps", 1e9),
@@ -250,6 +271,36 @@ def _kv_cache(doc) -> KvCache:
                    parse_bytes(kv.get("disk", 0), "kv_cache.disk"), os.path.expanduser(d))
 
 
+def _service(doc) -> ServiceLimits:
+    sec = _check_keys(doc.get("service", {}) or {}, set(ServiceLimits.__dataclass_fields__),
+                      "service")
+    out = {}
+    for key, f in ServiceLimits.__dataclass_fields__.items():
+        if key not in sec:
+            continue
+        v = sec[key]
+        if key == "max_queued_bytes":
+            v = parse_bytes(v, f"service.{key}")
+            ok = v > 0
+        elif f.type == "float":
+            ok = not isinstance(v, bool) and isinstance(v, (int, float)) and 0 <= v < 1e6
+            v = float(v) if ok else v
+        else:
+            ok = isinstance(v, int) and not isinstance(v, bool) and v >= 1
+        if not ok:
+            raise ConfigError(f"service.{key} must be a positive "
+                              f"{'number of seconds' if f.type == 'float' else 'integer'}"
+                              f", got {sec[key]!r}")
+        out[key] = v
+    lim = ServiceLimits(**out)
+    for per, whole in (("max_jobs_per_client", "max_jobs"),
+                       ("max_tokens_per_client", "max_tokens")):
+        if getattr(lim, per) > getattr(lim, whole):
+            raise ConfigError(f"service.{per} ({getattr(lim, per)}) exceeds service.{whole} "
+                              f"({getattr(lim, whole)})")
+    return lim
+
+
 def shipped() -> list[str]:
     """Names of the device configs that ship with edgert."""
     return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
@@ -263,5 +314,5 @@ def resolve(cfg=None) -> DeviceConfig:
     return DeviceConfig.load(cfg)
 
 
-__all__ = ["DeviceConfig", "Budget", "Storage", "KvCache", "resolve", "parse_bytes",
+__all__ = ["DeviceConfig", "Budget", "Storage", "KvCache", "ServiceLimits", "resolve", "parse_bytes",
            "DEFAULT_CONFIG"]

@@ -105,7 +105,7 @@ class Serve:
 
 def serve_args(tiny, files, endpoint) -> list[str]:
     return ["--pack", f"tasks={tiny.pack}", "--pack", str(files["lm"]), "--config",
-            str(files["config"]), "--bind", endpoint]
+            str(files["config"]), "--bind", endpoint, "--pack-dir", str(tiny.pack.parent)]
 
 
 def cli(capsys, *argv) -> tuple[int, str, str]:
@@ -153,7 +153,8 @@ def test_serve_then_every_client_command_from_the_shell(tiny, files, short_dir, 
                 (["infer", "--input", f"image={tmp_path / 'none.npy'}"], "cannot read"),
                 (["infer", "--input", f"picture={files['x']}"], "unknown input 'picture'"),
                 (["generate", "--prompt", "x", "--max-new-tokens", "0"], "max_new_tokens"),
-                (["load", tmp_path / "none.edgepack"], "cannot open pack"),
+                (["load", tmp_path / "none.edgepack"],
+                 "not a pack file inside the service's pack directories"),
                 (["load", tiny.pack, "--option", "prepack"], "expected KEY=VALUE"),
                 (["unload", "nope"], "no model 'nope'"),
                 (["stats", "--model", "nope"], "no model 'nope'")):

@@ -14,6 +14,7 @@ import time
 import msgpack
 import numpy as np
 import pytest
+from pathlib import Path
 import zmq
 
 pytest.importorskip("transformers")
@@ -58,6 +59,7 @@ class Served:
         self.rt = edgert.Runtime(config())
         self.m = self.rt.load(tiny.pack, name="tasks", prepack="off")
         self.lm = self.rt.load(lm_pack, name="lm", expert_budget=1.0)
+        kw.setdefault("pack_dirs", [Path(tiny.pack).parent, Path(lm_pack).parent])
         self.svc = Service(self.rt, endpoint, models={"tasks": self.m, "lm": self.lm},
                            **kw).start()
         self.endpoint = self.svc.endpoint
@@ -466,14 +468,21 @@ def test_reload_failing_leaves_the_old_model_serving_and_succeeding_swaps(served
                                                                           tmp_path):
     bad = tmp_path / "bad.edgepack"
     bad.write_bytes(tiny.pack.read_bytes()[:8192])        # a truncated pack
+    outside = tmp_path.parent / "outside.edgepack"
+    outside.write_bytes(b"SECRET!!" + bytes(8192))
+    link = tmp_path / "link.edgepack"
+    link.symlink_to(outside)                              # inside by name, outside in fact
+    served_tcp.svc.table.pack_dirs.append(tmp_path.resolve())
     with served_tcp.client() as c:
         c.switch("sign")
         mem0 = c.stats()["runtime"]["arena"]["in_use_bytes"]
-        for path, code in ((bad, "pack_corrupt"), (tmp_path / "missing.edgepack", "failed"),
-                           (tmp_path, "failed")):
+        for path, code in ((bad, "pack_corrupt"), (tmp_path / "missing.edgepack", "forbidden"),
+                           (tmp_path, "forbidden"), (outside, "forbidden"),
+                           (link, "forbidden")):
             with pytest.raises(RemoteError) as e:
                 c.reload("tasks", path=path)
             assert e.value.code == code, e.value
+            assert "SECRET" not in str(e.value) and "\\x00" not in str(e.value)
             assert_matches(c.infer({"image": tiny.x})["logits"], tiny.ref["sign"])
             assert c.stats()["runtime"]["arena"]["in_use_bytes"] == mem0
         with pytest.raises(RemoteError) as e:

@@ -2,6 +2,7 @@
 `edgert keys generate` (CurveZMQ key pairs). Protocol: docs/protocol.md."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import signal
 import sys
@@ -28,9 +29,17 @@ def register(sub) -> None:
     s.add_argument("--allow-dir", metavar="DIR", help="public keys (*.key) of clients allowed")
     s.add_argument("--admin-dir", metavar="DIR",
                    help="public keys allowed to load, unload, reload and shut down")
-    s.add_argument("--workers", type=int, default=4, metavar="N")
-    s.add_argument("--max-inflight", type=int, default=16, metavar="N",
-                   help="requests one client may have at work at once (more: 'busy')")
+    s.add_argument("--pack-dir", action="append", default=[], metavar="DIR",
+                   help="a directory whose packs clients may load or reload by path "
+                   "(none: the load op is refused)")
+    s.add_argument("--drain-timeout", type=float, metavar="S",
+                   help="seconds a reload or unload waits for in-flight requests on the old "
+                   "model (default: the config's service.drain_timeout_s)")
+    s.add_argument("--workers", type=int, metavar="N",
+                   help="worker threads (default: the config's service.workers)")
+    s.add_argument("--max-inflight", type=int, metavar="N",
+                   help="requests one caller may have at work at once (more: 'busy'; "
+                   "default: the config's service.max_jobs_per_client)")
     s.set_defaults(func=_serve)
 
     c = sub.add_parser("client", help="send one op to a device service",
@@ -95,7 +104,7 @@ def _pack_specs(specs: list[str]) -> dict[str, str]:
 
 
 def _serve(args) -> int:
-    from ..control.endpoint import all_interfaces
+    from ..control.endpoint import check_endpoint, check_plain_tcp, default_endpoint
     from ..control.notify import notify
     from ..control.service import Service
     from ..runtime import Runtime
@@ -104,14 +113,28 @@ def _serve(args) -> int:
         raise ConfigError("--curve-secret and --allow-dir go together")
     if args.admin_dir and not args.curve_secret:
         raise ConfigError("--admin-dir needs --curve-secret and --allow-dir")
-    if args.workers < 1 or args.max_inflight < 1:
-        raise ConfigError("--workers and --max-inflight must be at least 1")
+    for flag, v in (("--workers", args.workers), ("--max-inflight", args.max_inflight)):
+        if v is not None and v < 1:
+            raise ConfigError(f"{flag} must be at least 1")
+    if args.drain_timeout is not None and not 0 <= args.drain_timeout < 1e6:
+        raise ConfigError("--drain-timeout must be a number of seconds >= 0")
+    for d in args.pack_dir:
+        if not Path(d).is_dir():
+            raise ConfigError(f"--pack-dir {d}: not a directory")
+    # NOTE: the endpoint is checked before any pack is loaded: a second service on a busy
+    # endpoint says so at once instead of loading everything first
+    bind = check_endpoint(args.bind or default_endpoint())
+    check_plain_tcp(bind, args.curve_secret is not None)
     rt = Runtime(args.config)
     try:
+        limits = rt.config.service
+        if args.drain_timeout is not None:
+            limits = dataclasses.replace(limits, drain_timeout_s=args.drain_timeout)
         models = {name: rt.load(path, name=name) for name, path in packs.items()}
-        svc = Service(rt, args.bind, models=models, workers=args.workers,
+        svc = Service(rt, bind, models=models, limits=limits, workers=args.workers,
                       max_inflight_per_client=args.max_inflight, curve_secret=args.curve_secret,
-                      allow_dir=args.allow_dir, admin_dir=args.admin_dir)
+                      allow_dir=args.allow_dir, admin_dir=args.admin_dir,
+                      pack_dirs=args.pack_dir)
         del models                      # the service holds them; unload must be able to free
 
         stopping = []
@@ -129,9 +152,8 @@ def _serve(args) -> int:
         signal.signal(signal.SIGTERM, stop)
         signal.signal(signal.SIGINT, stop)
         if svc.endpoint.startswith("tcp://") and not args.curve_secret:
-            where = "any host that reaches it" if all_interfaces(svc.endpoint) else "local users"
-            print(f"edgert serve: warning: {svc.endpoint} without CURVE: {where} may use this "
-                  "service, including load and shutdown", file=sys.stderr)
+            print(f"edgert serve: warning: {svc.endpoint} without CURVE: any local process may "
+                  "use this service, including shutdown", file=sys.stderr)
         names = ", ".join(f"{n} ({m.kind})" for n, m in svc.table.items())
         print(f"edgert serve: ready on {svc.endpoint} serving {names}", flush=True)
         notify(READY="1", STATUS=f"ready on {svc.endpoint} serving {names}")   # Type=notify

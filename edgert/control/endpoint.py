@@ -6,6 +6,7 @@ interfaces (``*``, ``0.0.0.0``, ``::``) only when the endpoint names them.
 """
 from __future__ import annotations
 
+import ipaddress
 import os
 import socket
 import stat
@@ -67,6 +68,29 @@ def check_endpoint(endpoint: str) -> str:
 def all_interfaces(endpoint: str) -> bool:
     scheme, _, rest = endpoint.partition("://")
     return scheme == "tcp" and rest.rpartition(":")[0] in ALL_INTERFACES
+
+
+def loopback(endpoint: str) -> bool:
+    """Whether a tcp endpoint binds a loopback address only (127.0.0.0/8, ::1, localhost)."""
+    scheme, _, rest = endpoint.partition("://")
+    host = rest.rpartition(":")[0].strip("[]")
+    if scheme != "tcp":
+        return False
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_plain_tcp(endpoint: str, curve: bool) -> None:
+    """Plain TCP carries no authentication: the service takes it on loopback only, where
+    the peers are local processes (as on an ipc socket, less the directory's mode)."""
+    if endpoint.startswith("tcp://") and not curve and not loopback(endpoint):
+        raise ConfigError(f"endpoint {endpoint}: plain TCP is unauthenticated, so edgert "
+                          "serves it on loopback only (tcp://127.0.0.1:PORT); to serve other "
+                          "hosts, turn CURVE on (--curve-secret and --allow-dir, docs/deploy.md)")
 
 
 def _listening(path: str) -> bool:

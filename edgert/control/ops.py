@@ -7,13 +7,15 @@ request names (or the only one of the kind it needs), its tasks and its input sp
 from __future__ import annotations
 
 import math
+import os
 import threading
+import time
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
 
 import numpy as np
 
-from ..errors import ModelClosed
+from ..errors import PackCorrupt
 from .protocol import MAX_ITEMS, PROTOCOL, ProtocolError
 
 MAX_NEW_TOKENS = 8192
@@ -26,6 +28,8 @@ MODEL_KIND = {"switch": "tasks", "infer": "tasks", "prewarm": "tasks", "generate
 LOOP_OPS = ("hello", "health", "cancel", "shutdown")    # answered on the socket loop
 ADMIN_OPS = ("load", "unload", "reload", "shutdown")
 STREAM_OPS = ("generate",)
+RETIRE_WAIT_S = 10.0        # after the drain timeout: how long retired work has to end (it
+                            # ends at its next token or when its run returns)
 
 
 # --- argument checks -------------------------------------------------------------------------
@@ -136,14 +140,24 @@ def check_args(op: str, args: dict) -> dict:
 # --- the served models -----------------------------------------------------------------------
 class ModelTable:
     """The models a service serves, by the name clients use. The socket loop reads it,
-    workers change it (load, unload, reload); a lock keeps both consistent. A reload
-    loads the new model first and swaps only on success."""
+    workers change it (load, unload, reload); a lock keeps both consistent.
 
-    def __init__(self, rt, models: dict | None = None):
+    Work on a model holds a lease on it (`lease`) for as long as it runs, a stream until its
+    last piece. A reload loads the new model first and swaps only on success; the old one,
+    like an unloaded one, takes no new work and is closed once its leases are given back
+    (drained), or after ``drain_timeout_s``, when the work still holding it is told to end
+    with ``reloaded`` (Triton's model control keeps the old version the same way)."""
+
+    def __init__(self, rt, models: dict | None = None, *, pack_dirs=None,
+                 drain_timeout_s: float = 30.0):
         self.rt = rt
         self._models: dict[str, object] = dict(models or {})
         self._busy: set[str] = set()         # names being loaded, unloaded or reloaded
+        self._holders: dict[int, list] = {}  # id(model) -> [retire callbacks of its leases]
         self._lock = threading.Lock()
+        self._drained = threading.Condition(self._lock)
+        self.pack_dirs = [Path(d).resolve() for d in (pack_dirs or [])]
+        self.drain_timeout_s = drain_timeout_s
 
     def names(self) -> list[str]:
         with self._lock:
@@ -180,16 +194,39 @@ class ModelTable:
             raise ProtocolError("unknown_model", f"no model {name!r} is served")
         return m
 
+    def lease(self, name: str, retire=lambda: None):
+        """(model, release): the model served as ``name`` now, held until ``release()``.
+        ``retire()`` is called (from another thread) if the model is being replaced and
+        the drain timeout passed: the holder should end soon and release."""
+        with self._lock:
+            m = self._models.get(name)
+            if m is None:
+                raise ProtocolError("unknown_model", f"no model {name!r} is served (it was "
+                                    "unloaded)")
+            entry = [retire]
+            self._holders.setdefault(id(m), []).append(entry)
+
+        def release():
+            with self._lock:
+                held = self._holders.get(id(m))
+                if held is not None and entry in held:
+                    held.remove(entry)
+                    if not held:
+                        del self._holders[id(m)]
+                        self._drained.notify_all()
+        return m, release
+
     def call(self, name: str, fn):
-        """``fn(model)`` for the model served as ``name``; if a reload swapped it while
-        this request waited, once more on the new one."""
-        m = self.get(name)
+        """``fn(model)`` under a lease on the model served as ``name``."""
+        m, release = self.lease(name)
         try:
             return fn(m)
-        except ModelClosed:
-            if self.get(name) is m:
-                raise
-            return fn(self.get(name))
+        finally:
+            release()
+
+    def leases(self, m) -> int:
+        with self._lock:
+            return len(self._holders.get(id(m), ()))
 
     def check(self, op: str, name: str, m, args: dict) -> None:
         """Refuse, before queueing, what the model would refuse: tasks and inputs."""
@@ -222,11 +259,25 @@ class ModelTable:
                                     " unload it or choose another name")
             self._busy.add(name)
 
+    def allowed_path(self, path: str) -> str:
+        """``path`` if it names a file inside one of the pack directories the service was
+        started with; ``forbidden`` otherwise. NOTE: a client names files the service
+        opens with its own rights, so nothing outside those directories, links included."""
+        if not self.pack_dirs:
+            raise ProtocolError("forbidden", "this service loads no packs over the socket "
+                                "(start it with --pack-dir DIR to allow packs from DIR)")
+        real = Path(os.path.realpath(path))
+        if not any(real.is_relative_to(d) for d in self.pack_dirs) or not real.is_file():
+            raise ProtocolError("forbidden", f"{path!r} is not a pack file inside the service's "
+                                f"pack directories ({', '.join(map(str, self.pack_dirs))})")
+        return str(real)
+
     def load(self, path: str, name: str | None, options: dict) -> dict:
+        path = self.allowed_path(path)
         name = name or Path(path).stem
         self._reserve(name, must_exist=False)
         try:
-            m = self.rt.load(path, name=name, **options)
+            m = _load(self.rt, path, name, options)
             with self._lock:
                 self._models[name] = m
         finally:
@@ -235,40 +286,71 @@ class ModelTable:
         return describe(name, m)
 
     def unload(self, name: str) -> dict:
+        """Take ``name`` out of service at once; close it once drained."""
         self._reserve(name, must_exist=True)
         try:
             with self._lock:
                 m = self._models.pop(name)
             before = self.rt.arena.stats()["in_use_bytes"]
-            m.close()
+            drained = self._retire(m)
             after = self.rt.arena.stats()["in_use_bytes"]
         finally:
             with self._lock:
                 self._busy.discard(name)
-        return {"name": name, "freed_bytes": before - after, "arena_in_use_bytes": after}
+        return {"name": name, "freed_bytes": before - after, "arena_in_use_bytes": after,
+                **drained}
 
     def reload(self, name: str, path: str | None) -> dict:
-        """Load ``path`` (default: the pack it came from) beside the old model, then swap.
-        A failed load leaves the old model serving; the reply is the error."""
+        """Load ``path`` (default: the pack it came from) beside the old model, then swap;
+        the old one drains and closes. A failed load leaves the old model serving."""
+        if path is not None:
+            path = self.allowed_path(path)
         self._reserve(name, must_exist=True)
         try:
             with self._lock:
                 old = self._models[name]
-            opts = _reload_options(old)
-            new = self.rt.load(path or old.path, name=name, **opts)
+            new = _load(self.rt, path or old.path, name, _reload_options(old))
             with self._lock:
                 self._models[name] = new
-            old.close()
+            drained = self._retire(old)
         finally:
             with self._lock:
                 self._busy.discard(name)
-        return describe(name, new)
+        return {**describe(name, new), **drained}
+
+    def _retire(self, m) -> dict:
+        """Wait for ``m``'s leases (up to the drain timeout), tell the rest to end, close."""
+        t0 = time.monotonic()
+        with self._lock:
+            in_flight = len(self._holders.get(id(m), ()))
+            self._drained.wait_for(lambda: id(m) not in self._holders, self.drain_timeout_s)
+            late = [e[0] for e in self._holders.get(id(m), ())]
+        for retire in late:
+            retire()
+        with self._lock:        # NOTE: retired work ends at its next step (a token, a run)
+            self._drained.wait_for(lambda: id(m) not in self._holders, RETIRE_WAIT_S)
+        m.close()               # waits for a run still inside the model
+        return {"drained": in_flight - len(late), "retired": len(late),
+                "drain_s": round(time.monotonic() - t0, 3)}
 
     def close(self) -> None:
         with self._lock:
             models, self._models = list(self._models.values()), {}
         for m in models:
             m.close()
+
+
+def _load(rt, path: str, name: str, options: dict):
+    """``rt.load`` for a client: its errors say what failed, never what the file holds."""
+    try:
+        return rt.load(path, name=name, **options)
+    except PackCorrupt as e:
+        raise PackCorrupt(f"{Path(path).name}: not a valid edgert pack ({_first_clause(e)})") \
+            from None
+
+
+def _first_clause(e: Exception) -> str:
+    return str(e).split(":")[-1].strip()[:120]
 
 
 def _reload_options(m) -> dict:
@@ -302,23 +384,24 @@ def stats(table: ModelTable, name: str | None, service: dict) -> dict:
                    "models": {n: m.name for n, m in table.items()}})
 
 
-def switch(table, name, args):
-    return _plain(table.call(name, lambda m: m.switch(args["task"])))
+def switch(m, args):
+    return _plain(m.switch(args["task"]))
 
 
-def infer(table, name, args):
-    return table.call(name, lambda m: m.run(args["inputs"], task=args["task"]))
+def infer(m, args):
+    return m.run(args["inputs"], task=args["task"])
 
 
-def prewarm(table, name, args):
-    return _plain(table.call(name, lambda m: m.prewarm(args["tasks"])))
+def prewarm(m, args):
+    return _plain(m.prewarm(args["tasks"]))
 
 
-def generate(table, name, args):
-    """An iterator of pieces: text pieces for a text prompt, token ids for ids."""
-    return table.call(name, lambda m: m.generate(
-        args["prompt"], max_new_tokens=args["max_new_tokens"],
-        temperature=args["temperature"], top_p=args["top_p"], seed=args["seed"], stream=True))
+def generate(m, args):
+    """An iterator of pieces: text pieces for a text prompt, token ids for ids (with a
+    ``stop_reason`` once it ended, where the model reports one)."""
+    return m.generate(args["prompt"], max_new_tokens=args["max_new_tokens"],
+                      temperature=args["temperature"], top_p=args["top_p"], seed=args["seed"],
+                      stream=True)
 
 
 def _plain(x):

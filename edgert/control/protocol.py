@@ -50,7 +50,7 @@ DTYPES = {name: np.dtype(name).newbyteorder("<") for name in (
 CODES = ("bad_request", "version", "unknown_op", "too_large", "busy", "forbidden",
          "unknown_model", "unknown_task", "input_mismatch", "budget_exceeded", "pack_corrupt",
          "model_closed", "unsupported_model", "config", "failed", "cancelled",
-         "shutting_down", "internal")
+         "shutting_down", "reloaded", "internal")
 
 
 class ProtocolError(EdgertError):
@@ -96,6 +96,7 @@ class Reply:
     code: str = ""
     message: str = ""
     beat: bool = False
+    retry_after_s: float | None = None     # with "busy": when a retry may be admitted
     arrays: list = field(default_factory=list, repr=False)
 
 
@@ -113,10 +114,13 @@ def encode_reply(rid: int | None, result=None, *, more: bool = False) -> list:
     return [msgpack.packb(env, use_bin_type=True), *arrays]
 
 
-def encode_error(rid: int | None, code: str, message: str) -> list:
+def encode_error(rid: int | None, code: str, message: str,
+                 retry_after_s: float | None = None) -> list:
     assert code in CODES, code
-    env = {"v": PROTOCOL, "id": rid, "ok": False, "more": False,
-           "error": {"code": code, "message": message}}
+    err = {"code": code, "message": message}
+    if retry_after_s is not None:
+        err["retry_after_s"] = float(retry_after_s)
+    env = {"v": PROTOCOL, "id": rid, "ok": False, "more": False, "error": err}
     return [msgpack.packb(env, use_bin_type=True)]
 
 
@@ -188,7 +192,11 @@ def decode_reply(frames: list) -> Reply:
     err = env.get("error")
     if not isinstance(err, dict) or not isinstance(err.get("code"), str):
         raise ProtocolError("bad_request", "an error reply needs 'error': {code, message}")
-    return Reply(rid, False, code=err["code"], message=str(err.get("message", "")))
+    retry = err.get("retry_after_s")
+    retry = float(retry) if isinstance(retry, (int, float)) and not isinstance(retry, bool) \
+        and math.isfinite(retry) and retry >= 0 else None
+    return Reply(rid, False, code=err["code"], message=str(err.get("message", "")),
+                 retry_after_s=retry)
 
 
 
@@ -196,8 +204,6 @@ def decode_reply(frames: list) -> Reply:
 def _envelope(frames: list, limit: int) -> tuple[dict, int | None]:
     if not frames:
         raise ProtocolError("bad_request", "an empty message")
-    if len(frames) - 1 > MAX_ARRAYS:
-        raise ProtocolError("too_large", f"{len(frames) - 1} array frames; at most {MAX_ARRAYS}")
     buf = _buffer(frames[0])
     if len(buf) > limit:
         raise ProtocolError("too_large", f"envelope of {len(buf)} bytes; at most {limit}")
@@ -221,6 +227,9 @@ def _envelope(frames: list, limit: int) -> tuple[dict, int | None]:
         raise ProtocolError("bad_request", "'id' must be an integer in [0, 2**63)")
     if rid is None and "op" in env:
         raise ProtocolError("bad_request", "a request needs an integer 'id'")
+    if len(frames) - 1 > MAX_ARRAYS:        # NOTE: after the id is read, so the refusal has it
+        raise _with_id(ProtocolError("too_large", f"{len(frames) - 1} array frames; at most "
+                                     f"{MAX_ARRAYS}"), rid)
     return env, rid
 
 

@@ -14,14 +14,23 @@ Requests of one client for one model run in order (one lane per (client, model))
 lanes run in parallel. While a request is queued or at work, its client hears a beat every
 HEARTBEAT_S, so a client's timeout means "the service is silent", not "the work is long".
 
+Work belongs to a live caller: a reply, a stream piece or a beat that libzmq cannot route
+(ROUTER_MANDATORY: the peer's connection is gone) marks the peer gone, and every job it had
+queued or running is cancelled at once; queued jobs are beaten every BEAT_S, so a vanished
+caller is found within that. Caps on jobs and on admitted generation tokens hold per caller
+(its CURVE key where CURVE is on, else its socket) and for the whole service (the device
+config's `service:` section); past one, `busy` with a retry hint, before any work.
+
 Stopping (`stop()`, the `shutdown` op, SIGINT/SIGTERM in `edgert serve`): new requests are
 refused with "shutting_down", queued work and streams end with "cancelled", work already
 running finishes, the replies are flushed, then the models are closed.
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
+import math
 import threading
 import time
 from collections import deque
@@ -29,25 +38,29 @@ from concurrent.futures import ThreadPoolExecutor
 
 import zmq
 
+from ..errors import ConfigError
 from ..version import __version__
 from . import ops
 from .auth import curve_server, public_keys, start_authenticator
-from .endpoint import check_endpoint, default_endpoint
-from .protocol import (MAX_ARRAYS, MAX_ENVELOPE, MAX_MESSAGE, ProtocolError, decode_request,
-                       encode_beat, encode_error, encode_reply, error_code, failure_id)
+from .endpoint import check_endpoint, check_plain_tcp, default_endpoint
+from .protocol import (DTYPES, MAX_ARRAYS, MAX_ENVELOPE, MAX_MESSAGE, ProtocolError,
+                       decode_request, encode_beat, encode_error, encode_reply, error_code,
+                       failure_id)
 from .workers import CTL, Bench, Job, Outbox, describe, work
 
 log = logging.getLogger(__name__)
 
 POLL_MS = 100              # housekeeping period: stop requests, beats
-HEARTBEAT_S = 1.0          # beats to a client waiting on queued or running work; well under
-                           # the client's default 5 s timeout
+HEARTBEAT_S = 0.5          # beats to a client waiting on queued or running work: well under
+                           # the client's default 5 s timeout, and the probe that finds a
+                           # vanished caller (a beat it cannot be sent) within a second
+RETRY_AFTER_S = 1.0        # the hint sent with "busy": about one beat of the work ahead
 BATCH = 256                # messages taken from one socket per turn: fair to the other one
 ROUTER_HWM = 1024          # messages queued per peer, each way. Inbound, the per-client
                            # in-flight cap refuses long before this; outbound, a client this
                            # far behind is not reading, and its replies are dropped (counted)
 SHUTDOWN_LINGER_MS = 500   # how long closing waits to flush the last replies to slow peers
-MAX_QUEUED_BYTES = 1 << 30  # request bytes held by queued and running work, all clients
+CAPS = ("client_jobs", "service_jobs", "client_tokens", "service_tokens", "queued_bytes")
 
 
 class Service:
@@ -55,21 +68,39 @@ class Service:
     serve --pack` loaded); more come and go with load / unload / reload."""
 
     def __init__(self, rt, bind: str | None = None, *, models: dict | None = None,
-                 workers: int = 4, max_inflight_per_client: int = 16,
-                 curve_secret=None, allow_dir=None, admin_dir=None,
-                 max_message: int = MAX_MESSAGE, max_queued_bytes: int = MAX_QUEUED_BYTES):
+                 limits=None, workers: int | None = None,
+                 max_inflight_per_client: int | None = None, curve_secret=None,
+                 allow_dir=None, admin_dir=None, max_message: int | None = None,
+                 max_queued_bytes: int | None = None, pack_dirs=None):
+        """``limits``: a config.ServiceLimits (default: the runtime's config's ``service``);
+        ``workers``, ``max_inflight_per_client`` and ``max_queued_bytes`` override it.
+        ``max_message``: the largest frame (default: what the served models can take).
+        ``pack_dirs``: directories `load` and `reload` may take packs from."""
         if (curve_secret is None) != (allow_dir is None):
             raise ValueError("CURVE needs both a secret key file and an allow directory")
         if admin_dir is not None and curve_secret is None:
             raise ValueError("admin keys need CURVE (--curve-secret and --allow-dir)")
-        if workers < 1 or max_inflight_per_client < 1:
-            raise ValueError("workers and max_inflight_per_client must be at least 1")
+        lim = limits if limits is not None else rt.config.service
+        over = {k: v for k, v in (("workers", workers),
+                                  ("max_jobs_per_client", max_inflight_per_client),
+                                  ("max_queued_bytes", max_queued_bytes)) if v is not None}
+        lim = dataclasses.replace(lim, **over)
+        if lim.workers < 1 or lim.max_jobs_per_client < 1 or lim.max_queued_bytes < 1:
+            raise ValueError("workers, max_inflight_per_client and max_queued_bytes must be "
+                             "at least 1")
+        if lim.max_jobs < lim.max_jobs_per_client:
+            lim = dataclasses.replace(lim, max_jobs=lim.max_jobs_per_client)
         self.rt = rt
-        self.table = ops.ModelTable(rt, models)
-        self.max_inflight = max_inflight_per_client
-        self.max_message = max_message
-        self.max_queued_bytes = max_queued_bytes
-        self.counters = {"requests": 0, "replies_dropped": 0, "errors": {}}
+        self.lim = lim
+        self.table = ops.ModelTable(rt, models, pack_dirs=pack_dirs,
+                                    drain_timeout_s=lim.drain_timeout_s)
+        self.max_inflight = lim.max_jobs_per_client
+        self._fixed_message = max_message
+        self.max_message = max_message or frame_limit(self.table, lim, rt.config.budget.total)
+        self.max_queued_bytes = lim.max_queued_bytes
+        self.counters = {"requests": 0, "replies_dropped": 0, "errors": {},
+                         "caps": dict.fromkeys(CAPS, 0), "disconnects": 0,
+                         "orphaned": {"jobs": 0, "cpu_s": 0.0}}
         self._admins = public_keys(admin_dir) if admin_dir is not None else None
         allowed = public_keys(allow_dir) if allow_dir is not None else None
         self._ctx = zmq.Context()
@@ -80,13 +111,14 @@ class Service:
             self._router = self._ctx.socket(zmq.ROUTER)
             r = self._router
             r.linger = 0
-            r.maxmsgsize = max_message
+            r.maxmsgsize = self.max_message
             r.rcvhwm = r.sndhwm = ROUTER_HWM
-            r.router_mandatory = 1        # a reply to a gone or stuck peer raises: counted
+            r.router_mandatory = 1        # a reply to a gone peer raises: how we find it gone
             if curve_secret is not None:
                 curve_server(r, curve_secret)
-            endpoint = check_endpoint(bind) if bind else default_endpoint()
-            r.bind(endpoint)
+            endpoint = check_endpoint(bind or default_endpoint())
+            check_plain_tcp(endpoint, curve_secret is not None)
+            bind_router(r, endpoint)
             self.endpoint = r.last_endpoint.decode()
             addr = f"inproc://edgert-results-{id(self)}"
             self._results = self._ctx.socket(zmq.PULL)
@@ -98,14 +130,16 @@ class Service:
             self._close_sockets()
             raise
         self._bench = Bench(self.table, self._outbox)
-        self._pools = {"work": ThreadPoolExecutor(workers, "edgert-serve-work"),
-                       "stream": ThreadPoolExecutor(workers, "edgert-serve-stream"),
+        self._pools = {"work": ThreadPoolExecutor(lim.workers, "edgert-serve-work"),
+                       "stream": ThreadPoolExecutor(lim.workers, "edgert-serve-stream"),
                        "stats": ThreadPoolExecutor(1, "edgert-serve-stats")}
         # loop state: touched by the loop thread only
         self._seq = itertools.count()
         self._jobs: dict[int, Job] = {}
         self._by_request: dict[tuple[bytes, int], Job] = {}
-        self._inflight: dict[bytes, int] = {}
+        self._inflight: dict[bytes, int] = {}       # caller -> jobs
+        self._tokens: dict[bytes, int] = {}         # caller -> admitted generation tokens
+        self._tokens_total = 0
         self._lanes: dict[tuple, deque[Job]] = {}
         self._queued_bytes = 0
         self._stopping = False
@@ -204,16 +238,23 @@ class Service:
                 return
             handle(frames)
 
-    def _send(self, ident: bytes, frames: list) -> None:
+    def _send(self, ident: bytes, frames: list) -> bool:
         try:
             self._router.send_multipart([ident, *frames], zmq.NOBLOCK, copy=False)
-        except (zmq.Again, zmq.ZMQError):     # peer gone (EHOSTUNREACH) or not reading
+            return True
+        except zmq.Again:                     # the peer is not reading: its queue is full
             self.counters["replies_dropped"] += 1
+        except zmq.ZMQError as e:
+            self.counters["replies_dropped"] += 1
+            if e.errno == zmq.EHOSTUNREACH:   # its connection is gone
+                self._gone(ident)
+        return False
 
-    def _error(self, ident: bytes, rid, code: str, message: str) -> None:
+    def _error(self, ident: bytes, rid, code: str, message: str,
+               retry_after_s: float | None = None) -> None:
         errs = self.counters["errors"]
         errs[code] = errs.get(code, 0) + 1
-        self._send(ident, encode_error(rid, code, message))
+        self._send(ident, encode_error(rid, code, message, retry_after_s))
 
     # --- requests -----------------------------------------------------------------------------
     def _on_request(self, frames: list) -> None:
@@ -229,7 +270,7 @@ class Service:
         try:
             self._dispatch(ident, payload[0], req)
         except ProtocolError as e:
-            self._error(ident, req.id, e.code, e.message)
+            self._error(ident, req.id, e.code, e.message, getattr(e, "retry_after_s", None))
         except Exception as e:    # a check raised what it should not have: still an answer
             code = error_code(e)
             if code == "internal":
@@ -262,11 +303,9 @@ class Service:
             return
         if (ident, req.id) in self._by_request:
             raise ProtocolError("bad_request", f"request id {req.id} is already at work")
-        if self._inflight.get(ident, 0) >= self.max_inflight:
-            raise ProtocolError("busy", f"{self.max_inflight} requests of this client are "
-                                "at work already; wait for a reply")
-        if self._queued_bytes + req.nbytes > self.max_queued_bytes:
-            raise ProtocolError("busy", "the service holds as much queued input as it takes")
+        caller = caller_of(ident, first) if self._auth is not None else ident
+        tokens = args["max_new_tokens"] if op in ops.STREAM_OPS else 0
+        self._check_caps(caller, tokens, req.nbytes)
         model = lane = None
         kind = ops.MODEL_KIND.get(op)
         if kind is not None:
@@ -275,28 +314,66 @@ class Service:
             lane = (ident, model)
         elif op in ("load", "unload", "reload"):
             lane = (ident, "admin")         # one client's admin ops run in order
-        self._admit(Job(next(self._seq), ident, req.id, op, args, lane, model, req.nbytes))
+        self._admit(Job(next(self._seq), ident, req.id, op, args, lane, model, req.nbytes,
+                        caller=caller, tokens=tokens))
+
+    def _check_caps(self, caller: bytes, tokens: int, nbytes: int) -> None:
+        """``busy`` (with a retry hint) past a cap; ``too_large`` for what never fits."""
+        lim = self.lim
+        if tokens > lim.max_tokens_per_client:
+            raise ProtocolError("too_large", f"max_new_tokens {tokens} is more than this "
+                                f"service admits for one caller ({lim.max_tokens_per_client})")
+        if nbytes > self.max_queued_bytes:
+            raise ProtocolError("too_large", f"a request of {nbytes} bytes is more than this "
+                                f"service queues ({self.max_queued_bytes})")
+        for cap, over, what in (
+                ("client_jobs", self._inflight.get(caller, 0) >= lim.max_jobs_per_client,
+                 f"{lim.max_jobs_per_client} requests of this caller are at work already"),
+                ("service_jobs", len(self._jobs) >= lim.max_jobs,
+                 f"the service has {lim.max_jobs} requests at work already"),
+                ("client_tokens", self._tokens.get(caller, 0) + tokens >
+                 lim.max_tokens_per_client, f"this caller's generations hold "
+                 f"{self._tokens.get(caller, 0)} of its {lim.max_tokens_per_client} tokens"),
+                ("service_tokens", self._tokens_total + tokens > lim.max_tokens,
+                 f"generations hold {self._tokens_total} of the service's "
+                 f"{lim.max_tokens} tokens"),
+                ("queued_bytes", self._queued_bytes + nbytes > self.max_queued_bytes,
+                 "the service holds as much queued input as it takes")):
+            if over:
+                self.counters["caps"][cap] += 1
+                e = ProtocolError("busy", f"{what}; retry after a reply")
+                e.retry_after_s = RETRY_AFTER_S
+                raise e
 
     def _health(self) -> dict:
         return {"status": "stopping" if self._stopping else "ok",
                 "models": len(self.table.names()), "jobs": len(self._jobs)}
 
     def limits(self) -> dict:
+        lim = self.lim
         return {"max_message": self.max_message, "max_envelope": MAX_ENVELOPE,
-                "max_arrays": MAX_ARRAYS, "max_inflight_per_client": self.max_inflight}
+                "max_arrays": MAX_ARRAYS, "max_inflight_per_client": lim.max_jobs_per_client,
+                "max_jobs": lim.max_jobs, "max_tokens_per_client": lim.max_tokens_per_client,
+                "max_tokens": lim.max_tokens, "max_queued_bytes": self.max_queued_bytes,
+                "drain_timeout_s": lim.drain_timeout_s}
 
     def stats_of_service(self) -> dict:
+        c = self.counters
         return {"endpoint": self.endpoint, "jobs": len(self._jobs),
                 "clients": len(self._inflight), "queued_bytes": self._queued_bytes,
-                "curve": self._auth is not None, **self.counters,
-                "errors": dict(self.counters["errors"])}
+                "admitted_tokens": self._tokens_total, "curve": self._auth is not None,
+                "limits": self.limits(), **c, "errors": dict(c["errors"]),
+                "caps": dict(c["caps"]), "orphaned": dict(c["orphaned"])}
 
     # --- jobs ---------------------------------------------------------------------------------
     def _admit(self, job: Job) -> None:
         job.heard = time.monotonic()
         self._jobs[job.seq] = job
         self._by_request[(job.ident, job.rid)] = job
-        self._inflight[job.ident] = self._inflight.get(job.ident, 0) + 1
+        self._inflight[job.caller] = self._inflight.get(job.caller, 0) + 1
+        if job.tokens:
+            self._tokens[job.caller] = self._tokens.get(job.caller, 0) + job.tokens
+            self._tokens_total += job.tokens
         self._queued_bytes += job.nbytes
         if job.lane is None:
             self._start(job)
@@ -307,6 +384,9 @@ class Service:
             self._start(job)
 
     def _start(self, job: Job) -> None:
+        if job.gone is not None:          # its caller left while it waited: nothing to run
+            self._finish(job)
+            return
         job.started = True
         if job.op == "stats":
             job.args["service"] = self.stats_of_service()   # loop state, read on the loop
@@ -316,23 +396,27 @@ class Service:
         pool.submit(work, self._bench, job)
 
     def _on_result(self, frames: list) -> None:
-        seq, final = CTL.unpack(frames[0].bytes)
+        seq, final, orphan_cpu = CTL.unpack(frames[0].bytes)
         job = self._jobs.get(seq)
         if job is not None:
             job.heard = time.monotonic()
             if final:
+                self.counters["orphaned"]["cpu_s"] += orphan_cpu
                 self._finish(job)         # NOTE: first: a client that has its reply sees the
                                           # job gone (its in-flight count, stats, health)
+                if job.op in ("load", "reload") and self._fixed_message is None:
+                    self._resize_frames()
+            if job.gone is not None:
+                return                    # nobody to tell
         self._send(frames[1].bytes, frames[2:])
 
     def _finish(self, job: Job) -> None:
         del self._jobs[job.seq]
         self._by_request.pop((job.ident, job.rid), None)
-        n = self._inflight[job.ident] - 1
-        if n:
-            self._inflight[job.ident] = n
-        else:
-            del self._inflight[job.ident]       # nothing kept for idle clients
+        _take(self._inflight, job.caller, 1)       # nothing kept for idle callers
+        if job.tokens:
+            _take(self._tokens, job.caller, job.tokens)
+            self._tokens_total -= job.tokens
         self._queued_bytes -= job.nbytes
         if job.lane is None:
             return
@@ -354,6 +438,27 @@ class Service:
             self._finish(job)
         return True
 
+    def _gone(self, ident: bytes) -> None:
+        """``ident``'s connection is gone: cancel its running jobs, drop its queued ones."""
+        mine = [j for j in self._jobs.values() if j.ident == ident and j.gone is None]
+        if not mine:
+            return
+        self.counters["disconnects"] += 1
+        self.counters["orphaned"]["jobs"] += len(mine)
+        now = time.monotonic()
+        for job in mine:
+            job.gone = now
+            job.why = "the caller disconnected"
+            job.cancel.set()
+        for job in mine:
+            if not job.started and job.seq in self._jobs:
+                self._finish(job)
+
+    def _resize_frames(self) -> None:
+        """A load changed what the models take: new connections get the new frame limit."""
+        self.max_message = frame_limit(self.table, self.lim, self.rt.config.budget.total)
+        self._router.maxmsgsize = self.max_message
+
     def _begin_stop(self) -> None:
         self._stopping = True
         for job in self._jobs.values():
@@ -364,9 +469,58 @@ class Service:
                 job.cancel.set()
 
     def _beat(self, now: float) -> None:
-        for job in self._jobs.values():
-            if now - job.heard >= HEARTBEAT_S:
-                self._send(job.ident, encode_beat(job.rid))
+        for job in list(self._jobs.values()):
+            if job.gone is None and now - job.heard >= HEARTBEAT_S:
                 job.heard = now
+                self._send(job.ident, encode_beat(job.rid))
+
+
+def _take(counts: dict, key, n: int) -> None:
+    left = counts[key] - n
+    if left:
+        counts[key] = left
+    else:
+        del counts[key]
+
+
+def caller_of(ident: bytes, frame) -> bytes:
+    """Whom a request counts against: the CURVE public key the ZAP handler let in (the
+    same for every socket of that key), else the socket."""
+    try:
+        user = frame.get("User-Id")
+    except (zmq.ZMQError, AttributeError):
+        return ident
+    return user.encode() if user else ident
+
+
+def frame_limit(table, lim, total: int) -> int:
+    """The largest frame the service takes (ZMQ_MAXMSGSIZE, checked by libzmq as it reads):
+    what the served task models take in one request of ``lim.max_batch`` items, at least
+    the envelope limit, at most the memory budget and MAX_MESSAGE. An input with a dynamic
+    dimension other than the batch cannot be sized: then the budget decides."""
+    need = MAX_ENVELOPE
+    for _, m in table.items():
+        for dtype, shape in getattr(getattr(m, "engine", None), "inputs", {}).values() \
+                if m.kind == "tasks" else ():
+            dims = [d if isinstance(d, int) and d > 0 else None for d in shape]
+            if dims and dims[0] is None:
+                dims[0] = lim.max_batch
+            if None in dims:
+                need = max(need, min(MAX_MESSAGE, total))
+                continue
+            need = max(need, DTYPES.get(getattr(dtype, "name", str(dtype)),
+                                        DTYPES["float32"]).itemsize * math.prod(dims))
+    return int(min(need, MAX_MESSAGE, max(total, MAX_ENVELOPE)))
+
+
+def bind_router(sock: zmq.Socket, endpoint: str) -> None:
+    """Bind, turning "in use" into one line that names the endpoint."""
+    try:
+        sock.bind(endpoint)
+    except zmq.ZMQError as e:
+        if e.errno == zmq.EADDRINUSE:
+            raise ConfigError(f"endpoint {endpoint}: address already in use (another "
+                              "service or program listens there)") from None
+        raise ConfigError(f"endpoint {endpoint}: cannot bind: {e.strerror}") from None
 
 

@@ -17,7 +17,8 @@ from . import ops
 from .protocol import ProtocolError, encode_error, encode_reply, error_code
 
 log = logging.getLogger(__name__)
-CTL = struct.Struct("<QB")    # the loop's header on a posted reply: job seq, final
+CTL = struct.Struct("<QBd")   # the loop's header on a posted reply: job seq, final, CPU
+                              # seconds the job spent after its caller had gone
 STREAM_INTERVAL_S = 0.02      # a stream replies at most this often, each reply carrying the
                               # pieces made since the last: at hundreds of tokens/s a reply
                               # per token costs the generation ~10% (wakeups of the loop, the
@@ -35,10 +36,28 @@ class Job:
     lane: tuple | None
     model: str | None
     nbytes: int
+    caller: bytes = b""          # whom the caps count it against (CURVE key or socket)
+    tokens: int = 0              # generation tokens admitted for it
     cancel: threading.Event = field(default_factory=threading.Event)
     why: str = ""                # why it was cancelled
+    code: str = "cancelled"      # the error code it ends with when cancelled
+    gone: float | None = None    # when its caller vanished (monotonic), set by the loop
     started: bool = False
     heard: float = 0.0           # when its client last heard about it
+    cpu_mark: float = 0.0        # worker thread CPU time when the job last found its caller
+                                 # alive (an upper bound for what it spent on nobody)
+
+    def retire(self, why: str) -> None:
+        """End the job at its next step with ``reloaded`` (its model is being replaced)."""
+        self.why, self.code = why, "reloaded"
+        self.cancel.set()
+
+    def alive(self) -> bool:
+        """False once cancelled; otherwise moves the CPU mark (the caller is still there)."""
+        if self.cancel.is_set():
+            return False
+        self.cpu_mark = time.thread_time()
+        return True
 
 
 class Outbox:
@@ -55,8 +74,11 @@ class Outbox:
         self._lock = threading.Lock()
 
     def post(self, job: Job, frames: list, final: bool) -> None:
+        orphan = 0.0
+        if final and job.gone is not None:
+            orphan = max(0.0, time.thread_time() - job.cpu_mark)
         with self._lock:
-            self._sock.send_multipart([CTL.pack(job.seq, final), job.ident, *frames],
+            self._sock.send_multipart([CTL.pack(job.seq, final, orphan), job.ident, *frames],
                                       copy=False)
 
     def close(self) -> None:
@@ -73,22 +95,32 @@ class Bench:
 
 # --- the work ---------------------------------------------------------------------------------
 def work(bench: Bench, job: Job) -> None:
+    job.cpu_mark = time.thread_time()
+    release = None
     try:
-        if job.cancel.is_set():
+        if not job.alive():
             raise _Cancelled(job.why)
+        if job.model is not None:
+            m, release = bench.table.lease(job.model, lambda: job.retire(
+                f"model {job.model!r} was reloaded or unloaded while this request ran; it "
+                "ended after the drain timeout: send it again"))
         if job.op in ops.STREAM_OPS:
-            _stream(bench, job)
+            _stream(bench, job, m)
             return
-        result = _RUN[job.op](bench.table, job)
+        result = _RUN[job.op](bench.table, job) if job.model is None else \
+            _ON_MODEL[job.op](m, job.args)
         frames = encode_reply(job.rid, result)
     except Exception as e:
         frames = _failure(job, e)
+    finally:
+        if release is not None:
+            release()
     bench.outbox.post(job, frames, final=True)
 
 
-def _stream(bench: Bench, job: Job) -> None:
+def _stream(bench: Bench, job: Job, m) -> None:
     """Pieces leave in replies of one or more, at most every STREAM_INTERVAL_S; the first at
-    once. The cancel flag is looked at between tokens."""
+    once. The cancel flag is looked at between tokens. The final reply says why it stopped."""
     n, pending, last = 0, [], -math.inf
 
     def flush():
@@ -97,20 +129,21 @@ def _stream(bench: Bench, job: Job) -> None:
         pending, last = [], time.monotonic()
 
     try:
-        it = ops.generate(bench.table, job.model, job.args)
+        it = ops.generate(m, job.args)
         try:
             for piece in it:
                 pending.append(piece)
                 n += 1
                 if time.monotonic() - last >= STREAM_INTERVAL_S:
                     flush()
-                if job.cancel.is_set():       # NOTE: checked before the next token is made
+                if not job.alive():           # NOTE: checked before the next token is made
                     raise _Cancelled(job.why)
         finally:
             it.close()                        # gives the sequence's KV pages back
         if pending:
             flush()
-        frames = encode_reply(job.rid, {"pieces": n})
+        frames = encode_reply(job.rid, {"pieces": n,
+                                        "stop": getattr(it, "stop_reason", None)})
     except Exception as e:
         if pending and not isinstance(e, _Cancelled):
             flush()                           # what was made before the failure
@@ -124,7 +157,7 @@ class _Cancelled(Exception):
 
 def _failure(job: Job, e: Exception) -> list:
     if isinstance(e, _Cancelled):
-        return encode_error(job.rid, "cancelled", str(e) or "cancelled")
+        return encode_error(job.rid, job.code, str(e) or "cancelled")
     code = error_code(e)
     if code == "internal":
         log.exception("%s failed", job.op)
@@ -136,11 +169,9 @@ def describe(e: BaseException) -> str:
     return msg if error_code(e) != "internal" else f"{type(e).__name__}: {msg}"
 
 
+_ON_MODEL = {"switch": ops.switch, "infer": ops.infer, "prewarm": ops.prewarm}
 _RUN = {
     "stats": lambda t, j: ops.stats(t, j.args["model"], j.args["service"]),
-    "switch": lambda t, j: ops.switch(t, j.model, j.args),
-    "infer": lambda t, j: ops.infer(t, j.model, j.args),
-    "prewarm": lambda t, j: ops.prewarm(t, j.model, j.args),
     "load": lambda t, j: t.load(j.args["path"], j.args["name"], j.args["options"]),
     "unload": lambda t, j: t.unload(j.args["name"]),
     "reload": lambda t, j: t.reload(j.args["name"], j.args["path"]),
