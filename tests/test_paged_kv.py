@@ -111,8 +111,9 @@ def test_engine_raises_budget_exceeded_and_recovers(tmp_path):
     with pytest.raises(BudgetExceeded):
         lm.logits(prompt(60))
     # out of KV memory mid-generation: the tokens made so far are kept, and the reason said
-    part = lm.generate(prompt(40), max_new_tokens=20)
-    assert 0 < len(part) < 20 and lm.last_stop.startswith("kv budget")
+    res = lm.generate(prompt(40), max_new_tokens=20, details=True)
+    part = res.output
+    assert 0 < len(part) < 20 and res.stop_reason == "kv_budget" and res.tokens == len(part)
     roomy = runtime().load(tmp_path / "m.edgepack", expert_budget=1.0)
     assert roomy.generate(prompt(40), max_new_tokens=20)[:len(part)] == part
     assert lm.pages.num_in_use == 0

@@ -68,14 +68,17 @@ def _run_generate(args) -> int:
             print(f"edgert generate: {args.pack} carries no tokenizer; use the Python API "
                   "with token ids", file=sys.stderr)
             return 2
-        for piece in lm.generate(args.prompt, max_new_tokens=args.max_new_tokens,
-                                 temperature=args.temperature, top_p=args.top_p,
-                                 seed=args.seed, stream=True, cache_salt=args.cache_salt):
-            sys.stdout.write(piece)
-            sys.stdout.flush()
+        with lm.generate(args.prompt, max_new_tokens=args.max_new_tokens,
+                         temperature=args.temperature, top_p=args.top_p, seed=args.seed,
+                         stream=True, cache_salt=args.cache_salt) as gen:
+            for piece in gen:
+                sys.stdout.write(piece)
+                sys.stdout.flush()
         sys.stdout.write("\n")
-        if lm.last_stop.startswith("kv budget"):
-            print(f"edgert generate: stopped early, {lm.last_stop}", file=sys.stderr)
+        if gen.stop_reason == "kv_budget":
+            print(f"edgert generate: stopped early after {gen.tokens} of {args.max_new_tokens} "
+                  "tokens: no KV memory for the next one (memory.kv in the device config)",
+                  file=sys.stderr)
         if args.stats:
             print(summary(lm.stats()), file=sys.stderr)
         if args.stats_json:

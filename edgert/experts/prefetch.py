@@ -67,7 +67,7 @@ class PrefetchWorker:
         self._cancel()
         t, self._thread = self._thread, None
         if t is not None and t is not threading.current_thread():
-            t.join()   # NOTE: no timeout: the owner ends a running job soon (the cache: after one read)
+            t.join()   # NOTE: no timeout: the owner ends a running job soon (cache: one read)
 
 
 def _loop(run: weakref.WeakMethod, jobs: _Jobs) -> None:

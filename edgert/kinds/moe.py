@@ -24,8 +24,9 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator
-from dataclasses import replace
+from collections.abc import Generator, Iterator
+from dataclasses import dataclass, replace
+from typing import Literal, get_args
 
 import numpy as np
 import torch
@@ -328,11 +329,15 @@ class MoeLM(LoadedModel):
         return Sequence(self, extra_keys({"salt": cache_salt}))
 
     def generate(self, token_ids_or_text, max_new_tokens: int = 64, temperature: float = 0.0,
-                 top_p: float = 1.0, seed: int = 0, stream: bool = False, cache_salt=None):
+                 top_p: float = 1.0, seed: int = 0, stream: bool = False, cache_salt=None,
+                 details: bool = False):
         """Continue a prompt. Text in -> text out; ids in -> list of new ids.
 
-        stream=True returns an iterator of text pieces (text prompt) or ids.
-        Stops after max_new_tokens or at the config's EOS (which is included).
+        Stops after max_new_tokens, at the config's EOS (which is included), or when the KV
+        budget has no room for the next token (what was made is kept). `stream=True` returns
+        a `Generation` (an iterator of text pieces or ids that says why it stopped);
+        `details=True` a `GenerateResult(output, stop_reason, tokens)` instead of the output.
+        temperature < sampling.MIN_TEMPERATURE (about 1.2e-38; 0 included) is greedy.
         The prompt's cached prefix is reused (see docs/internals.md, "KV cache"); prompts
         with different `cache_salt` never share cached pages.
         """
@@ -345,29 +350,36 @@ class MoeLM(LoadedModel):
             raise ValueError(f"prompt ({len(ids)} tokens) + max_new_tokens ({max_new_tokens}) "
                              f"is past the model's max_position_embeddings ({limit})")
         extra = extra_keys({"salt": cache_salt})
-        it = self._generate_ids(ids, max_new_tokens, temperature, top_p, seed, extra)
-        if as_text:
-            it = self._text_pieces(it)
+        progress = _Progress()
+        made = self._generate_ids(ids, max_new_tokens, temperature, top_p, seed, extra, progress)
+        gen = Generation(made, self._text_pieces(made) if as_text else made, progress)
         if stream:
-            return it
-        out = list(it)
-        return "".join(out) if as_text else out
+            return gen
+        out = list(gen)
+        output = "".join(out) if as_text else out
+        return GenerateResult(output, gen.stop_reason, gen.tokens) if details else output
 
-    def _generate_ids(self, ids, max_new, temperature, top_p, seed, extra) -> Iterator[int]:
+    def _generate_ids(self, ids, max_new, temperature, top_p, seed, extra,
+                      progress: _Progress) -> Iterator[int]:
         gen = torch.Generator().manual_seed(seed)
-        self.last_stop = ""
         with Sequence(self, extra) as s:
             logits = s.feed(ids)
             for i in range(max_new):
                 tok = sample(torch.from_numpy(logits), temperature, top_p, gen)
+                progress.tokens += 1
+                # NOTE: the reason is set before the last token leaves, so a caller that
+                # closes right after it sees how the generation ended, not "cancelled"
+                if tok in self.cfg.eos_token_ids:
+                    progress.stop_reason = "eos"
+                elif i == max_new - 1:
+                    progress.stop_reason = "length"
                 yield tok
-                if tok in self.cfg.eos_token_ids or i == max_new - 1:
-                    self.last_stop = "eos" if tok in self.cfg.eos_token_ids else "length"
+                if progress.stop_reason is not None:
                     break
                 try:
                     logits = s.feed([tok])
                 except BudgetExceeded as e:   # NOTE: keep what was made; say why it stopped
-                    self.last_stop = f"kv budget: {e}"
+                    progress.stop_reason = "kv_budget"
                     log.warning("generation stopped after %d tokens: no KV memory for the "
                                 "next one (%s)", i + 1, e)
                     break
@@ -413,6 +425,83 @@ class MoeLM(LoadedModel):
             super().close()
             self._gpu_views.clear()
             self.w = {}
+
+
+StopReason = Literal["eos", "length", "kv_budget", "cancelled", "reloaded"]
+# "reloaded" is never set here: the device service reports it for a stream it ended itself
+STOP_REASONS: tuple[str, ...] = get_args(StopReason)
+
+
+@dataclass(frozen=True)
+class GenerateResult:
+    """What `generate(..., details=True)` made and why it stopped."""
+    output: str | list[int]     # what generate returns: text for a text prompt, else new ids
+    stop_reason: StopReason
+    tokens: int                 # new tokens made (an EOS included)
+
+    def __post_init__(self):
+        if self.stop_reason not in STOP_REASONS:
+            raise ValueError(f"GenerateResult: stop_reason {self.stop_reason!r} is not one of "
+                             f"{', '.join(STOP_REASONS)}")
+
+
+class _Progress:
+    """Written by one generation's token loop, read through its `Generation`."""
+    __slots__ = ("tokens", "stop_reason")
+
+    def __init__(self):
+        self.tokens = 0
+        self.stop_reason: StopReason | None = None
+
+
+class Generation:
+    """One streamed `generate` call: an iterator of pieces (text pieces for a text prompt,
+    token ids for ids).
+
+    `stop_reason`: None until it ended (or when it failed with an exception), then "eos"
+    (the model's EOS, included), "length" (max_new_tokens made), "kv_budget" (no KV memory
+    for the next token; what was made is kept) or "cancelled" (closed before its end).
+    `tokens`: new tokens made so far. `close()` ends it early and gives the sequence's KV
+    pages back; idempotent, also on leaving a `with` and when the object is dropped.
+    Use it from one thread at a time.
+    """
+
+    def __init__(self, ids: Generator, pieces: Iterator, progress: _Progress):
+        # NOTE: the token loop writes `progress`, never this object, so dropping the
+        # Generation drops the loop at once (no cycle) and its pages go back
+        self._ids, self._pieces, self._progress = ids, pieces, progress
+        self._over = False      # ran to its end or raised
+
+    @property
+    def stop_reason(self) -> StopReason | None:
+        return self._progress.stop_reason
+
+    @property
+    def tokens(self) -> int:
+        return self._progress.tokens
+
+    def __iter__(self) -> "Generation":
+        return self
+
+    def __next__(self):
+        try:
+            return next(self._pieces)
+        except BaseException:       # StopIteration included: it is over either way
+            self._over = True
+            raise
+
+    def close(self) -> None:
+        if self._progress.stop_reason is None and not self._over:
+            self._progress.stop_reason = "cancelled"
+        self._over = True
+        self._pieces.close()
+        self._ids.close()           # the text wrapper does not close the loop it reads
+
+    def __enter__(self) -> "Generation":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 class Sequence:
