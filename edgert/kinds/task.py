@@ -10,18 +10,24 @@ Policy lives here, mechanism below: the TaskSwitcher moves blocks, the OnnxEngin
 the bound session. Once a task keeps running (``PREPACK_AFTER_RUNS`` runs since its
 switch) a pre-packed session of it is built in the background, its memory charged to
 the arena's engine allowance, and swapped in; any switch drops it first.
+
+ORT's working memory is charged to the same allowance for the duration of each run: its
+size per batch item is measured at load (`_measure`: peak resident growth over probe runs
+of 1 and k zero items), and a batch that does not fit is run in pieces that do (outputs
+concatenated); one that cannot fit even one item is refused before any work.
 """
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 import weakref
-from collections import deque
+from collections import OrderedDict, deque
 
 import numpy as np
 
-from ..engines.onnx_engine import OnnxEngine, PrepackedSession
+from ..engines.onnx_engine import ActivationCost, OnnxEngine, PrepackedSession, give_back_heap
 from ..errors import BudgetExceeded, UnsupportedModel
 from ..stats import summary
 from ..weights.switcher import SwitchResult, TaskSwitcher
@@ -34,6 +40,12 @@ PREPACK_FACTOR = 1.75    # ORT memory of a pre-packed session / dense weight byt
                          # the demo ViT: +79.5 MB RSS for 46.5 MB of weights (copy + packed B)
 PREPACK_MODES = ("auto", "sync", "off")
 HISTORY = 1024           # switch and run timings kept for stats()
+ACTIVATION_MARGIN = 1.25  # measured working memory x this is charged: per item, the demo ViT
+                          # grew 1.58 MB (probe of 27 items) to 1.65 MB (batch of 128) here
+PROBE_INPUT_BYTES = 4 << 20   # the k-item probe holds about this much input: large enough to
+PROBE_MAX_ITEMS = 64          # see past page granularity and malloc's small-block reuse
+TRIM_AFTER = 8 << 20     # an unsplit run charged at least this much hands its freed heap back
+SHAPES_KEPT = 16         # per-item figures kept for inputs whose non-batch dims are dynamic
 
 
 class TaskModel(LoadedModel):
@@ -55,6 +67,9 @@ class TaskModel(LoadedModel):
         super().__init__(rt, reader, name)
         self.prepack = prepack
         self._charge = f"{name}: pre-packed session"
+        self._act_charge = f"{name}: activations"
+        self._costs: OrderedDict[tuple, ActivationCost] = OrderedDict()
+        self._split_runs = 0
         self._gen = 0                       # bumped by every switch that changes weights
         self._fast: PrepackedSession | None = None
         self._building: threading.Thread | None = None
@@ -67,6 +82,7 @@ class TaskModel(LoadedModel):
                                                    keep_displaced=keep_displaced,
                                                    lock=self._lock))
             self._own(Call(rt.arena.discharge, self._charge))
+            self._own(Call(rt.arena.discharge, self._act_charge))
             cfg = rt.config
             self.engine = OnnxEngine(reader.sections[SKELETON], self.switcher.tensors(),
                                      providers=cfg.providers, threads=cfg.threads)
@@ -74,6 +90,9 @@ class TaskModel(LoadedModel):
             # NOTE: the load fills the run; it is not a switch (stats()["load"] has its figures)
             self.load_result = self._switch(task if task is not None else reader.tasks[0])
             self.switcher.history.pop()
+            key = self.engine.declared_key()
+            if key is not None:         # else measured at the first run of each shape
+                self._costs[key] = self._measure(key)
         except BaseException:
             self.close()                        # a failed load gives back what it took
             raise
@@ -126,12 +145,75 @@ class TaskModel(LoadedModel):
                                    "call switch()")
             t0 = time.perf_counter()
             feeds = self.engine.check_inputs(inputs)
-            out = self._fast.run(feeds) if self._fast is not None else self.engine.run(feeds)
+            out = self._run_charged(feeds)
             self._run_ms.append(1e3 * (time.perf_counter() - t0))
             self._runs_since_switch += 1
             if self.prepack == "auto" and self._runs_since_switch >= PREPACK_AFTER_RUNS:
                 self._start_prepack(wait=False)
             return out
+
+    def _run_charged(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Run in pieces whose working memory is charged to the engine allowance while
+        they run. BudgetExceeded before any work when not one item fits."""
+        eng, arena = self.engine, self.rt.arena
+        cost = self._cost_of(feeds)
+        n = eng.items(feeds)
+        run = self._fast.run if self._fast is not None else eng.run_checked
+        outs, done = [], 0
+        while done < n:
+            m = arena.charge_items(self._act_charge, cost.fixed, cost.per_item, n - done)
+            try:
+                piece = feeds if m == n else {k: v[done:done + m] for k, v in feeds.items()}
+                outs.append(run(piece))
+            finally:
+                arena.discharge(self._act_charge)
+                # NOTE: what a piece freed goes back to the OS before the next one runs:
+                # malloc keeps it otherwise, and pieces of 8 MiB each grew RSS by 27 MiB
+                if m < n or cost.bytes(m) >= TRIM_AFTER:
+                    give_back_heap()
+            done += m
+        if len(outs) == 1:
+            return outs[0]
+        self._split_runs += 1
+        return {k: np.concatenate([o[k] for o in outs]) for k in outs[0]}
+
+    def _cost_of(self, feeds: dict[str, np.ndarray]) -> ActivationCost:
+        key = self.engine.shape_key(feeds)
+        cost = self._costs.get(key)
+        if cost is None:
+            cost = self._costs[key] = self._measure(key)
+            while len(self._costs) > SHAPES_KEPT:
+                self._costs.popitem(last=False)
+        self._costs.move_to_end(key)
+        return cost
+
+    def _measure(self, key: tuple) -> ActivationCost:
+        """Working memory of a run of these shapes, measured: a probe of one zero item,
+        then (charged, where the allowance holds it) one of k; a line through both.
+        NOTE: the one-item probe runs uncharged: its size is what it finds out."""
+        eng, arena = self.engine, self.rt.arena
+        eng.run_checked(eng.zeros(key, 1))  # a first run sets up ORT's own state (threads,
+        one = eng.measure_peak(key, 1)      # kernels): not working memory of every run
+        if not eng.batch_axis:
+            return ActivationCost(math.ceil(ACTIVATION_MARGIN * one), 0)
+        k = min(PROBE_MAX_ITEMS, max(2, PROBE_INPUT_BYTES // max(1, eng.input_bytes(key))))
+        try:
+            k = arena.charge_items(self._act_charge, 0, max(one, 1), k)
+        except BudgetExceeded:
+            k = 0
+        try:
+            many = eng.measure_peak(key, k) if k >= 2 else 0
+        finally:
+            arena.discharge(self._act_charge)
+        slope = (max(0, many - one) / (k - 1)) if k >= 2 else 0
+        if slope <= 0:                      # nothing learnt from k items: one item each
+            slope = one
+        fixed = max(0.0, one - slope)
+        cost = ActivationCost(math.ceil(ACTIVATION_MARGIN * fixed),
+                              max(1, math.ceil(ACTIVATION_MARGIN * slope)))
+        log.info("%s: working memory %d bytes per item + %d (probes of 1 and %d items)",
+                 self.name, cost.per_item, cost.fixed, k)
+        return cost
 
     # --- pre-packed session --------------------------------------------------------------
     @property
@@ -208,8 +290,17 @@ class TaskModel(LoadedModel):
                                "prepacked": self._fast is not None,
                                "prepack_mode": self.prepack,
                                "prepack_builds_s": list(self._prepack_builds),
-                               "prepack_skipped": self._prepack_skipped},
+                               "prepack_skipped": self._prepack_skipped,
+                               **self._activation_stats()},
                     "memory": {"dense_task_bytes": self.dense_bytes, **self.memory()}}
+
+    def _activation_stats(self) -> dict:
+        key = self.engine.declared_key()
+        cost = self._costs.get(key) if key is not None else None
+        return {"activation_bytes_per_item": cost.per_item if cost else None,
+                "activation_bytes_fixed": cost.fixed if cost else None,
+                "batch_axis": self.engine.batch_axis,
+                "split_runs": self._split_runs}
 
     def close(self) -> None:
         """Stop a pre-packing build, give back the run, spare blocks, charge and pack file."""

@@ -22,7 +22,8 @@ Caches that grow on their own (a block kept on switch, a prefetched expert) use 
 memory and then recycle their own slots.
 
 ``memory.engine`` is the allowance for memory an engine allocates itself (ONNX Runtime's
-pre-packed sessions): not mapped here, accounted with ``charge()``/``discharge()``.
+pre-packed sessions, its working memory during a run): not mapped here, accounted with
+``charge()``/``charge_items()``/``discharge()``.
 """
 from __future__ import annotations
 
@@ -313,6 +314,26 @@ class Arena:
                                      available)
             self._charges[what] = self._charges.get(what, 0) + nbytes
             self.extra_peak = max(self.extra_peak, sum(self._charges.values()))
+
+    def charge_items(self, what: str, fixed: int, per_item: int, items: int) -> int:
+        """Charge ``fixed + m * per_item`` bytes for the most items ``m <= items`` that fit
+        the engine allowance now; returns ``m``. BudgetExceeded (nothing charged) when not
+        even one item fits. One step, so two runs never both count the same free bytes."""
+        with self._lock:
+            held = sum(self._charges.values())
+            available = self.extra_allowance - held
+            one = fixed + per_item
+            m = items if per_item == 0 else min(items, (available - fixed) // per_item)
+            if m < 1 or one > available:
+                raise BudgetExceeded(
+                    f"{what}: one item's working memory (engine allowance memory.engine "
+                    f"{self.extra_allowance} bytes, {held} charged: "
+                    + (", ".join(f"{k} {v}" for k, v in self._charges.items()) or "nothing")
+                    + ")", one, available)
+            nbytes = fixed + m * per_item
+            self._charges[what] = self._charges.get(what, 0) + nbytes
+            self.extra_peak = max(self.extra_peak, held + nbytes)
+            return m
 
     def discharge(self, what: str) -> None:
         with self._lock:
