@@ -176,7 +176,7 @@ def test_a_crash_between_write_and_rename_leaves_nothing_usable(packs, tmp_path)
     code = _CRASH.format(tests=str(ROOT / "tests"), kv=str(tmp_path / "kv"), pack=str(pack))
     p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert p.returncode == 3, p.stderr
-    d = next((tmp_path / "kv").iterdir())
+    d = next(p for p in (tmp_path / "kv").iterdir() if p.is_dir())
     assert [f.name for f in d.iterdir() if f.name.endswith(".tmp")]
     assert not list(d.glob("*" + SUFFIX))
     lm = load(pack, config(tmp_path))

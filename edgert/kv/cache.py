@@ -11,6 +11,8 @@ Tiers, walked in order by a lookup, hits promoted into arena pages:
   off the decode path; a page evicted before its copy was made is copied at eviction);
 - disk: `DiskTier`, a chunk file written by the writer thread as soon as a sequence fills
   a chunk (write-through), so a crash or a clean exit leaves every full chunk on disk.
+The writer is bounded (`WRITE_BEHIND_BYTES`): a prefill that gets that far ahead of the
+disk waits for it (back-pressure), so copies of evicted pages never pile up unbounded.
 A tier hit is taken only when reading it is cheaper than computing it, by figures measured
 in this process (or, before any, the last process's figures kept beside the disk tier).
 """
@@ -38,6 +40,12 @@ from .writer import TierWriter
 log = logging.getLogger(__name__)
 TIERS = ("arena", "host", "disk")
 EWMA = 0.3          # weight of a new measurement in the cost figures
+# The writer's bound: bytes of pages its queued and running jobs may need (and so the most
+# that copies of evicted pages waiting for it can take, outside every budget). 64 MiB is two
+# 256-token chunks of a Mixtral-size model (2 MiB pages), a quarter of the smallest shipped
+# host tier; a prefill only waits once the disk is that far behind. Never above the tiers'
+# budgets together, never below one chunk (a chunk job must fit).
+WRITE_BEHIND_BYTES = 64 << 20
 
 
 def default_dir() -> Path:
@@ -123,12 +131,17 @@ class KVCache:
                          "evict_copies": 0}
         self.tier_counters = {t: {"hit_tokens": 0, "bytes_read": 0, "bytes_written": 0,
                                   "skipped_tokens": 0} for t in TIERS}
-        self._writer = TierWriter(weakref.WeakMethod(self._run)) \
+        self._writer = TierWriter(weakref.WeakMethod(self._run), self.write_behind_bound()) \
             if self.host or self.disk else None
         self._closed = False
         self._owner_lock = lock if lock is not None else threading.RLock()
         if self.prefix:
             pages.on_evict = self._on_evict
+
+    def write_behind_bound(self) -> int:
+        """The writer's bound in bytes (see WRITE_BEHIND_BYTES)."""
+        tiers = (self.host.budget if self.host else 0) + (self.disk.budget if self.disk else 0)
+        return max(self.chunk_pages * self.pages.nbytes, min(WRITE_BEHIND_BYTES, tiers))
 
     def _disk_tier(self, options: KvCache) -> DiskTier | None:
         root = Path(options.dir) if options.dir else default_dir()
@@ -312,10 +325,16 @@ class KVCache:
         self._submit(("chunk", seq.block_table[lo:hi], hashes, parent, tokens), hashes)
 
     def _submit(self, job, hashes) -> None:
+        """Queue a writer job, waiting while the writer is at its bound (back-pressure).
+        NOTE: pages become pending only once admitted, so the stash of evicted pending pages
+        never exceeds the bound; an idle page evicted during the wait is not copied."""
+        nbytes = len(hashes) * self.pages.nbytes
+        if not self._writer.admit(nbytes):
+            return                                  # closed
         with self._lock:
             for h in hashes:
                 self._pending[h] = self._pending.get(h, 0) + 1
-        self._writer.submit(job)
+        self._writer.submit(job, nbytes)
 
     def _done(self, hashes) -> None:
         with self._lock:
@@ -417,6 +436,8 @@ class KVCache:
         if self.disk is not None:
             prefix["tiers"]["disk"].update(self.disk.stats())
         prefix["costs"] = self.costs.stats()
+        if self._writer is not None:
+            prefix["writer"] = self._writer.stats()
         return {**self.pages.stats(), "prefix": prefix}
 
     def close(self) -> None:

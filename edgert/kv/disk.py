@@ -9,17 +9,20 @@ A *chunk* is a run of full pages of one prefix chain (``chunk_tokens`` / 16 of t
 
 The header records the fingerprint, the page hashes, the parent hash of the first page,
 the token ids covered, the page size and a blake3 sum of every page. A file is written to
-a temporary name (``.NAME.PID.TID.tmp``), fsynced, renamed, and the directory fsynced, so
-a crash leaves either the whole file or a temporary one, which the next start-up deletes
-once its writer is gone.
+a temporary name (``.NAME.PID.TID.tmp``, created at full size under DIR's lock: it reserves
+the chunk's bytes), fsynced, renamed, and the directory fsynced, so
+a crash leaves either the whole file or a temporary one, which the next scan of DIR (any
+process's next write or start-up) deletes once its writer is gone.
 
 At start-up the index is rebuilt from the files' headers (every page hash -> file and
 position); a file whose header is damaged, truncated, foreign (another model's
 fingerprint) or wrongly named is deleted. A read checks the header again and each page's
-sum; a bad file is deleted and the read reports a miss (the caller recomputes). The tier
-keeps DIR within its budget, counting every model's files: the least recently used chunk
-goes first (file mtimes carry recency across processes), a chunk never before the chunks
-that continue it (`PrefixLRU`).
+sum; a bad file is deleted and the read reports a miss (the caller recomputes), as does a
+chunk another process deleted. DIR has one budget whichever processes and models use it
+(`ChunkDir`: one lock, every model's files counted under it): before each write the
+least recently used chunk goes first (file mtimes carry recency across processes), a
+chunk of this model never before the chunks that continue it (`PrefixLRU`), other files
+by age.
 """
 from __future__ import annotations
 
@@ -37,12 +40,12 @@ import numpy as np
 
 from edgert.align import align_up
 
+from .chunkdir import SUFFIX, ChunkDir, fsync_dir, tmp_name, unlink
 from .prefix import HASH_BYTES, PrefixLRU
 
 log = logging.getLogger(__name__)
 MAGIC = b"EDGEKVC1"
 VERSION = 1
-SUFFIX = ".kvc"
 _HEAD = struct.Struct("<8sI16s")    # magic, header length, blake3(header)[:16]
 MAX_HEADER = 1 << 20                # a header longer than this is damage, not a chunk
 MAX_PAGES = 4096
@@ -78,16 +81,17 @@ class DiskTier:
         self._chunks: dict[bytes, Chunk] = {}            # name (last page hash) -> chunk
         self._pages: dict[bytes, tuple[bytes, int]] = {}  # page hash -> (chunk name, index)
         self._order = PrefixLRU()
-        self._others: list[tuple[int, str, int]] = []      # other models' (mtime, path, size)
-        self.bytes_used = 0
-        self.others_bytes = 0
+        self.shelf = ChunkDir(self.root)
+        self.bytes_used = 0         # this tier's indexed chunks
+        self.others_bytes = 0       # every other file under root, at the last scan
+        self.reserved_bytes = 0     # live writers' temporary files, at the last scan
         self.deleted_bad = 0
         self.deleted_tmp = 0
         self.evictions = 0
         self.writes = 0
         if not os.access(self._existing_ancestor(), os.W_OK):
             raise PermissionError(f"{self.dir}: not writable")
-        self._scan()        # NOTE: nothing is created until the first chunk is written
+        self._scan()        # NOTE: nothing but DIR/.lock is created until the first chunk
 
     def _existing_ancestor(self) -> Path:
         p = self.dir
@@ -97,41 +101,24 @@ class DiskTier:
 
     # --- start-up: the index from the files -----------------------------------------------
     def _scan(self) -> None:
-        if not self.dir.is_dir():
-            return
-        for sub in self.root.iterdir():
-            if sub == self.dir or not sub.is_dir():
-                continue
-            for f in sub.glob("*" + SUFFIX):
+        if self.dir.is_dir():
+            for f in sorted(self.dir.iterdir()):
+                if not f.name.endswith(SUFFIX):
+                    continue
                 try:
-                    st = f.stat()
+                    chunk = self._load_header(f)[0]
+                    mtime = f.stat().st_mtime_ns
+                except ChunkError as e:
+                    log.warning("kv disk tier: deleting %s: %s", f, e)
+                    unlink(f)
+                    self.deleted_bad += 1
+                    continue
                 except OSError:
                     continue
-                self._others.append((st.st_mtime_ns, str(f), st.st_size))
-                self.others_bytes += st.st_size
-        heapq.heapify(self._others)
-        for f in sorted(self.dir.iterdir()):
-            name = f.name
-            if name.endswith(".tmp"):
-                if not _writer_alive(name):
-                    _unlink(f)
-                    self.deleted_tmp += 1
-                continue
-            if not name.endswith(SUFFIX):
-                continue
-            try:
-                chunk = self._load_header(f)[0]
-                mtime = f.stat().st_mtime_ns
-            except ChunkError as e:
-                log.warning("kv disk tier: deleting %s: %s", f, e)
-                _unlink(f)
-                self.deleted_bad += 1
-                continue
-            except OSError:
-                continue
-            self._index(chunk, mtime)
-        with self._lock:
-            self._make_room(0)
+                self._index(chunk, mtime)
+        if self.root.is_dir():     # other models' files count before this one writes
+            with self.shelf.locked():
+                self._settle(0)
 
     def _index(self, chunk: Chunk, tick: int | None = None) -> None:
         name = chunk.hashes[-1]
@@ -308,8 +295,8 @@ class DiskTier:
             if name in self._chunks:
                 self._order.touch(name)
                 return True
-            if not self._make_room(size):
-                return False
+        if size > self.budget:
+            return False
         buf = np.zeros(size, np.uint8)
         head = _HEAD.pack(MAGIC, len(hdr), sum_of(hdr)) + hdr
         buf[:len(head)] = np.frombuffer(head, np.uint8)
@@ -317,48 +304,101 @@ class DiskTier:
             o = data_off + i * self.stride
             buf[o:o + self.page_nbytes] = p
         final = self.dir / (name.hex() + SUFFIX)
-        tmp = self.dir / f".{name.hex()}.{os.getpid()}.{threading.get_ident()}.tmp"
+        tmp = self.dir / tmp_name(name.hex())
+        fd = None
         try:
             self.dir.mkdir(parents=True, exist_ok=True)
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            with self.shelf.locked():
+                if self._adopt(final):
+                    return True
+                if not self._settle(size):
+                    return False
+                fd = self.shelf.reserve(tmp, size)
             try:
                 view, done = memoryview(buf), 0
                 while done < size:
-                    done += os.write(fd, view[done:])
+                    done += os.pwrite(fd, view[done:], done)
                 os.fsync(fd)
             finally:
                 os.close(fd)
-            os.replace(tmp, final)
-            _fsync_dir(self.dir)
+            with self.shelf.locked():   # NOTE: a scan never sees a rename half done
+                os.replace(tmp, final)
+                self.shelf.done(tmp)
+            fsync_dir(self.dir)
         except OSError as e:
             log.warning("kv disk tier: cannot write %s: %s", final, e)
-            _unlink(tmp)
+            if fd is not None:
+                self.shelf.done(tmp, remove=True)
             return False
         with self._lock:
             if name not in self._chunks:
                 self._index(Chunk(final, list(hashes), parent, size))
                 self.writes += 1
-                self._make_room(0)
+            tick = self._order.tick(name)
+        try:                # the same recency for every process (file times are coarse)
+            os.utime(final, ns=(tick, tick))
+        except OSError:
+            pass
         return True
 
-    def _make_room(self, need: int) -> bool:
-        """Delete chunks (least recently used leaves, other models' files by age) until
-        `need` more bytes fit the budget. Under the lock."""
-        if need > self.budget:
+    def _adopt(self, path: Path) -> bool:
+        """Index chunk file `path` another process of this model wrote (True), or delete it
+        when it is bad. Under the directory's lock."""
+        try:
+            chunk = self._load_header(path)[0]
+        except ChunkError as e:
+            log.warning("kv disk tier: deleting %s: %s", path, e)
+            unlink(path)
+            with self._lock:
+                self.deleted_bad += 1
             return False
-        while self.bytes_used + self.others_bytes + need > self.budget:
-            own = self._order.peek()
-            other = self._others[0] if self._others else None
-            if own is None and other is None:
-                return False
-            if other is not None and (own is None or other[0] < own[0]):
-                heapq.heappop(self._others)
-                self.others_bytes -= other[2]
-                _unlink(Path(other[1]))
-            else:
-                self._forget(own[1], delete=True, locked=True)
-            self.evictions += 1
+        except OSError:             # absent (the usual case) or unreadable: write it anew
+            return False
+        with self._lock:
+            if chunk.hashes[-1] not in self._chunks:
+                self._index(chunk)
+            tick = self._order.touch(chunk.hashes[-1])
+        try:
+            os.utime(path, ns=(tick, tick))
+        except OSError:
+            pass
         return True
+
+    def _settle(self, need: int) -> bool:
+        """Count every file under root; forget this model's chunks another process deleted;
+        delete chunks (least recently used leaves of this model, other files by age) until
+        `need` more bytes fit the budget. Under the directory's lock."""
+        files, reserved, dead = self.shelf.scan()
+        with self._lock:
+            self.deleted_tmp += dead
+            self.reserved_bytes = reserved
+            mine, others, model = {}, [], self.dir.name
+            for f in files:
+                name = _chunk_name(f.path) if f.model == model else None
+                if name in self._chunks:
+                    mine[name] = f.mtime
+                else:
+                    others.append(f)
+            for name in [n for n in self._chunks if n not in mine]:
+                self._unindex(name)            # deleted elsewhere: a miss from now on
+            for name, mtime in mine.items():   # used by another process of this model
+                if mtime > self._order.tick(name):
+                    self._order.touch(name, mtime)
+            heapq.heapify(others)              # DirFile: (mtime, path, size, model)
+            self.others_bytes = sum(o.size for o in others)
+            while self.bytes_used + self.others_bytes + reserved + need > self.budget:
+                own = self._order.peek()
+                other = others[0] if others else None
+                if own is None and other is None:
+                    return False            # live writers' reservations fill the budget
+                if other is not None and (own is None or other.mtime < own[0]):
+                    heapq.heappop(others)
+                    self.others_bytes -= other.size
+                    unlink(Path(other.path))
+                else:
+                    self._forget(own[1], delete=True, locked=True)
+                self.evictions += 1
+            return True
 
     def _forget(self, name: bytes, delete: bool, locked: bool = False) -> None:
         if not locked:
@@ -366,58 +406,29 @@ class DiskTier:
                 return self._forget(name, delete, locked=True)
         chunk = self._unindex(name)
         if chunk is not None and delete:
-            _unlink(chunk.path)
+            unlink(chunk.path)
 
     def clear(self) -> None:
-        """Delete every chunk of this model."""
+        """Delete every chunk of this model (other processes' of it too)."""
         with self._lock:
             for name in list(self._chunks):
                 self._forget(name, delete=True, locked=True)
             self._order.clear()
+        for f in self.dir.glob("*" + SUFFIX):
+            unlink(f)
 
     def stats(self) -> dict:
         with self._lock:
             return {"budget": self.budget, "bytes_used": self.bytes_used,
-                    "others_bytes": self.others_bytes, "chunks": len(self._chunks),
+                    "others_bytes": self.others_bytes,
+                    "reserved_bytes": self.reserved_bytes, "chunks": len(self._chunks),
                     "pages": len(self._pages), "writes": self.writes,
                     "evictions": self.evictions, "deleted_bad": self.deleted_bad,
                     "deleted_tmp": self.deleted_tmp, "dir": str(self.dir)}
 
 
-def _writer_alive(tmp_name: str) -> bool:
-    """Is the process that named this temporary file (.NAME.PID.TID.tmp) still running?"""
+def _chunk_name(path: str) -> bytes | None:
     try:
-        pid = int(tmp_name.split(".")[2])
-    except (IndexError, ValueError):
-        return False
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _unlink(p: Path) -> None:
-    try:
-        os.unlink(p)
-    except FileNotFoundError:
-        pass
-    except OSError as e:
-        log.warning("kv disk tier: cannot delete %s: %s", p, e)
-
-
-def _fsync_dir(d: Path) -> None:
-    try:
-        fd = os.open(d, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+        return bytes.fromhex(os.path.basename(path)[:-len(SUFFIX)])
+    except ValueError:
+        return None

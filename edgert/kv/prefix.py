@@ -210,6 +210,11 @@ class PrefixLRU:
         if not node.children:
             heapq.heappush(self._heap, (node.tick, key))
 
+    def tick(self, key) -> int | None:
+        """When `key` was last used (None when absent)."""
+        node = self._nodes.get(key)
+        return None if node is None else node.tick
+
     def touch(self, key, tick: int | None = None) -> int | None:
         """Mark `key` used now (or at `tick`); its new tick (None when absent)."""
         node = self._nodes.get(key)
