@@ -177,9 +177,10 @@ def test_cli_with_a_refused_key_exits_within_the_bound_with_one_line(curve_servi
     try:
         for p in procs:
             try:
-                done.append(p.communicate(timeout=max(0.0, end - time.monotonic())))
+                done.append((p, *p.communicate(timeout=max(0.0, end - time.monotonic()))))
             except subprocess.TimeoutExpired:
-                pass
+                if p.poll() is not None:         # ended while an earlier one was waited on
+                    done.append((p, *p.communicate()))
     finally:
         for p in procs:
             if p.poll() is None:
@@ -187,7 +188,7 @@ def test_cli_with_a_refused_key_exits_within_the_bound_with_one_line(curve_servi
                 p.communicate()
     assert len(done) == len(procs), f"{len(procs) - len(done)} of {len(procs)} still running " \
                                     f"after {WAIT} s"
-    for p, (out, err) in zip(procs, done):
+    for p, out, err in done:
         assert p.returncode != 0
         assert err.count("\n") == 1 and "ServiceUnavailable" in err, err
         assert "refused this client's key" in err and curve_service.endpoint in err
