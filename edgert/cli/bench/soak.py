@@ -624,7 +624,8 @@ def report(r: dict) -> None:
     print(f"  service RSS MiB before/after/peak per round: " + ", ".join(
         f"{x['rss_before'] / MiB:.0f}/{x['rss_after'] / MiB:.0f}/{x['peak'] / MiB:.0f}"
         for x in rounds))
-    print(f"  rounds 2-5 RSS after vs round 1: worst {100 * worst:+.1f}%   "
+    signed = ", ".join(f"{100 * (x['rss_after'] - base) / base:+.1f}%" for x in rounds[1:])
+    print(f"  rounds 2-5 RSS after vs round 1: {signed}   "
           f"[target within 5%: {verdict(worst <= RSS_ROUNDS - 1)}]")
 
     d = r["disconnect"]
