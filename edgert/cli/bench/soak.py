@@ -692,6 +692,7 @@ def plot(r: dict, path: str) -> None:
     ks = range(1, len(rounds) + 1)
     axes[0].plot(ks, [x["rss_after"] / MiB for x in rounds], "o-", label="after")
     axes[0].plot(ks, [x["peak"] / MiB for x in rounds], "s--", label="peak")
+    axes[0].set_xticks(list(ks))
     axes[0].set_xlabel("round")
     axes[0].set_ylabel("service RSS (MiB)")
     axes[0].legend()
