@@ -68,6 +68,7 @@ class Runtime:
                                   "(known: onnx-tasks, moe)")
             _check_options(kind, path, reader.kind, options)
             model = kind(self, reader, name, **options)
+            model.load_options = dict(options)    # what a reload of it loads with again
         except BaseException:
             reader.close()
             with self._lock:

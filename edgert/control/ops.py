@@ -354,8 +354,12 @@ def _first_clause(e: Exception) -> str:
 
 
 def _reload_options(m) -> dict:
-    """The options of ``m`` a reload keeps (a task model's prepack mode)."""
-    return {"prepack": m.prepack} if m.kind == "tasks" else {}
+    """The options ``m`` was loaded with (a reload keeps them), and a task model's prepack
+    mode as it is now."""
+    opts = dict(getattr(m, "load_options", {}))
+    if m.kind == "tasks":
+        opts["prepack"] = m.prepack
+    return opts
 
 
 # --- what ops answer -------------------------------------------------------------------------
