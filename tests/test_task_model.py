@@ -68,7 +68,7 @@ def test_background_prepack_swaps_in_after_repeated_runs(tiny):
 
 
 def test_prepack_skipped_when_the_allowance_is_too_small(tiny):
-    rt, m = load(tiny, extra=0, prepack="sync")
+    rt, m = load(tiny, extra="256 KiB", prepack="sync")
     assert not m.prepacked and "needs" in m.stats()["engine"]["prepack_skipped"]
     check(m, tiny, tiny.names[0])
 
