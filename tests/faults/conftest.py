@@ -20,7 +20,7 @@ import pytest
 pytest.importorskip("transformers")
 
 from edgert.control.auth import generate
-from harness import LM_POSITIONS, Serve, ServeFailed, short_dir, write_config
+from faults.harness import LM_POSITIONS, Serve, ServeFailed, short_dir, write_config
 from task_packs import TinyTasks, tiny  # noqa: F401  (tiny is a fixture)
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from harness import WAIT, busy_ok, caps_delta, generate_args
+from faults.harness import WAIT, busy_ok, caps_delta, generate_args
 
 GONE_S = 2.0          # issue 17: "the service has no job left within 2 s"
 ORPHAN_CPU_S = 2.0    # issue 17: "spends <= 2 CPU-s on them in all"

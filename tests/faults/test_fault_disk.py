@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from edgert.control.client import ServiceUnavailable
-from harness import BASE_CONFIG, MiB, WAIT, Serve, generate_args, short_dir, until, write_config
+from faults.harness import BASE_CONFIG, MiB, WAIT, Serve, generate_args, short_dir, until, write_config
 
 BUDGET = 1 * MiB          # kv_cache.disk of every service here
 SLACK = 1.05              # issue 17: "the directory stays within 1.05x its budget"

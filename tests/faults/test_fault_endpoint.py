@@ -14,7 +14,7 @@ import sys
 import pytest
 
 from edgert.control.client import Client, RemoteError
-from harness import ROOT, WAIT, write_config
+from faults.harness import ROOT, WAIT, write_config
 
 
 def serve_once(args: list[str], env: dict | None = None) -> tuple[int, str, str]:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import zmq
 
-from harness import MiB, WAIT, until
+from faults.harness import MiB, WAIT, until
 from task_packs import assert_matches
 
 RSS_BACK = 1.10           # issue 17: "RSS after any batch back within 10% of before"

@@ -11,7 +11,7 @@ import time
 import numpy as np
 import zmq
 
-from harness import MiB, ROOT, WAIT, Peer, until
+from faults.harness import MiB, ROOT, WAIT, Peer, until
 
 UNAUTHENTICATED_PEAK = 64 * MiB   # issue 17: one 2000 x 1 MiB message from a peer that is
                                   # not allowed in raises the service's peak RSS <= 64 MiB

@@ -9,7 +9,7 @@ import time
 
 import numpy as np
 
-from harness import WAIT, generate_args
+from faults.harness import WAIT, generate_args
 from task_packs import assert_matches
 
 STREAMS = 4
