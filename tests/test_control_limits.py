@@ -35,12 +35,13 @@ def dealer(endpoint: str) -> zmq.Socket:
     return s
 
 
-def replies(sock: zmq.Socket, n: int) -> list:
+def replies(sock: zmq.Socket, n: int, keep=lambda r: not r.beat) -> list:
+    """The next ``n`` replies on ``sock`` that ``keep`` takes (beats skipped)."""
     out = []
     while len(out) < n:
         assert sock.poll(WAIT * 1000), f"{len(out)} of {n} replies"
         r = P.decode_reply(sock.recv_multipart())
-        if not r.beat:
+        if keep(r):
             out.append(r)
     return out
 
@@ -75,13 +76,8 @@ def test_a_caller_that_disconnects_leaves_no_job_behind(tiny, lm_pack):
 
 
 def replies_until_busy(sock: zmq.Socket, n: int) -> list:
-    out = []
-    while len(out) < n:
-        assert sock.poll(WAIT * 1000), f"{len(out)} of {n} busy replies"
-        r = P.decode_reply(sock.recv_multipart())
-        if not r.ok:
-            assert r.code == "busy", r
-            out.append(r)
+    out = replies(sock, n, keep=lambda r: not r.ok)
+    assert all(r.code == "busy" for r in out), out
     return out
 
 

@@ -13,6 +13,8 @@ import stat
 import tempfile
 from pathlib import Path
 
+import zmq
+
 from ..errors import ConfigError
 
 SCHEMES = ("ipc", "tcp", "inproc")
@@ -107,3 +109,16 @@ def _listening(path: str) -> bool:
         return False
     finally:
         s.close()
+
+
+def bind_router(sock, endpoint: str) -> None:
+    """Bind, turning "in use" into one line that names the endpoint."""
+    try:
+        sock.bind(endpoint)
+    except zmq.ZMQError as e:
+        if e.errno == zmq.EADDRINUSE:
+            raise ConfigError(f"endpoint {endpoint}: address already in use (another "
+                              "service or program listens there)") from None
+        raise ConfigError(f"endpoint {endpoint}: cannot bind: {e.strerror}") from None
+
+

@@ -38,11 +38,10 @@ from concurrent.futures import ThreadPoolExecutor
 
 import zmq
 
-from ..errors import ConfigError
 from ..version import __version__
 from . import ops
 from .auth import curve_server, public_keys, start_authenticator
-from .endpoint import check_endpoint, check_plain_tcp, default_endpoint
+from .endpoint import bind_router, check_endpoint, check_plain_tcp, default_endpoint
 from .protocol import (DTYPES, MAX_ARRAYS, MAX_ENVELOPE, MAX_MESSAGE, ProtocolError,
                        decode_request, encode_beat, encode_error, encode_reply, error_code,
                        failure_id)
@@ -94,7 +93,6 @@ class Service:
         self.lim = lim
         self.table = ops.ModelTable(rt, models, pack_dirs=pack_dirs,
                                     drain_timeout_s=lim.drain_timeout_s)
-        self.max_inflight = lim.max_jobs_per_client
         self._fixed_message = max_message
         self.max_message = max_message or frame_limit(self.table, lim, rt.config.budget.total)
         self.max_queued_bytes = lim.max_queued_bytes
@@ -511,16 +509,3 @@ def frame_limit(table, lim, total: int) -> int:
             need = max(need, DTYPES.get(getattr(dtype, "name", str(dtype)),
                                         DTYPES["float32"]).itemsize * math.prod(dims))
     return int(min(need, MAX_MESSAGE, max(total, MAX_ENVELOPE)))
-
-
-def bind_router(sock: zmq.Socket, endpoint: str) -> None:
-    """Bind, turning "in use" into one line that names the endpoint."""
-    try:
-        sock.bind(endpoint)
-    except zmq.ZMQError as e:
-        if e.errno == zmq.EADDRINUSE:
-            raise ConfigError(f"endpoint {endpoint}: address already in use (another "
-                              "service or program listens there)") from None
-        raise ConfigError(f"endpoint {endpoint}: cannot bind: {e.strerror}") from None
-
-
