@@ -96,3 +96,22 @@ def test_unknown_keys_and_plain_text_clients_receive_nothing(curve_service, keys
     with client(curve_service, keys, "bob") as bob:      # and the service goes on
         assert bob.health()["status"] == "ok"
         assert bob.stats()["service"]["requests"] == 2
+
+
+def test_a_frame_of_exactly_the_limit_gets_in_over_curve(tiny, keys):
+    """libzmq checks ZMQ_MAXMSGSIZE on the encrypted frame, a few bytes longer than the
+    plain one: a frame of max_message bytes must still be taken."""
+    rt = edgert.Runtime(DeviceConfig.from_dict({
+        "name": "test-curve-limit", "threads": 1,
+        "memory": {"total": 24 * MiB, "engine": 8 * MiB, "experts": 0, "kv": 0}}))
+    m = rt.load(tiny.pack, name="tasks", prepack="off")
+    x = tiny.x
+    svc = Service(rt, "tcp://127.0.0.1:0", models={"tasks": m}, max_message=x.nbytes,
+                  curve_secret=keys["server"][1], allow_dir=keys["allow"]).start()
+    try:
+        assert svc.limits()["max_message"] == x.nbytes
+        with client(svc, keys, "bob", timeout=10) as bob:
+            assert_matches(bob.infer({"image": x}, task="lane")["logits"], tiny.ref["lane"])
+    finally:
+        svc.close()
+        rt.close()

@@ -137,6 +137,8 @@ def test_the_job_caps_count_per_caller_and_for_the_service(tiny, lm_pack):
         assert busy == {0: [2], 1: [1, 2], 2: [0, 1, 2]}, busy
         caps = s.svc.stats_of_service()["caps"]
         assert caps["client_jobs"] == 1 and caps["service_jobs"] == 5, caps
+        with s.client() as c:                       # a full service can still be read
+            assert c.stats()["service"]["caps"]["service_jobs"] == 5
         gate.set()
         for sock in socks:
             sock.close()

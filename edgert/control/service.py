@@ -60,6 +60,11 @@ ROUTER_HWM = 1024          # messages queued per peer, each way. Inbound, the pe
                            # far behind is not reading, and its replies are dropped (counted)
 SHUTDOWN_LINGER_MS = 500   # how long closing waits to flush the last replies to slow peers
 CAPS = ("client_jobs", "service_jobs", "client_tokens", "service_tokens", "queued_bytes")
+STATS_RESERVE = 4          # `stats` requests admitted past max_jobs, so an operator can read a
+                           # full service (each still counts against its caller's own cap)
+CURVE_SLACK = 1024         # CURVE wraps each frame in a MESSAGE command (name, nonce, MAC,
+                           # flags: 33 bytes) and libzmq checks ZMQ_MAXMSGSIZE on that wire
+                           # size, so the socket option gets this slack over max_message
 
 
 class Service:
@@ -109,7 +114,7 @@ class Service:
             self._router = self._ctx.socket(zmq.ROUTER)
             r = self._router
             r.linger = 0
-            r.maxmsgsize = self.max_message
+            r.maxmsgsize = self._wire_limit(curve_secret is not None)
             r.rcvhwm = r.sndhwm = ROUTER_HWM
             r.router_mandatory = 1        # a reply to a gone peer raises: how we find it gone
             if curve_secret is not None:
@@ -303,7 +308,7 @@ class Service:
             raise ProtocolError("bad_request", f"request id {req.id} is already at work")
         caller = caller_of(ident, first) if self._auth is not None else ident
         tokens = args["max_new_tokens"] if op in ops.STREAM_OPS else 0
-        self._check_caps(caller, tokens, req.nbytes)
+        self._check_caps(caller, tokens, req.nbytes, op)
         model = lane = None
         kind = ops.MODEL_KIND.get(op)
         if kind is not None:
@@ -315,9 +320,10 @@ class Service:
         self._admit(Job(next(self._seq), ident, req.id, op, args, lane, model, req.nbytes,
                         caller=caller, tokens=tokens))
 
-    def _check_caps(self, caller: bytes, tokens: int, nbytes: int) -> None:
+    def _check_caps(self, caller: bytes, tokens: int, nbytes: int, op: str) -> None:
         """``busy`` (with a retry hint) past a cap; ``too_large`` for what never fits."""
         lim = self.lim
+        max_jobs = lim.max_jobs + (STATS_RESERVE if op == "stats" else 0)
         if tokens > lim.max_tokens_per_client:
             raise ProtocolError("too_large", f"max_new_tokens {tokens} is more than this "
                                 f"service admits for one caller ({lim.max_tokens_per_client})")
@@ -327,8 +333,8 @@ class Service:
         for cap, over, what in (
                 ("client_jobs", self._inflight.get(caller, 0) >= lim.max_jobs_per_client,
                  f"{lim.max_jobs_per_client} requests of this caller are at work already"),
-                ("service_jobs", len(self._jobs) >= lim.max_jobs,
-                 f"the service has {lim.max_jobs} requests at work already"),
+                ("service_jobs", len(self._jobs) >= max_jobs,
+                 f"the service has {len(self._jobs)} requests at work already"),
                 ("client_tokens", self._tokens.get(caller, 0) + tokens >
                  lim.max_tokens_per_client, f"this caller's generations hold "
                  f"{self._tokens.get(caller, 0)} of its {lim.max_tokens_per_client} tokens"),
@@ -455,7 +461,11 @@ class Service:
     def _resize_frames(self) -> None:
         """A load changed what the models take: new connections get the new frame limit."""
         self.max_message = frame_limit(self.table, self.lim, self.rt.config.budget.total)
-        self._router.maxmsgsize = self.max_message
+        self._router.maxmsgsize = self._wire_limit(self._auth is not None)
+
+    def _wire_limit(self, curve: bool) -> int:
+        """ZMQ_MAXMSGSIZE for a frame limit of max_message: on the wire, CURVE adds a few bytes."""
+        return self.max_message + (CURVE_SLACK if curve else 0)
 
     def _begin_stop(self) -> None:
         self._stopping = True
