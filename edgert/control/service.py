@@ -58,6 +58,9 @@ BATCH = 256                # messages taken from one socket per turn: fair to th
 ROUTER_HWM = 1024          # messages queued per peer, each way. Inbound, the per-client
                            # in-flight cap refuses long before this; outbound, a client this
                            # far behind is not reading, and its replies are dropped (counted)
+PING_MS = 1000             # ZMTP heartbeats on every connection: a peer whose process is
+PING_TIMEOUT_MS = 5000     # stopped or hung (it holds the connection but libzmq in it does
+                           # not answer PING) is disconnected after this, and its jobs end
 SHUTDOWN_LINGER_MS = 500   # how long closing waits to flush the last replies to slow peers
 CAPS = ("client_jobs", "service_jobs", "client_tokens", "service_tokens", "queued_bytes")
 STATS_RESERVE = 4          # `stats` requests admitted past max_jobs, so an operator can read a
@@ -117,6 +120,7 @@ class Service:
             r.maxmsgsize = self._wire_limit(curve_secret is not None)
             r.rcvhwm = r.sndhwm = ROUTER_HWM
             r.router_mandatory = 1        # a reply to a gone peer raises: how we find it gone
+            r.heartbeat_ivl, r.heartbeat_timeout = PING_MS, PING_TIMEOUT_MS
             if curve_secret is not None:
                 curve_server(r, curve_secret)
             endpoint = check_endpoint(bind or default_endpoint())

@@ -3,12 +3,36 @@ queued leaves nothing running, many sockets cannot queue unbounded work, and eve
 answers `busy` with a retry hint before any work, counted in `stats`."""
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
+
 import numpy as np
 
-from faults.harness import WAIT, busy_ok, caps_delta, generate_args
+from faults.harness import (WAIT, Serve, busy_ok, caps_delta, generate_args, short_dir,
+                            write_config)
 
 GONE_S = 2.0          # issue 17: "the service has no job left within 2 s"
 ORPHAN_CPU_S = 2.0    # issue 17: "spends <= 2 CPU-s on them in all"
+STOPPED_S = 12.0      # a stopped caller: the service's ZMTP ping timeout (5 s) and a beat
+
+# A caller in its own process: three streams of 8000 tokens on one lane (run one after the
+# other: far longer than STOPPED_S), "started" once the first piece came, then it sleeps
+# with the connection open (the test stops it with SIGSTOP)
+STOPPED_CALLER = """
+import sys, time, zmq
+from edgert.control.protocol import decode_reply, encode_request
+s = zmq.Context().socket(zmq.DEALER)
+s.connect(sys.argv[1])
+for rid in (1, 2, 3):
+    s.send_multipart(encode_request(rid, "generate", {"model": "lm", "prompt": [1, 2, 3],
+                                                      "max_new_tokens": 8000, "seed": rid}))
+while decode_reply(s.recv_multipart()).beat:
+    pass
+print("started", flush=True)
+time.sleep(600)
+"""
 
 
 def admit(peer, requests: list[dict]) -> tuple[list[int], list[int]]:
@@ -131,3 +155,26 @@ def test_with_curve_a_caller_is_its_key_not_its_socket(curve):
         for p in peers:
             p.close()
     assert curve.wait_jobs(0, WAIT)
+
+
+def test_a_caller_that_stops_reading_is_disconnected_and_its_streams_end(packs, tmp_path):
+    """SIGSTOP: the connection stays open and nothing fails to route, but its libzmq no
+    longer answers ZMTP pings; the service drops the connection, then the jobs."""
+    cfg = write_config(tmp_path / "long.yaml", service={
+        "max_tokens_per_client": 24000, "max_tokens": 24000})
+    serve = Serve(tmp_path, {"lm": packs.lm}, cfg,
+                  bind=f"ipc://{short_dir('edgert-p')}/p.sock")
+    child = subprocess.Popen([sys.executable, "-c", STOPPED_CALLER, serve.endpoint],
+                             stdout=subprocess.PIPE, text=True, env=os.environ)
+    try:
+        assert child.stdout.readline().strip() == "started"
+        assert serve.jobs() == 3
+        os.kill(child.pid, signal.SIGSTOP)
+        assert serve.wait_jobs(0, STOPPED_S), \
+            f"{serve.jobs()} jobs still at work {STOPPED_S} s after their caller stopped"
+        stats = serve.service_stats()
+        assert stats["disconnects"] == 1 and stats["orphaned"]["jobs"] == 3, stats
+    finally:
+        child.kill()
+        child.wait()
+        serve.terminate()
