@@ -5,7 +5,9 @@ public key, ``NAME.key_secret`` both keys. The service accepts a client only whe
 key is in the allow directory (ZAP, through ``zmq.auth.thread.ThreadAuthenticator``); libzmq
 drops a refused or plain-text peer during the handshake, so such a client receives nothing.
 ZAP names an accepted peer by its z85 public key (the frame property "User-Id"); admin-only
-ops compare that against the admin directory.
+ops compare that against the admin directory, and the service's caps count every socket
+of one key as one caller. The client side (client.py) watches its socket's handshake
+events, so a refused key raises ServiceUnavailable at once instead of hanging in a send.
 """
 from __future__ import annotations
 
