@@ -46,7 +46,14 @@ class LoadedModel:
         return self.rt._memory_of(self.name)
 
     def close(self) -> None:
-        """Give back everything the model took. Idempotent; also run at garbage collection."""
+        """Give back everything the model took. Idempotent; also run at garbage collection.
+
+        It closes now, not when the work is done: it waits only for the call in progress
+        (a run, a switch, one token of a generation) to release the model's lock, and a
+        generation still being iterated then ends with ModelClosed. To let work finish
+        first, stop giving the model new work and wait for what holds it, as the service's
+        `unload` and `reload` do (in-flight requests drain up to `drain_timeout_s`, then
+        end with `reloaded`)."""
         with self._lock:
             self._finalizer()
 
