@@ -50,7 +50,7 @@ DTYPES = {name: np.dtype(name).newbyteorder("<") for name in (
 CODES = ("bad_request", "version", "unknown_op", "too_large", "busy", "forbidden",
          "unknown_model", "unknown_task", "input_mismatch", "budget_exceeded", "pack_corrupt",
          "model_closed", "unsupported_model", "config", "failed", "cancelled",
-         "shutting_down", "reloaded", "internal")
+         "shutting_down", "reloaded", "unregistered", "internal")
 
 
 class ProtocolError(EdgertError):
