@@ -89,6 +89,8 @@ class Runtime:
         with self._lock:
             self._loading.discard(name)
             self._models[name] = model
+        if self.fleet is not None:
+            self.fleet.loaded(model)
         return model
 
     def _unique(self, name: str) -> str:

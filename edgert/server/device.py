@@ -96,6 +96,12 @@ class FleetDevice:
         self.link.send("switch", {"device": self.device_id, "model": fp, "task": task,
                                   "t": float(self.clock()), "current": prev})
 
+    def loaded(self, model) -> None:
+        """A model just joined the runtime: prewarm it from a hint that came meanwhile."""
+        ranked = self.hints.get(self.fingerprint(model))
+        if ranked and hasattr(model, "prewarm_weighted"):
+            _latest(self._jobs, (weakref.ref(model), ranked))
+
     # --- what the link calls (its thread) ------------------------------------------------
     def _link_register(self) -> dict:
         rt = self._rt()

@@ -32,6 +32,7 @@ BACKOFF_S = 0.1
 BACKOFF_MAX_S = 2.0
 QUEUE = 256              # reports waiting to be sent; beyond: dropped and counted
 POLL_MS = 50
+CONNECT_GRACE_S = 0.5    # a closing link waits this long for a connection to come up
 
 
 class ServerLink:
@@ -112,19 +113,22 @@ def _session(ref, link: ServerLink, sock, ids) -> bool:
         return True
 
     next_register = 0.0
+    born = time.monotonic()
     while True:
         now = time.monotonic()
         if not registered and now >= next_register:
             owner = ref()
             if owner is None:
                 return False
-            send("register", owner._link_register())     # until one goes through
+            # NOTE: a send fails until the connection is up (immediate): retry soon
+            sent = send("register", owner._link_register())
             del owner
-            next_register = now + link.heartbeat_s
+            next_register = now + (link.heartbeat_s if sent else POLL_MS / 1000)
         stopping = link._stop.is_set()
-        if stopping and (now > link._flush_until or not registered
-                         or (not pending and link._q.empty())):
-            return registered
+        reg_sent = registered or "register" in (o for o, _ in pending.values())
+        if stopping and (now > link._flush_until or (not pending and link._q.empty())
+                         or (not reg_sent and now - born > CONNECT_GRACE_S)):
+            return registered       # NOTE: a register that could not even be sent: no server
         if now - heard > LIVENESS * link.heartbeat_s:
             log.info("server link: silent for %d heartbeats; reconnecting", LIVENESS)
             return registered
