@@ -103,6 +103,10 @@ class FleetServer:
         except ProtocolError as e:
             self.counters["errors"] += 1
             return self._send(ident, encode_error(failure_id(e), e.code, e.message))
+        except Exception as e:       # NOTE: a decoder bug must not end the server
+            self.counters["errors"] += 1
+            log.warning("undecodable request: %s: %s", type(e).__name__, e)
+            return self._send(ident, encode_error(None, "bad_request", "undecodable request"))
         try:
             op = self._ops.get(req.op)
             if op is None:
@@ -132,6 +136,9 @@ class FleetServer:
             log.info("forgot device %s (silent for %d heartbeats)", d, LIVENESS)
 
     def _close(self) -> None:
+        """Close the socket and the context (idempotent)."""
+        if self._ctx.closed:
+            return
         r = getattr(self, "_router", None)
         if r is not None:
             r.close(0)
