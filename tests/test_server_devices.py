@@ -157,3 +157,40 @@ def test_a_request_stops_a_hinted_prewarm(tiny):
         assert len(full) > 0 and not set(full) & set(got)
         assert np.array_equal(m.run({"image": tiny.x}, task="lane")["logits"],
                               m.run({"image": tiny.x})["logits"])
+
+
+def test_serve_with_a_server_registers_and_a_clean_stop_flushes(server, tiny, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from fleet_helpers import ROOT, free_port
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    p = subprocess.Popen([sys.executable, "-m", "edgert", "serve", "--pack", f"t={tiny.pack}",
+                          "--bind", f"tcp://127.0.0.1:{free_port()}", "--server",
+                          server.endpoint, "--device-id", "svc-1"],
+                         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
+    try:
+        assert "ready on" in p.stdout.readline()
+        assert wait_for(lambda: "svc-1" in server.srv.live, timeout=8)
+        assert wait_for(lambda: server.srv.counters["switches"] >= 1)   # its load's task
+    finally:
+        p.send_signal(signal.SIGTERM)
+        assert p.wait(10) == 0
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["--store", "foo"], "expected dir:PATH or redis://"),
+    (["--store", "dir:"], "needs a path"),
+    (["--store", "redis://127.0.0.1:1/0"], "cannot reach Redis"),
+    (["--bind", "tcp://0.0.0.0:5"], "loopback only"),
+    (["--bind", "nope"], "expected ipc://PATH"),
+    (["--curve-secret", "x"], "go together"),
+    (["--heartbeat", "0"], "--heartbeat must be"),
+])
+def test_every_wrong_argument_of_edgert_server_is_one_line(argv, says, capsys):
+    from edgert.cli import main
+    assert main(["server", *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert says in err and len(err.splitlines()) == 1
