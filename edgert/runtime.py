@@ -136,12 +136,12 @@ class Runtime:
         """Send what the server is still owed (bounded), close every model, then unpin the
         arena for the GPU. Idempotent."""
         self._closed = True
-        if self.fleet is not None:
-            self.fleet.close()
         with self._lock:
             live = list(self._models.values())
         for m in live:
-            m.close()
+            m.close()               # NOTE: first: a KV writer's last chunks go to the link
+        if self.fleet is not None:
+            self.fleet.close()
         self.arena.close()
 
     def __enter__(self):

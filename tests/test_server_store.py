@@ -49,7 +49,13 @@ def test_ttl_expires_and_untimed_keys_stay(store):
 
 def test_incr_counts_from_zero(store):
     assert [store.incr("seq:d") for _ in range(3)] == [1, 2, 3]
-    assert store.get("seq:d") == b"3"
+    assert store.incr("seq:d", 10) == 13
+    assert store.get("seq:d") == b"13"
+
+
+def test_sizes_in_one_call(store):
+    store.put_many({"kv:a": b"x" * 10, "kv:b": b"y" * 3})
+    assert store.sizes(["kv:b", "kv:none", "kv:a"]) == [3, None, 10]
 
 
 def test_stats_report_keys_and_bytes(store):

@@ -65,11 +65,12 @@ class FleetDevice:
         self.counters = dict.fromkeys(
             ("hints_received", "hints_used", "snapshots", "prewarmed_bytes",
              "used_prewarm_bytes", "prewarm_stopped", "switches_reported", "published_chunks",
-             "fetched_chunks"), 0)
+             "fetched_chunks", "rejected_chunks"), 0)
         self._lock = threading.Lock()
         self._fps: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         self._prewarmed: dict[str, dict[int, int]] = {}     # model name -> block -> bytes
         self._jobs: queue.Queue = queue.Queue(1)             # the latest hint only
+        self._tiers: list = []                                # KV server tiers (sockets)
         self._stop = threading.Event()
         self._worker = threading.Thread(target=_prewarm_loop,
                                         args=(weakref.ref(self), self._jobs, self._stop),
@@ -97,7 +98,14 @@ class FleetDevice:
                                   "t": float(self.clock()), "current": prev})
 
     def loaded(self, model) -> None:
-        """A model just joined the runtime: prewarm it from a hint that came meanwhile."""
+        """A model just joined the runtime: its KV cache shares chunks through the server;
+        it prewarms from a hint that came meanwhile."""
+        kv = getattr(model, "kv", None)
+        if kv is not None and kv.prefix:
+            from .kvtier import ServerTier
+            tier = ServerTier(self, kv.fp, kv.pages.nbytes)
+            self._tiers.append(tier)
+            kv.attach_remote(tier)
         ranked = self.hints.get(self.fingerprint(model))
         if ranked and hasattr(model, "prewarm_weighted"):
             _latest(self._jobs, (weakref.ref(model), ranked))
@@ -179,6 +187,8 @@ class FleetDevice:
         """Stop prewarming; give reports still queued at most FLUSH_S to reach the server."""
         self._stop.set()
         _latest(self._jobs, None)
+        for t in self._tiers:
+            t.close()
         self.link.close(FLUSH_S)
         if self._worker is not threading.current_thread():
             self._worker.join(FLUSH_S)

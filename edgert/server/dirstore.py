@@ -105,6 +105,11 @@ class DirStore(Store):
             return None
         return value
 
+    def sizes(self, keys: list[str]) -> list[int | None]:
+        now = time.time()
+        with self._lock:
+            return [self._index[k][1] if self._live(k, now) else None for k in keys]
+
     def put_many(self, items: dict[str, bytes], ttl_s: float | None = None) -> None:
         expiry = time.time() + ttl_s if ttl_s else 0.0
         with self._lock:
@@ -134,10 +139,10 @@ class DirStore(Store):
         with self._lock:
             return [k for k in list(self._index) if k.startswith(prefix) and self._live(k, now)]
 
-    def incr(self, key: str) -> int:
+    def incr(self, key: str, by: int = 1) -> int:
         with self._lock:
             old = self._read(key) if self._live(key, time.time()) else None
-            n = int(old or b"0") + 1
+            n = int(old or b"0") + by
             self._write(key, str(n).encode(), 0.0)
             _fsync_dir(self.data)
             return n

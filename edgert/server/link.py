@@ -31,6 +31,7 @@ LIVENESS = 3             # heartbeats of silence before the link reconnects
 BACKOFF_S = 0.1
 BACKOFF_MAX_S = 2.0
 QUEUE = 256              # reports waiting to be sent; beyond: dropped and counted
+QUEUE_BYTES = 64 << 20   # bytes of arrays (KV chunks) waiting to be sent; beyond: dropped
 POLL_MS = 50
 CONNECT_GRACE_S = 0.5    # a closing link waits this long for a connection to come up
 
@@ -42,22 +43,35 @@ class ServerLink:
         self.curve = curve
         self.heartbeat_s = heartbeat_s
         self.connected = False
+        self.current = 0                 # index of the endpoint in use
         self.counters = {"connects": 0, "reconnects": 0, "dropped": 0, "errors": 0}
         self._q: queue.Queue = queue.Queue(QUEUE)
+        self._bytes_lock = threading.Lock()
+        self._queued_bytes = 0
         self._stop = threading.Event()
         self._flush_until = 0.0
         self._thread = threading.Thread(target=_run, args=(weakref.ref(owner), self),
                                         daemon=True, name="edgert-server-link")
         self._thread.start()
 
-    def send(self, op: str, args: dict) -> bool:
-        """Queue a request for the server; False (and counted) when the queue is full."""
-        try:
-            self._q.put_nowait((op, args))
+    def send(self, op: str, args: dict, nbytes: int = 0) -> bool:
+        """Queue a request for the server (``nbytes``: its arrays' size); False (and
+        counted) when the queue is full or the link is not connected and ``nbytes`` > 0."""
+        with self._bytes_lock:
+            if nbytes and (not self.connected or self._queued_bytes + nbytes > QUEUE_BYTES):
+                self.counters["dropped"] += 1
+                return False
+            try:
+                self._q.put_nowait((op, args, nbytes))
+            except queue.Full:
+                self.counters["dropped"] += 1
+                return False
+            self._queued_bytes += nbytes
             return True
-        except queue.Full:
-            self.counters["dropped"] += 1
-            return False
+
+    def _taken(self, nbytes: int) -> None:
+        with self._bytes_lock:
+            self._queued_bytes -= nbytes
 
     def close(self, flush_s: float = 2.0) -> None:
         """Stop the thread; it sends what is queued and waits for its replies up to
@@ -79,7 +93,8 @@ def _run(ref, link: ServerLink) -> None:
         try:
             if link.curve is not None:
                 curve_client(sock, *link.curve)
-            sock.connect(link.endpoints[k % len(link.endpoints)])
+            link.current = k % len(link.endpoints)
+            sock.connect(link.endpoints[link.current])
             healthy = _session(ref, link, sock, ids)
         except zmq.ZMQError as e:
             log.info("server link: %s", e)
@@ -135,9 +150,10 @@ def _session(ref, link: ServerLink, sock, ids) -> bool:
         if registered:
             while len(pending) < QUEUE:
                 try:
-                    op, args = link._q.get_nowait()
+                    op, args, nbytes = link._q.get_nowait()
                 except queue.Empty:
                     break
+                link._taken(nbytes)
                 if not send(op, args):
                     link.counters["dropped"] += 1
             if now >= next_beat and not stopping:

@@ -32,6 +32,14 @@ class RedisStore(Store):
             return []
         return self.r.mget([PREFIX + k for k in keys if check_key(k)])
 
+    def sizes(self, keys: list[str]) -> list[int | None]:
+        with self.r.pipeline(transaction=False) as p:
+            for k in keys:
+                check_key(k)
+                p.strlen(PREFIX + k)
+            got = p.execute()
+        return [n if n else None for n in got]     # NOTE: STRLEN of a missing key is 0
+
     def put_many(self, items: dict[str, bytes], ttl_s: float | None = None) -> None:
         px = max(1, int(ttl_s * 1000)) if ttl_s else None
         with self.r.pipeline(transaction=False) as p:
@@ -47,8 +55,8 @@ class RedisStore(Store):
         pat = PREFIX + "".join("\\" + c if c in "*?[]\\" else c for c in prefix) + "*"
         return [k.decode()[len(PREFIX):] for k in self.r.scan_iter(match=pat, count=1000)]
 
-    def incr(self, key: str) -> int:
-        return int(self.r.incr(PREFIX + key))
+    def incr(self, key: str, by: int = 1) -> int:
+        return int(self.r.incrby(PREFIX + key, by))
 
     def stats(self) -> dict:
         info = self.r.info("memory")

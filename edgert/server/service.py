@@ -10,6 +10,9 @@ ops:
     switch   {device, model, task, t, current}  -> {seq, model, hints}   one numbered update
     snapshot {device}                    -> {seq, hints}
     stats    {}                          -> devices, store, counters
+    kv_lookup {device, model, names}     -> {sizes}     chunk sizes, None where absent
+    kv_get   {device, model, names}      -> {chunks}    uint8 arrays, None where absent
+    kv_put   {device, model, name, chunk: uint8 array}  -> {stored}   within the quota
 
 ``hints`` maps a model fingerprint to ranked ``[task, probability]`` pairs. Updates are
 numbered per device (Clone pattern): a device that sees a number other than the one after
@@ -25,6 +28,7 @@ import re
 import time
 
 import msgpack
+import numpy as np
 import zmq
 
 from ..control.auth import curve_server, public_keys, start_authenticator
@@ -43,6 +47,11 @@ MAX_PACKS = 64
 MAX_TASKS = 1024
 DEVICE_ID = re.compile(r"[A-Za-z0-9._:@-]{1,64}")
 FLEET = "fleet"          # the scope name of the fleet-wide predictor
+KV_TTL_S = 7 * 24 * 3600    # a KV chunk nobody wrote again for a week expires
+KV_QUOTA = 256 << 20     # bytes of KV chunks one device may publish (per KV_TTL_S)
+MAX_NAMES = 64           # chunks in one look-up or fetch (16384 tokens of 256-token chunks)
+MAX_CHUNK = 64 << 20     # bytes of one chunk
+HEX = re.compile(r"[0-9a-f]{1,64}")
 
 
 class FleetServer:
@@ -75,7 +84,9 @@ class FleetServer:
             self._close()
             raise
         self._ops = {"hello": self._hello, "register": self._register, "beat": self._beat,
-                     "switch": self._switch, "snapshot": self._snapshot, "stats": self._stats}
+                     "switch": self._switch, "snapshot": self._snapshot, "stats": self._stats,
+                     "kv_lookup": self._kv_lookup, "kv_get": self._kv_get, "kv_put": self._kv_put}
+        self.kv_quota = KV_QUOTA
 
     # --- loop ----------------------------------------------------------------------------
     def run(self) -> None:
@@ -224,9 +235,44 @@ class FleetServer:
         self.counters["switches"] += 1
         return {"seq": seq, "model": model, "hints": ranked}
 
+    def _kv_keys(self, args: dict) -> list[str]:
+        self._device(args)
+        model, names = _hex(args.get("model"), "model"), args.get("names")
+        if not isinstance(names, list) or not 1 <= len(names) <= MAX_NAMES:
+            raise ProtocolError("bad_request", f"'names' must be a list of 1 to {MAX_NAMES}")
+        return [f"kv:{model}:{_hex(n, 'name')}" for n in names]
+
+    def _kv_lookup(self, args: dict) -> dict:
+        return {"sizes": self.store.sizes(self._kv_keys(args))}
+
+    def _kv_get(self, args: dict) -> dict:
+        got = self.store.get_many(self._kv_keys(args))
+        return {"chunks": [None if g is None else np.frombuffer(g, np.uint8) for g in got]}
+
+    def _kv_put(self, args: dict) -> dict:
+        d = self._device(args)
+        model, name = _hex(args.get("model"), "model"), _hex(args.get("name"), "name")
+        chunk = args.get("chunk")
+        if not isinstance(chunk, np.ndarray) or chunk.dtype != np.uint8 or chunk.ndim != 1 \
+                or not 0 < chunk.size <= MAX_CHUNK:
+            raise ProtocolError("bad_request", f"'chunk' must be a uint8 array of 1 to "
+                                f"{MAX_CHUNK} bytes")
+        used = self.store.incr(f"kvq:{d}", chunk.size)
+        if used > self.kv_quota:
+            self.store.incr(f"kvq:{d}", -chunk.size)
+            return {"stored": False, "why": "quota"}
+        self.store.put(f"kv:{model}:{name}", chunk.tobytes(), ttl_s=KV_TTL_S)
+        return {"stored": True}
+
     def _stats(self, args: dict) -> dict:
         return {"endpoint": self.endpoint, "live_devices": sorted(self.live),
                 "counters": dict(self.counters), "store": self.store.stats()}
+
+
+def _hex(v, what: str) -> str:
+    if not isinstance(v, str) or not HEX.fullmatch(v):
+        raise ProtocolError("bad_request", f"{what} must be 1 to 64 lowercase hex digits")
+    return v
 
 
 def _name(v, what: str) -> str:

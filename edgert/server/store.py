@@ -27,6 +27,10 @@ class Store(ABC):
         """Values of ``keys`` in order (None where absent or expired), in one round trip."""
 
     @abstractmethod
+    def sizes(self, keys: list[str]) -> list[int | None]:
+        """Byte sizes of ``keys`` in order (None where absent), in one round trip."""
+
+    @abstractmethod
     def put_many(self, items: dict[str, bytes], ttl_s: float | None = None) -> None:
         """Write every item (one round trip)."""
 
@@ -38,8 +42,8 @@ class Store(ABC):
         """Every live key that starts with ``prefix``."""
 
     @abstractmethod
-    def incr(self, key: str) -> int:
-        """Add one to the counter at ``key`` (0 when absent) atomically; the new value."""
+    def incr(self, key: str, by: int = 1) -> int:
+        """Add ``by`` to the counter at ``key`` (0 when absent) atomically; the new value."""
 
     @abstractmethod
     def stats(self) -> dict:
