@@ -3,6 +3,7 @@ serving on; the server's protocol fuzzed."""
 from __future__ import annotations
 
 import signal
+import time
 import threading
 
 import msgpack
@@ -16,7 +17,7 @@ from task_packs import assert_matches, config, tiny  # noqa: F401  (tiny is a fi
 import edgert
 from edgert.control.protocol import ProtocolError, decode_reply, encode_request
 from edgert.server.service import FleetServer
-from edgert.server.store import open_store
+from edgert.server.store import WriteBehind, open_store
 
 
 def top(rt, fp: str) -> str | None:
@@ -47,6 +48,7 @@ def test_a_killed_server_leaves_devices_serving_and_a_restart_keeps_the_predicto
         fp = a.fleet.fingerprint(ma)
         assert wait_for(lambda: top(a, fp) == "lane")
         seq = a.fleet.seq
+        time.sleep(2 * WriteBehind.FLUSH_S)   # a crash loses at most the last FLUSH_S
         srv.send_signal(signal.SIGKILL)       # mid-run: no goodbye
         srv.wait(5)
         for t in tiny.names * 2:              # both devices serve every request, exact

@@ -8,15 +8,17 @@ import pytest
 
 from edgert.errors import ConfigError
 from edgert.server.dirstore import DirStore
-from edgert.server.store import open_store
+from edgert.server.store import WriteBehind, open_store
 
 from fleet_helpers import redis_url  # noqa: F401  (fixture)
 
 
-@pytest.fixture(params=["dir", "redis"])
+@pytest.fixture(params=["dir", "dir-write-behind", "redis"])
 def store(request, tmp_path):
     if request.param == "dir":
         s = open_store(f"dir:{tmp_path / 'store'}")
+    elif request.param == "dir-write-behind":       # what a server on a dir: store uses
+        s = WriteBehind(open_store(f"dir:{tmp_path / 'store'}"))
     else:
         s = open_store(request.getfixturevalue("redis_url"))
     yield s
@@ -102,3 +104,17 @@ def test_unreachable_redis_and_bad_specs_are_one_line():
         open_store("redis://127.0.0.1:1/0")
     with pytest.raises(ConfigError, match="expected dir:PATH or redis://"):
         open_store("mysql://x")
+
+
+def test_write_behind_writes_back_on_flush_and_close(tmp_path):
+    s = WriteBehind(DirStore(tmp_path))
+    s.put("pred:x", b"state")
+    s.incr("seq:x")
+    assert not (tmp_path / "data" / "pred:x".encode().hex()).exists()   # in memory only
+    s.flush()
+    assert (tmp_path / "data" / "pred:x".encode().hex()).exists()
+    s.put("pred:y", b"later")
+    s.close()                                   # a clean stop writes back the rest
+    d = DirStore(tmp_path)
+    assert d.get_many(["pred:x", "seq:x", "pred:y"]) == [b"state", b"1", b"later"]
+    d.close()

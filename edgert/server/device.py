@@ -71,9 +71,12 @@ class FleetDevice:
         self._prewarmed: dict[str, dict[int, int]] = {}     # model name -> block -> bytes
         self._jobs: queue.Queue = queue.Queue(1)             # the latest hint only
         self._tiers: list = []                                # KV server tiers (sockets)
+        self._idle = threading.Event()                        # no prewarm waits or runs
+        self._idle.set()
         self._stop = threading.Event()
         self._worker = threading.Thread(target=_prewarm_loop,
-                                        args=(weakref.ref(self), self._jobs, self._stop),
+                                        args=(weakref.ref(self), self._jobs, self._stop,
+                                              self._idle),
                                         daemon=True, name="edgert-prewarm")
         self._worker.start()
         self.link = ServerLink(self, endpoints_of(spec), curve=curve)
@@ -89,7 +92,7 @@ class FleetDevice:
         fp = self.fingerprint(model)
         with self._lock:
             pw = self._prewarmed.get(model.name, {})
-            used = [b for b in moved_blocks.tolist() if b in pw]
+            used = {b for b in moved_blocks.tolist() if b in pw}   # a block may sit at several positions
             self.counters["used_prewarm_bytes"] += sum(pw.pop(b) for b in used)
             if prev is not None and task in (t for t, _ in self.hints.get(fp, [])):
                 self.counters["hints_used"] += 1
@@ -108,7 +111,7 @@ class FleetDevice:
             kv.attach_remote(tier)
         ranked = self.hints.get(self.fingerprint(model))
         if ranked and hasattr(model, "prewarm_weighted"):
-            _latest(self._jobs, (weakref.ref(model), ranked))
+            self._prewarm(model, ranked)
 
     # --- what the link calls (its thread) ------------------------------------------------
     def _link_register(self) -> dict:
@@ -163,7 +166,20 @@ class FleetDevice:
             return
         for m in list(rt._models.values()):
             if not m.closed and hasattr(m, "prewarm_weighted") and self.fingerprint(m) == fp:
-                _latest(self._jobs, (weakref.ref(m), ranked))
+                self._prewarm(m, ranked)
+
+    def _prewarm(self, model, ranked) -> None:
+        self._idle.clear()
+        _latest(self._jobs, (weakref.ref(model), ranked))
+
+    def wait_prewarmed(self, timeout: float) -> bool:
+        """Wait until no hinted prewarm waits or runs (benchmarks replaying idle time)."""
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            if self._idle.wait(max(0.0, end - time.monotonic())) and self._jobs.empty():
+                return True
+            time.sleep(0.005)
+        return False
 
     def _prewarmed_blocks(self, model, blocks: list[int]) -> None:
         blocks_ = model.reader.blocks
@@ -226,12 +242,14 @@ def _latest(q: queue.Queue, item) -> None:
                 pass
 
 
-def _prewarm_loop(ref, jobs: queue.Queue, stop: threading.Event) -> None:
+def _prewarm_loop(ref, jobs: queue.Queue, stop: threading.Event, idle: threading.Event) -> None:
     while not stop.is_set():
         job = jobs.get()
         if job is None:
             return
         _prewarm_one(ref, *job, stop)
+        if jobs.empty():
+            idle.set()
 
 
 def _prewarm_one(ref, mref, ranked, stop: threading.Event) -> None:

@@ -32,6 +32,8 @@ TMP = ".tmp"
 
 
 class DirStore(Store):
+    exclusive = True            # one process: the server may keep small state in memory
+
     def __init__(self, path):
         self.root = Path(path)
         self.spec = f"dir:{self.root}"

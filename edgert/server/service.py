@@ -36,7 +36,7 @@ from ..control.endpoint import bind_router, check_endpoint, check_plain_tcp
 from ..control.protocol import (MAX_MESSAGE, PROTOCOL, ProtocolError, decode_request,
                                 encode_error, encode_reply, error_code, failure_id)
 from . import predictor as P
-from .store import Store
+from .store import Store, WriteBehind
 
 log = logging.getLogger(__name__)
 HEARTBEAT_S = 1.0        # a device beats this often
@@ -61,7 +61,8 @@ class FleetServer:
                  allow_dir=None, heartbeat_s: float = HEARTBEAT_S):
         if (curve_secret is None) != (allow_dir is None):
             raise ValueError("--curve-secret and --allow-dir go together")
-        self.store = store
+        # NOTE: a store only this process uses keeps small state in memory (store.WriteBehind)
+        self.store = WriteBehind(store) if getattr(store, "exclusive", False) else store
         self.heartbeat_s = heartbeat_s
         self.live: dict[str, float] = {}        # device -> last heard (monotonic)
         self.counters = {"requests": 0, "errors": 0, "switches": 0, "forgotten": 0}
@@ -90,6 +91,7 @@ class FleetServer:
 
     # --- loop ----------------------------------------------------------------------------
     def run(self) -> None:
+        flushed = time.monotonic()
         try:
             while not self._stop:
                 if self._router.poll(POLL_MS):
@@ -100,8 +102,19 @@ class FleetServer:
                             break
                         self._serve(frames)
                 self._purge()
+                if time.monotonic() - flushed >= WriteBehind.FLUSH_S:
+                    self._flush()
+                    flushed = time.monotonic()
         finally:
+            self._flush()
             self._close()
+
+    def _flush(self) -> None:
+        if isinstance(self.store, WriteBehind):
+            try:
+                self.store.flush()
+            except OSError as e:         # NOTE: a full or failing disk: keep serving
+                log.warning("store: cannot write back: %s", e)
 
     def stop(self) -> None:
         self._stop = True
