@@ -194,3 +194,36 @@ def test_every_wrong_argument_of_edgert_server_is_one_line(argv, says, capsys):
     assert main(["server", *argv]) == 2
     err = capsys.readouterr().err.strip()
     assert says in err and len(err.splitlines()) == 1
+
+
+def test_a_curve_server_admits_allowed_devices_only(store, tiny, tmp_path):
+    import shutil
+    import threading
+
+    from edgert.control.auth import generate
+    from edgert.server.service import FleetServer
+    own, allow = tmp_path / "keys", tmp_path / "allow"
+    allow.mkdir()
+    srv_pub, srv_sec = generate(own, "server")
+    car_pub, car_sec = generate(own, "car")
+    _, eve_sec = generate(own, "eve")
+    shutil.copy(car_pub, allow)
+    srv = FleetServer(store, "tcp://127.0.0.1:0", curve_secret=srv_sec, allow_dir=allow,
+                      heartbeat_s=0.2)
+    t = threading.Thread(target=srv.run, daemon=True)
+    t.start()
+    try:
+        with edgert.Runtime(config(), server=srv.endpoint, device_id="car",
+                            server_curve=(srv_pub, car_sec)) as car, \
+                edgert.Runtime(config(), server=srv.endpoint, device_id="eve",
+                               server_curve=(srv_pub, eve_sec)) as eve, \
+                edgert.Runtime(config(), server=srv.endpoint, device_id="plain") as plain:
+            assert wait_for(lambda: car.stats()["server"]["connected"])
+            m = eve.load(tiny.pack, name="t")              # refused devices serve on
+            assert_matches(m.run({"image": tiny.x}, task="lane")["logits"], tiny.ref["lane"])
+            assert not eve.stats()["server"]["connected"]
+            assert not plain.stats()["server"]["connected"]
+            assert srv.live.keys() == {"car"}
+    finally:
+        srv.stop()
+        t.join(5)
