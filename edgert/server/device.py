@@ -8,8 +8,8 @@ way the moment a request wants the model. A server that is gone, slow or lying c
 nothing a caller sees: the link runs in the background (link.py), hints only decide which
 blocks sit in spare slots, and a block is verified when read whoever asked for it.
 
-``stats()``: connected, hints_received, hints_used (switches to a task the latest hint
-named), prewarmed_bytes, unused_prewarm_bytes (prewarmed by a hint, no switch used them
+``stats()``: connected, hints_received, hints_used (switches that took blocks a hint
+prewarmed), prewarmed_bytes, unused_prewarm_bytes (prewarmed by a hint, no switch used them
 yet), published_chunks and fetched_chunks (KV sharing).
 """
 from __future__ import annotations
@@ -94,7 +94,7 @@ class FleetDevice:
             pw = self._prewarmed.get(model.name, {})
             used = {b for b in moved_blocks.tolist() if b in pw}   # a block may sit at several positions
             self.counters["used_prewarm_bytes"] += sum(pw.pop(b) for b in used)
-            if prev is not None and task in (t for t, _ in self.hints.get(fp, [])):
+            if used:
                 self.counters["hints_used"] += 1
             self.counters["switches_reported"] += 1
         self.link.send("switch", {"device": self.device_id, "model": fp, "task": task,
