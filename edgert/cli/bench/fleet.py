@@ -31,7 +31,7 @@ import numpy as np
 
 from ...config import DeviceConfig
 from ...stats import summary
-from .output import write_json
+from .output import pyplot, save, write_json
 
 MONDAY = calendar.timegm((2024, 1, 1, 0, 0, 0))      # 2024-01-01 was a Monday
 SWITCHES_PER_HOUR = 2
@@ -46,6 +46,7 @@ def register(sub) -> None:
     p.add_argument("--moe-pack", default="models/out/moe-demo.edgepack",
                    help="an MoE pack for the KV-sharing figure")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--plot", default="docs/img/bench-fleet.png")
     p.add_argument("--skip", action="append", default=[], choices=("predict", "kv", "ops"),
                    help="leave a part out")
     p.set_defaults(func=main)
@@ -232,4 +233,34 @@ def main(args) -> int:
         out["ops"] = o = bench_ops(args)
         out["server_ops_per_s"] = o.get("server_ops_per_s")
     write_json(out, args.json)
+    if not args.quick and "predict" in out:
+        plot(out, args.plot)
     return 0
+
+
+def plot(out: dict, path: str) -> None:
+    plt = pyplot()
+    if plt is None:
+        return
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    ax = axes[0]
+    for key, label in (("alone", "alone (LRU of displaced blocks)"),
+                       ("predicted", "with the server's hints")):
+        xs = np.sort(out["predict"][key]["switch_ms_raw"])
+        ax.plot(xs, np.arange(1, len(xs) + 1) / len(xs), label=label)
+    ax.set_xlabel("switch time (ms)")
+    ax.set_ylabel("fraction of switches")
+    ax.set_title("task switches, replayed day")
+    ax.legend(fontsize=8)
+    ax = axes[1]
+    kv = out.get("kv", {}).get("by_store", {})
+    names = list(kv)
+    if names:
+        ax.bar([f"{n}: shared" for n in names], [kv[n]["shared_ms"]["p50"] for n in names])
+        ax.bar([f"{n}: recompute" for n in names], [kv[n]["recompute_ms"]["p50"] for n in names])
+        ax.set_yscale("log")
+        ax.tick_params(axis="x", labelrotation=20, labelsize=8)
+        ax.set_ylabel("TTFT, 1024-token prefix (ms, median)")
+        ax.set_title("device B: prefix from device A vs recompute")
+    fig.tight_layout()
+    save(fig, path)
