@@ -150,3 +150,25 @@ def test_no_server_no_sharing_and_no_wait(packs, tmp_path):
     np.testing.assert_array_equal(run(lm, ids), reference(packs[0], ids))
     assert server_tier(lm)["hit_tokens"] == 0 and rt.stats()["server"]["published_chunks"] == 0
     rt.close()
+
+
+def test_a_slow_server_is_not_waited_for(server, packs):
+    """Look-ups answered after the bound: the prefill computes, and a late answer to an
+    earlier look-up is never taken for a later one."""
+    import time
+    ids = prompt(N, seed=7)
+    publish(server.endpoint, packs[0], ids)
+    rt, lm = device(server.endpoint, "b", packs[0])
+    fast = server.srv._ops["kv_lookup"]
+
+    def slow(args):
+        time.sleep(0.6)                 # past LOOKUP_TIMEOUT_S (0.25 s)
+        return fast(args)
+    server.srv._ops["kv_lookup"] = slow
+    for _ in range(2):
+        np.testing.assert_array_equal(run(lm, ids), reference(packs[0], ids))
+    assert server_tier(lm)["hit_tokens"] == 0
+    server.srv._ops["kv_lookup"] = fast
+    time.sleep(1.5)                     # the late answers arrive and are skipped
+    np.testing.assert_array_equal(run(lm, ids), reference(packs[0], ids))
+    rt.close()
