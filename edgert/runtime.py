@@ -26,14 +26,26 @@ class Runtime:
     dropping the last reference to a model releases it; ``rt.close()`` closes the rest.
     """
 
-    def __init__(self, config: DeviceConfig | str | os.PathLike | None = None):
+    def __init__(self, config: DeviceConfig | str | os.PathLike | None = None, *,
+                 server: str | None = None, device_id: str | None = None, server_curve=None):
+        """``server`` overrides the config's ``server:`` ("" = none): the fleet server's
+        endpoint (edgert/server/device.py); ``device_id`` names this device to it (default:
+        $EDGERT_DEVICE_ID, else the host name); ``server_curve`` = (server public key file,
+        this device's secret key file) for a server behind CURVE."""
         self.config = resolve(config)
+        spec = self.config.server if server is None else server
+        self.fleet = None
+        if spec:
+            from .server.device import FleetDevice, endpoints_of
+            endpoints_of(spec)                      # ConfigError before anything is taken
         self.arena = Arena(self.config)
         self._models: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
         self._loading: set[str] = set()
         self._lock = threading.Lock()
         self._torch_threads_set = False
         self._closed = False
+        if spec:
+            self.fleet = FleetDevice(self, spec, device_id=device_id, curve=server_curve)
 
     def set_torch_threads(self) -> None:
         """Give torch the config's thread count, once (torch's setting is process-wide)."""
@@ -77,6 +89,8 @@ class Runtime:
         with self._lock:
             self._loading.discard(name)
             self._models[name] = model
+        if self.fleet is not None:
+            self.fleet.loaded(model)
         return model
 
     def _unique(self, name: str) -> str:
@@ -113,16 +127,21 @@ class Runtime:
                 "engine_bytes": engine}
 
     def stats(self) -> dict:
-        """The arena with every byte attributed to its holder, and the models."""
-        return {"config": self.config.name, "arena": self.arena.stats(), "models": self.models()}
+        """The arena with every byte attributed to its holder, the models, the fleet server."""
+        from .server.device import no_server_stats
+        return {"config": self.config.name, "arena": self.arena.stats(), "models": self.models(),
+                "server": self.fleet.stats() if self.fleet is not None else no_server_stats()}
 
     def close(self) -> None:
-        """Close every model, then unpin the arena for the GPU. Idempotent."""
+        """Send what the server is still owed (bounded), close every model, then unpin the
+        arena for the GPU. Idempotent."""
         self._closed = True
         with self._lock:
             live = list(self._models.values())
         for m in live:
-            m.close()
+            m.close()               # NOTE: first: a KV writer's last chunks go to the link
+        if self.fleet is not None:
+            self.fleet.close()
         self.arena.close()
 
     def __enter__(self):

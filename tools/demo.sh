@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The README's main-job command on the embedded default config (device_configs/cpu-dev.yaml):
 # build the demo task models, pack them, verify and inspect the pack, run a switching
-# session, then generate with the demo MoE model under half of its experts.
+# session, generate with the demo MoE model under half of its experts, drive both over the
+# device service, and run a small fleet (a server and two devices) on loopback.
 # Everything is generated locally; nothing is downloaded.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -67,3 +68,6 @@ def "
 $py -m edgert client "$ep" shutdown > /dev/null
 wait "$serve"                     # the service's own exit status: 0 when it stopped cleanly
 tail -1 "$run/serve.log"
+echo
+echo "== 8. a fleet: a server and two devices on loopback (prewarm hints, a shared prefix, the server stopped)"
+$py tools/fleet_demo.py "$pack" "$moe.edgepack" "$cfg" "$run"

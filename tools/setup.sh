@@ -9,6 +9,19 @@ stamp="$VENV/.edgert-setup"
 want="$(cat pyproject.toml tools/setup.sh | sha256sum | cut -c1-16)"
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then exit 0; fi
 
+# The fleet server's tests start a real redis-server (Debian's package) on loopback.
+if ! command -v redis-server >/dev/null 2>&1 && [ ! -x /usr/bin/redis-server ]; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "setup: installing Debian's redis-server (the fleet tests start one on loopback)"
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null
+    # NOTE: only the binary is needed; the tests start their own on a free port
+    systemctl disable --now redis-server >/dev/null 2>&1 || true
+  else
+    echo "setup: redis-server is missing and cannot be installed here (needs root and apt-get):" \
+         "install it (apt-get install redis-server) or the fleet store tests fail" >&2
+  fi
+fi
+
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
 pip="$VENV/bin/python -m pip"
 $pip install -q --upgrade pip >/dev/null

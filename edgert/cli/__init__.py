@@ -17,6 +17,7 @@ COMMAND_MODULES = (
     "edgert.cli.generate",  # generate
     "edgert.cli.bench",     # bench switch | moe
     "edgert.cli.control",   # serve, client, keys
+    "edgert.cli.server",    # server
 )
 
 

@@ -40,6 +40,12 @@ def register(sub) -> None:
     s.add_argument("--max-inflight", type=int, metavar="N",
                    help="requests one caller may have at work at once (more: 'busy'; "
                    "default: the config's service.max_jobs_per_client)")
+    s.add_argument("--server", metavar="ENDPOINT",
+                   help="the fleet server (`edgert server`; overrides the config's server:, "
+                   "\"\" for none); docs/fleet.md")
+    s.add_argument("--device-id", metavar="ID",
+                   help="this device's name to the fleet server (default: $EDGERT_DEVICE_ID, "
+                   "else the host name)")
     s.set_defaults(func=_serve)
 
     c = sub.add_parser("client", help="send one op to a device service",
@@ -125,7 +131,7 @@ def _serve(args) -> int:
     # endpoint says so at once instead of loading everything first
     bind = check_endpoint(args.bind or default_endpoint())
     check_plain_tcp(bind, args.curve_secret is not None)
-    rt = Runtime(args.config)
+    rt = Runtime(args.config, server=args.server, device_id=args.device_id)
     try:
         limits = rt.config.service
         if args.drain_timeout is not None:

@@ -50,7 +50,7 @@ DTYPES = {name: np.dtype(name).newbyteorder("<") for name in (
 CODES = ("bad_request", "version", "unknown_op", "too_large", "busy", "forbidden",
          "unknown_model", "unknown_task", "input_mismatch", "budget_exceeded", "pack_corrupt",
          "model_closed", "unsupported_model", "config", "failed", "cancelled",
-         "shutting_down", "reloaded", "internal")
+         "shutting_down", "reloaded", "unregistered", "internal")
 
 
 class ProtocolError(EdgertError):
@@ -259,7 +259,7 @@ def _array(desc: dict, frames: list, used: set) -> np.ndarray:
                             f"({len(frames) - 1} array frames)")
     if k in used:
         raise ProtocolError("bad_request", f"array frame {k} is named twice")
-    if dtype not in DTYPES:
+    if not isinstance(dtype, str) or dtype not in DTYPES:
         raise ProtocolError("bad_request", f"dtype {dtype!r} is not allowed; allowed: "
                             f"{', '.join(DTYPES)}")
     if not isinstance(shape, list) or len(shape) > MAX_NDIM or any(

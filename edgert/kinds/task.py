@@ -18,6 +18,7 @@ concatenated); one that cannot fit even one item is refused before any work.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import threading
@@ -46,6 +47,8 @@ PROBE_INPUT_BYTES = 4 << 20   # the k-item probe holds about this much input: la
 PROBE_MAX_ITEMS = 64          # see past page granularity and malloc's small-block reuse
 TRIM_AFTER = 8 << 20     # an unsplit run charged at least this much hands its freed heap back
 SHAPES_KEPT = 16         # per-item figures kept for inputs whose non-batch dims are dynamic
+PREWARM_STEP = 8         # blocks loaded per turn of a hinted prewarm: a request waits for at most
+                         # this many block reads before the prewarm stops for it
 
 
 class TaskModel(LoadedModel):
@@ -77,6 +80,8 @@ class TaskModel(LoadedModel):
         self._run_ms: deque[float] = deque(maxlen=HISTORY)
         self._prepack_builds: list[float] = []
         self._prepack_skipped = ""
+        self._waiting = 0                   # callers queued for the lock (a hinted prewarm yields)
+        self._count_lock = threading.Lock()
         try:
             self.switcher = self._own(TaskSwitcher(reader, rt.arena, name,
                                                    keep_displaced=keep_displaced,
@@ -114,14 +119,19 @@ class TaskModel(LoadedModel):
     def switch(self, task: str) -> SwitchResult:
         """Make ``task`` active. UnknownTask, PackCorrupt or BudgetExceeded leave the
         previous task active and runnable."""
-        with self._lock:
+        with self._waiter():
             self._check_open()
             return self._switch(task)
 
     def _switch(self, task: str) -> SwitchResult:
-        if len(self.switcher.changed_positions(task)):
+        changed = self.switcher.changed_positions(task)
+        if len(changed):
             self._drop_fast()           # NOTE: before any weight byte changes
+        prev = self.active
         res = self.switcher.switch(task)
+        fleet = getattr(self.rt, "fleet", None)
+        if fleet is not None:           # NOTE: only queues a report; never waits on the server
+            fleet.switched(self, prev, task, res, self.switcher.task_blocks(task)[changed])
         self._runs_since_switch = 0
         self._prepack_skipped = ""
         if self.prepack == "sync":
@@ -133,10 +143,46 @@ class TaskModel(LoadedModel):
             self._check_open()
             return self.switcher.prewarm(list(tasks))
 
+    def prewarm_weighted(self, weighted: list[tuple[str, float]], stop=lambda: False) -> list[int]:
+        """Fill spare slots from ``(task, weight)`` pairs (a server's hint), blocks ranked by
+        the summed weight of the tasks needing them, within free and evictable memory.
+        Runs in turns of PREWARM_STEP blocks and stops as soon as a request waits for this
+        model or ``stop()`` says so. Returns the block indices loaded."""
+        with self._lock:
+            self._check_open()
+            order, _ = self.switcher.plan([(t, w) for t, w in weighted if t in self.tasks])
+        got: list[int] = []
+        for i in range(0, len(order), PREWARM_STEP):
+            if self._waiting or stop():
+                break
+            with self._lock:
+                if self.closed:
+                    return got
+                got += self.switcher.prefetch(order[i:i + PREWARM_STEP])
+        with self._lock:            # the most wanted touched last: LRU gives it up last
+            if not self.closed and not self._waiting:
+                self.switcher.prefetch(got[::-1])
+        return got
+
+    @contextlib.contextmanager
+    def _waiter(self):
+        """The model's lock, counted as wanted meanwhile (a hinted prewarm gives way)."""
+        with self._count_lock:
+            self._waiting += 1
+        try:
+            self._lock.acquire()
+        finally:
+            with self._count_lock:
+                self._waiting -= 1
+        try:
+            yield
+        finally:
+            self._lock.release()
+
     # --- running -------------------------------------------------------------------------
     def run(self, inputs: dict, task: str | None = None) -> dict[str, np.ndarray]:
         """Outputs of the active task, or of ``task`` (switched to first, atomically)."""
-        with self._lock:
+        with self._waiter():
             self._check_open()
             if task is not None and task != self.active:
                 self._switch(task)

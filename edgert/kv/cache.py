@@ -10,7 +10,9 @@ Tiers, walked in order by a lookup, hits promoted into arena pages:
 - host: `HostTier`, copies made by the writer thread when a page goes idle (write-behind,
   off the decode path; a page evicted before its copy was made is copied at eviction);
 - disk: `DiskTier`, a chunk file written by the writer thread as soon as a sequence fills
-  a chunk (write-through), so a crash or a clean exit leaves every full chunk on disk.
+  a chunk (write-through), so a crash or a clean exit leaves every full chunk on disk;
+- server: the fleet server (`attach_remote`, edgert/server/kvtier.py): the same chunks,
+  published by the writer, fetched whole and verified, only at chunk boundaries.
 The writer is bounded (`WRITE_BEHIND_BYTES`): a prefill that gets that far ahead of the
 disk waits for it (back-pressure), so copies of evicted pages never pile up unbounded.
 A tier hit is taken only when reading it is cheaper than computing it, by figures measured
@@ -38,7 +40,7 @@ from .prefix import PageIndex, chain_hashes, page_hash
 from .writer import TierWriter
 
 log = logging.getLogger(__name__)
-TIERS = ("arena", "host", "disk")
+TIERS = ("arena", "host", "disk", "server")
 EWMA = 0.3          # weight of a new measurement in the cost figures
 # The writer's bound: bytes of pages its queued and running jobs may need (and so the most
 # that copies of evicted pages waiting for it can take, outside every budget). 64 MiB is two
@@ -133,6 +135,7 @@ class KVCache:
                                   "skipped_tokens": 0} for t in TIERS}
         self._writer = TierWriter(weakref.WeakMethod(self._run), self.write_behind_bound()) \
             if self.host or self.disk else None
+        self.remote = None                  # the fleet server tier, once attached
         self._closed = False
         self._owner_lock = lock if lock is not None else threading.RLock()
         if self.prefix:
@@ -142,6 +145,15 @@ class KVCache:
         """The writer's bound in bytes (see WRITE_BEHIND_BYTES)."""
         tiers = (self.host.budget if self.host else 0) + (self.disk.budget if self.disk else 0)
         return max(self.chunk_pages * self.pages.nbytes, min(WRITE_BEHIND_BYTES, tiers))
+
+    def attach_remote(self, tier) -> None:
+        """Share chunks through the fleet server (a ServerTier): publish every full chunk,
+        look it up before a prefill. No-op without prefix reuse."""
+        if not self.prefix or self._closed:
+            return
+        if self._writer is None:
+            self._writer = TierWriter(weakref.WeakMethod(self._run), self.write_behind_bound())
+        self.remote = tier
 
     def _disk_tier(self, options: KvCache) -> DiskTier | None:
         root = Path(options.dir) if options.dir else default_dir()
@@ -189,7 +201,8 @@ class KVCache:
             self.index.add(h, pid)
             seq.hashes.append(h)
             parent = h
-            if self.disk is not None and (j + 1) % self.chunk_pages == 0:
+            if (self.disk is not None or self.remote is not None) \
+                    and (j + 1) % self.chunk_pages == 0:
                 self._queue_chunk(seq, j + 1 - self.chunk_pages, j + 1)
 
     def release(self, seq: Sequence) -> None:
@@ -222,6 +235,10 @@ class KVCache:
                 got = self._from_host(seq, hashes[k:])
             if not got and self.disk is not None:
                 got = self._from_disk(seq, hashes[k:], ids[k * PAGE_TOKENS:])
+            if not got and self.remote is not None \
+                    and (len(seq.hashes) + k) % self.chunk_pages == 0:
+                got = self._from_remote(seq, hashes[k:], ids[k * PAGE_TOKENS:],
+                                        hashes[k - 1] if k else parent)
             if not got:
                 break
             k += got
@@ -293,6 +310,38 @@ class KVCache:
             m += count
         return m
 
+    def _from_remote(self, seq, hashes, ids, parent: bytes) -> int:
+        """Whole chunks from the fleet server: one look-up, a fetch only where it is
+        measured faster than computing, every chunk verified before a page is used."""
+        cp = self.chunk_pages
+        names = [hashes[(i + 1) * cp - 1] for i in range(len(hashes) // cp)]
+        sizes = self.remote.lookup(names) if names else []
+        n = next((i for i, z in enumerate(sizes) if z is None), len(sizes))
+        if not n or not self._worth("server", n * cp):
+            return 0
+        t0 = time.perf_counter()
+        raws = self.remote.fetch(names[:n])
+        m = 0
+        for i, raw in enumerate(raws):
+            pages = self.remote.verify(raw, hashes[m:m + cp], parent if m == 0 else hashes[m - 1],
+                                       ids[m * PAGE_TOKENS:(m + cp) * PAGE_TOKENS])
+            if pages is None:
+                break                                   # in doubt: computed instead
+            try:
+                pids = self.pages.allocate(cp)
+            except BudgetExceeded:
+                break
+            for pid, data in zip(pids, pages):
+                self.pages.cpu_bytes(pid)[:] = np.frombuffer(data, np.uint8)
+            self._adopt(seq, pids, hashes[m:m + cp])
+            nbytes = cp * self.pages.nbytes
+            self._count("server", hit_tokens=cp * PAGE_TOKENS, bytes_read=len(raw))
+            self._count("arena", bytes_written=nbytes)
+            m += cp
+        if m:
+            self.costs.note_read("server", m * self.pages.nbytes, time.perf_counter() - t0)
+        return m
+
     def _adopt(self, seq, pids, hashes) -> None:
         for pid, h in zip(pids, hashes):
             self.pages.set_tag(pid, h)
@@ -315,7 +364,8 @@ class KVCache:
     # --- the writer: host copies and disk chunks ---------------------------------------------
     def _queue_chunk(self, seq, lo: int, hi: int) -> None:
         hashes = seq.hashes[lo:hi]
-        if self.disk.has_chunk(hashes[-1]):
+        if (self.disk is None or self.disk.has_chunk(hashes[-1])) and \
+                (self.remote is None or self.remote.has(hashes[-1])):
             return
         if self.paged.device.type == "cuda":   # the writer reads what the kernels wrote
             import torch
@@ -383,7 +433,8 @@ class KVCache:
         elif kind == "chunk":
             _, pids, hashes, parent, tokens = job
             try:
-                if self.disk.has_chunk(hashes[-1]):
+                on_disk = self.disk is None or self.disk.has_chunk(hashes[-1])
+                if on_disk and (self.remote is None or self.remote.has(hashes[-1])):
                     return
                 bufs = []
                 for pid, h in zip(pids, hashes):
@@ -391,8 +442,11 @@ class KVCache:
                     if not self._bytes(pid, h, out):
                         return
                     bufs.append(out)
-                if self.disk.write(hashes, parent, tokens, bufs):
+                if not on_disk and self.disk.write(hashes, parent, tokens, bufs):
                     self._count("disk", bytes_written=len(bufs) * self.pages.nbytes)
+                if self.remote is not None and not self.remote.has(hashes[-1]):
+                    self._count("server", bytes_written=self.remote.publish(hashes, parent,
+                                                                            tokens, bufs))
             finally:
                 self._done(hashes)
 

@@ -283,26 +283,14 @@ class DiskTier:
     def write(self, hashes: list[bytes], parent: bytes, tokens, pages) -> bool:
         """Write one chunk (pages: uint8 arrays of the page size); True when it is on disk."""
         name = hashes[-1]
-        n = len(hashes)
-        hdr = msgpack.packb({
-            "v": VERSION, "fp": self.fp, "hashes": list(hashes), "parent": parent,
-            "tokens": np.asarray(tokens, np.uint32).astype("<u4").tobytes(),
-            "page_nbytes": self.page_nbytes, "sums": [sum_of(p) for p in pages]},
-            use_bin_type=True)
-        data_off = align_up(_HEAD.size + len(hdr))
-        size = data_off + n * self.stride
         with self._lock:
             if name in self._chunks:
                 self._order.touch(name)
                 return True
+        buf = chunk_bytes(self.fp, hashes, parent, tokens, pages, self.page_nbytes)
+        size = buf.size
         if size > self.budget:
             return False
-        buf = np.zeros(size, np.uint8)
-        head = _HEAD.pack(MAGIC, len(hdr), sum_of(hdr)) + hdr
-        buf[:len(head)] = np.frombuffer(head, np.uint8)
-        for i, p in enumerate(pages):
-            o = data_off + i * self.stride
-            buf[o:o + self.page_nbytes] = p
         final = self.dir / (name.hex() + SUFFIX)
         tmp = self.dir / tmp_name(name.hex())
         fd = None
@@ -425,6 +413,68 @@ class DiskTier:
                     "pages": len(self._pages), "writes": self.writes,
                     "evictions": self.evictions, "deleted_bad": self.deleted_bad,
                     "deleted_tmp": self.deleted_tmp, "dir": str(self.dir)}
+
+
+def chunk_bytes(fp: bytes, hashes: list[bytes], parent: bytes, tokens, pages,
+                page_nbytes: int) -> np.ndarray:
+    """One chunk in the file format above (the fleet server stores the same bytes)."""
+    n, stride = len(hashes), align_up(page_nbytes)
+    hdr = msgpack.packb({
+        "v": VERSION, "fp": fp, "hashes": list(hashes), "parent": parent,
+        "tokens": np.asarray(tokens, np.uint32).astype("<u4").tobytes(),
+        "page_nbytes": page_nbytes, "sums": [sum_of(p) for p in pages]}, use_bin_type=True)
+    data_off = align_up(_HEAD.size + len(hdr))
+    buf = np.zeros(data_off + n * stride, np.uint8)
+    head = _HEAD.pack(MAGIC, len(hdr), sum_of(hdr)) + hdr
+    buf[:len(head)] = np.frombuffer(head, np.uint8)
+    for i, p in enumerate(pages):
+        o = data_off + i * stride
+        buf[o:o + page_nbytes] = p
+    return buf
+
+
+def check_chunk(raw, fp: bytes, page_nbytes: int, hashes: list[bytes], parent: bytes,
+                tokens) -> list[memoryview]:
+    """The pages of a whole chunk received from elsewhere, after every check: format, header
+    sum, fingerprint, page size, the page hashes, parent and token ids the caller expects,
+    length, and each page's sum. ChunkError says what is wrong."""
+    raw = memoryview(raw).cast("B")
+    if len(raw) < _HEAD.size:
+        raise ChunkError("truncated header")
+    magic, hlen, hsum = _HEAD.unpack_from(raw)
+    if magic != MAGIC or hlen > MAX_HEADER or _HEAD.size + hlen > len(raw):
+        raise ChunkError("not a chunk (magic or header length)")
+    hraw = bytes(raw[_HEAD.size:_HEAD.size + hlen])
+    if sum_of(hraw) != hsum:
+        raise ChunkError("header checksum mismatch")
+    try:
+        hdr = msgpack.unpackb(hraw, raw=False, strict_map_key=True)
+    except Exception as e:
+        raise ChunkError(f"header does not decode: {e}") from None
+    if not isinstance(hdr, dict) or hdr.get("v") != VERSION:
+        raise ChunkError("unknown header version")
+    if hdr.get("fp") != fp:
+        raise ChunkError("foreign chunk (another model's fingerprint)")
+    if hdr.get("page_nbytes") != page_nbytes:
+        raise ChunkError(f"page size {hdr.get('page_nbytes')} != {page_nbytes}")
+    if hdr.get("hashes") != list(hashes) or hdr.get("parent") != parent:
+        raise ChunkError("page names differ from the prompt's")
+    want = np.asarray(tokens, np.uint32).astype("<u4").tobytes()
+    if hdr.get("tokens") != want:
+        raise ChunkError("token ids differ from the prompt's")
+    sums = hdr.get("sums")
+    if not isinstance(sums, list) or len(sums) != len(hashes):
+        raise ChunkError("malformed header")
+    stride = align_up(page_nbytes)
+    data_off = align_up(_HEAD.size + hlen)
+    if len(raw) != data_off + len(hashes) * stride:
+        raise ChunkError(f"{len(raw)} bytes; the header says {data_off + len(hashes) * stride}")
+    pages = [raw[data_off + i * stride:data_off + i * stride + page_nbytes]
+             for i in range(len(hashes))]
+    for i, (p, want_sum) in enumerate(zip(pages, sums)):
+        if sum_of(p) != want_sum:
+            raise ChunkError(f"page {i} fails its checksum")
+    return pages
 
 
 def _chunk_name(path: str) -> bytes | None:

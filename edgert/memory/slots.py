@@ -70,6 +70,8 @@ class SlotPool:
 
     def try_alloc(self, *, reclaim: bool = False) -> int | None:
         """One new slot, or None when the arena (or the cap) has no room."""
+        if not reclaim and self.arena.free_pages * PAGE < self.slot_size:
+            return None         # NOTE: the common "full" case, without building a refusal
         try:
             return self.alloc(1, reclaim=reclaim)[0]
         except BudgetExceeded:

@@ -223,24 +223,42 @@ class TaskSwitcher:
             return self._prewarm(tasks)
 
     def _prewarm(self, tasks: list[str]) -> dict:
-        need: dict[int, int] = {}          # block index -> how many named tasks need it
-        first_seen: dict[int, int] = {}
-        for rank, t in enumerate(tasks):
-            blk = self.task_blocks(t)
-            moved = (self.block_hid[blk] != self._cur) & ~self.block_zero[blk]
-            for b in set(blk[moved].tolist()):
-                need[b] = need.get(b, 0) + 1
-                first_seen.setdefault(b, rank)
-        order = sorted(need, key=lambda b: (-need[b], first_seen[b], b))
-        room = self.arena.free_pages * ALIGN // self.cache.pool.slot_size + self.cache.evictable
-        wanted = order[:room]
+        wanted, n = self.plan([(t, 1.0) for t in tasks])
         hits = self.cache.counters.hits
         before = self.cache.counters.bytes_read
         for b in reversed(wanted):          # most-shared last, so LRU evicts it last
             self.cache.prefetch(b)
         self.cache.counters.hits = hits     # NOTE: prewarm touches are not cache hits of a switch
-        return {"wanted": len(need), "resident": len(wanted),
+        return {"wanted": n, "resident": len(wanted),
                 "bytes_read": self.cache.counters.bytes_read - before}
+
+    def plan(self, weighted: list[tuple[str, float]]) -> tuple[list[int], int]:
+        """Blocks the weighted tasks need and the active task lacks, ranked by the summed
+        weight of the tasks needing them (ties: the earlier task), cut to what spare memory
+        holds (free pages and evictable slots); and how many were wanted in all."""
+        need: dict[int, float] = {}        # block index -> summed weight of tasks needing it
+        first_seen: dict[int, int] = {}
+        for rank, (t, w) in enumerate(weighted):
+            blk = self.task_blocks(t)
+            moved = (self.block_hid[blk] != self._cur) & ~self.block_zero[blk]
+            for b in set(blk[moved].tolist()):
+                need[b] = need.get(b, 0.0) + w
+                first_seen.setdefault(b, rank)
+        order = sorted(need, key=lambda b: (-need[b], first_seen[b], b))
+        room = self.arena.free_pages * ALIGN // self.cache.pool.slot_size + self.cache.evictable
+        return order[:room], len(need)
+
+    def prefetch(self, blocks: list[int]) -> list[int]:
+        """Load ``blocks`` into spare slots (a resident one is only touched: LRU keeps the
+        last touched longest); the ones read from storage."""
+        with self.lock:
+            hits, got = self.cache.counters.hits, []
+            for b in blocks:
+                fresh = not self.cache.contains(self.reader.blocks[b].hash)
+                if self.cache.prefetch(b) and fresh:
+                    got.append(b)
+            self.cache.counters.hits = hits
+            return got
 
     def close(self) -> None:
         """Give the run and every spare block back to the arena (idempotent)."""
