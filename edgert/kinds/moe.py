@@ -61,6 +61,10 @@ class MoeLM(LoadedModel):
     fraction of all experts; an int = bytes. lossy_alpha > 0 lets the expert cache
     substitute a resident expert for a missing one inside the gate-score band.
     prefix_cache: None = the device config's ``kv_cache.prefix``; True / False overrides it.
+    precision: "exact" (the checkpoint's experts, bit for bit as without low-bit copies),
+    "int8" / "int4" (every expert from the pack's low-bit copy, computed by torch's
+    weight-only kernels; budgets count the copy's bytes); None = the pack's default (its
+    `--quant`, else exact).
 
     Thread-safe: each forward step (a prefill, a decode token) runs under the model's lock,
     so concurrent `generate()` calls interleave token by token and never pin experts
@@ -70,8 +74,10 @@ class MoeLM(LoadedModel):
     kind = "moe"
 
     def __init__(self, rt, reader, name: str, expert_budget=None, lossy_alpha: float = 0.0,
-                 policy=None, provider=None, prefix_cache: bool | None = None):
+                 policy=None, provider=None, prefix_cache: bool | None = None,
+                 precision: str | None = None):
         _check_options(expert_budget, lossy_alpha, policy)
+        precision = _check_precision(reader, precision)
         if prefix_cache is not None and not isinstance(prefix_cache, bool):
             raise ValueError(f"prefix_cache must be True, False or None, got {prefix_cache!r}")
         self.cfg = MoeConfig.from_hf(reader.config)     # UnsupportedModel before anything
@@ -95,7 +101,8 @@ class MoeLM(LoadedModel):
                 self.w = {k: rt.arena.on_gpu(t) for k, t in self.w.items()}
             if "lm_head.weight" not in self.w:  # tie_word_embeddings (checked at pack time)
                 self.w["lm_head.weight"] = self.w["model.embed_tokens.weight"]
-            self.layout = ExpertLayout.from_reader(reader)
+            self.precision = precision
+            self.layout = ExpertLayout.from_reader(reader, precision)
             self.provider = provider or self._make_provider(expert_budget, lossy_alpha, policy)
             if self._own_provider:
                 self._own(self.provider)
@@ -125,6 +132,7 @@ class MoeLM(LoadedModel):
         slots = slots_for_budget(expert_budget, total, self.layout.extent_bytes, cap)
         # unnamed: the policy and prefetch the device config's cost model picks (costmodel.py)
         return ExpertCache(self.reader, self.rt.arena, f"{self.name}: expert slots", slots,
+                           layout=self.layout,
                            policy=policy or default_policy(self.rt.config, self.layout,
                                                            slots / max(1, total)),
                            lossy_alpha=lossy_alpha,
@@ -262,6 +270,10 @@ class MoeLM(LoadedModel):
         return [experts[i:i + group] for i in range(0, len(experts), group)]
 
     def _expert(self, ew, dtype):
+        if self.layout.scheme is not None:     # low-bit linears: their tensors, where we compute
+            return [w if self.device.type == "cpu" else replace(
+                w, **{f: self._on_device(getattr(w, f)) for f in ("q", "s", "sz")
+                      if hasattr(w, f)}) for w in (ew.gate, ew.up, ew.down)]
         return [t if t.dtype == dtype else t.to(dtype)
                 for t in (self._on_device(ew.gate), self._on_device(ew.up), self._on_device(ew.down))]
 
@@ -574,6 +586,26 @@ def _pick_device(rt) -> torch.device:
                     rt.config.name)
         return torch.device("cpu")
     return torch.device("cuda")
+
+
+def _check_precision(reader, precision: str | None) -> str:
+    """The precision a load computes experts at; QuantOptionError naming the option when the
+    pack holds no copy for it (checked before anything is taken)."""
+    from edgert.experts.api import lowbit_copy
+    from edgert.pack.lowbit import PRECISIONS
+    from edgert.pack.quant import QuantOptionError
+    lb = reader.manifest.lowbit
+    if precision is None:
+        precision = lb.precision if lb is not None else "exact"
+    if precision not in PRECISIONS:
+        raise QuantOptionError(f"precision={precision!r}: choose one of {', '.join(PRECISIONS)}")
+    if precision == "mixed":
+        lowbit_copy(reader, "int4")         # mixed computes the low band from int4 copies
+        raise QuantOptionError("precision='mixed' is not implemented yet in this edgert; "
+                               "use 'exact', 'int8' or 'int4'")
+    if precision != "exact":
+        lowbit_copy(reader, precision)
+    return precision
 
 
 def _check_options(expert_budget, lossy_alpha, policy) -> None:
