@@ -29,18 +29,18 @@ class ExpertWeights:
     down: torch.Tensor  # [hidden, ffn]
 
 
-def lowbit_copy(reader, precision: str):
-    """The pack's low-bit copy for `precision` ("int8" | "int4"); QuantOptionError naming
-    the option when the pack holds none."""
+def lowbit_copy(reader, scheme: str, asked: str | None = None):
+    """The pack's low-bit copy `scheme` ("int8" | "int4"); QuantOptionError naming the
+    option (`precision=asked`, default the scheme) when the pack holds none."""
     from edgert.pack.quant import QuantOptionError
     lb = getattr(reader.manifest, "lowbit", None)
     have = sorted(lb.copies) if lb is not None else []
-    if precision not in have:
-        raise QuantOptionError(f"precision={precision!r}: {getattr(reader, 'path', 'the pack')} "
-                               f"holds no {precision} copy of its experts (it holds "
+    if scheme not in have:
+        raise QuantOptionError(f"precision={asked or scheme!r}: {getattr(reader, 'path', 'the pack')} "
+                               f"holds no {scheme} copy of its experts (it holds "
                                f"{', '.join(have) or 'none'}; pack it with `edgert pack hf "
-                               f"--quant {precision}`)")
-    return lb.copies[precision]
+                               f"--quant {asked or scheme}`)")
+    return lb.copies[scheme]
 
 
 @runtime_checkable

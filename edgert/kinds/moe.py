@@ -600,7 +600,7 @@ def _check_precision(reader, precision: str | None) -> str:
     if precision not in PRECISIONS:
         raise QuantOptionError(f"precision={precision!r}: choose one of {', '.join(PRECISIONS)}")
     if precision == "mixed":
-        lowbit_copy(reader, "int4")         # mixed computes the low band from int4 copies
+        lowbit_copy(reader, "int4", "mixed")   # mixed computes the low band from int4 copies
         raise QuantOptionError("precision='mixed' is not implemented yet in this edgert; "
                                "use 'exact', 'int8' or 'int4'")
     if precision != "exact":
