@@ -188,4 +188,4 @@ def test_wrong_precision_is_refused_before_loading(packs, pack, precision):
     rt = runtime()
     with pytest.raises(QuantOptionError, match=f"precision='{precision}'") as e:
         rt.load(packs[pack], precision=precision)
-    assert "\n" not in str(e.value) and rt.arena.stats()["used"] == 0
+    assert "\n" not in str(e.value) and rt.arena.stats()["in_use_bytes"] == 0
