@@ -69,11 +69,20 @@ class MixedExperts:
             if _wants(p, layer):
                 p.hint(layer, probs)
 
+    def reset_stats(self) -> None:
+        self.computed[:] = 0
+        for p in (self.exact, self.low):
+            p.reset_stats()
+
+    def drain(self) -> None:
+        for p in (self.exact, self.low):
+            p.drain()
+
     def stats(self) -> dict:
         e, l = self.exact.stats(), self.low.stats()
         te, tl = e.get("total", {}), l.get("total", {})
         n = int(self.computed.sum())
-        return {"provider": "mixed", "precision_alpha": self.alpha,
+        return {"provider": "mixed", "precision_alpha": self.alpha, "total": _merge(te, tl),
                 "low_precision_share": float(self.computed[1]) / n if n else None,
                 "computed": {"exact": int(self.computed[0]), "int4": int(self.computed[1])},
                 "hits": te.get("exact_hits", 0) + tl.get("exact_hits", 0),
@@ -89,3 +98,13 @@ class MixedExperts:
 def _wants(p, layer: int) -> bool:
     ask = getattr(p, "wants_hint", None)
     return ask(layer) if ask is not None else getattr(p, "prefetch", True)
+
+
+def _merge(a: dict, b: dict) -> dict:
+    """The two caches' totals as one: counts summed, hit rates over all demands."""
+    out = {k: a[k] + b[k] for k in a if k in b and isinstance(a[k], (int, float))
+           and not isinstance(a[k], bool) and not k.endswith(("_rate", "precision", "recall"))}
+    d = out.get("demands", 0)
+    out["exact_hit_rate"] = out.get("exact_hits", 0) / d if d else None
+    out["effective_hit_rate"] = out["exact_hit_rate"]
+    return out
