@@ -169,3 +169,12 @@ def test_wrong_mixed_options(packs, opts, names):
     with pytest.raises(QuantOptionError, match=names) as e:
         runtime().load(packs["mixtral"], **opts)
     assert "\n" not in str(e.value)
+
+
+def test_service_load_op_takes_precision():
+    from edgert.control.ops import check_args
+    from edgert.control.protocol import ProtocolError
+    opts = {"precision": "mixed", "precision_alpha": 0.5, "expert_budget": 0.25}
+    assert check_args("load", {"path": "m.edgepack", "options": opts})["options"] == opts
+    with pytest.raises(ProtocolError, match="'precision' has the wrong type"):
+        check_args("load", {"path": "m.edgepack", "options": {"precision": 4}})

@@ -208,7 +208,8 @@ def decode_run(rt, pack, spec: dict, ids: list[int], ref: np.ndarray | None) -> 
     lg = torch.log_softmax(torch.stack(logits), dim=-1)                     # [N, V]
     target = torch.tensor(ids[PROMPT + 1:])
     nll = -lg.gather(1, target[:, None])[:, 0]
-    res = {"tpot_s": steps, "nll": nll.tolist(), "stats": st.get("total", st)}
+    res = {"tpot_s": steps, "nll": nll.tolist(), "stats": st.get("total", st),
+           "low_precision_share": st.get("low_precision_share")}
     if ref is not None:
         p_ref = torch.from_numpy(ref)
         res["kl"] = (p_ref.exp() * (p_ref - lg)).sum(-1).clamp_min(0).tolist()
@@ -453,6 +454,7 @@ def _summary(res: dict) -> dict:
             "kl_mean": float(np.mean(res["kl"])), "kl_max": float(np.max(res["kl"])),
             "max_abs_logprob_diff": res["max_abs_logprob_diff"],
             "greedy_agreement": res.get("greedy_agreement"),
+            "low_precision_share": res.get("low_precision_share"),
             "exact_hit_rate": st.get("exact_hit_rate"), "effective_hit_rate": st.get("effective_hit_rate"),
             "bytes_per_token": st.get("bytes_read", 0) / n, "stall_per_token_s": st.get("stall_s", 0.0) / n,
             "prefetch_precision": st.get("prefetch_precision"), "prefetch_recall": st.get("prefetch_recall"),
@@ -490,7 +492,7 @@ def _aggregate(runs: list[dict]) -> dict:
             "kl_mean": mean("kl_mean"), "kl_max": float(max(r["kl_max"] for r in runs)),
             "max_abs_logprob_diff": float(max(r["max_abs_logprob_diff"] for r in runs)),
             **{k: mean(k) for k in ("exact_hit_rate", "effective_hit_rate", "bytes_per_token",
-                                    "greedy_agreement",
+                                    "greedy_agreement", "low_precision_share",
                                     "stall_per_token_s", "prefetch_precision", "prefetch_recall",
                                     "first_read_s_mean", "next_read_s_mean",
                                     "first_reads_per_token")}}

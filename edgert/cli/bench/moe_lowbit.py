@@ -86,7 +86,9 @@ def print_summary(table: dict) -> None:
                 f"{n} {a['tok_s'] / lru['tok_s']:.2f}x LRU tok/s, ppl "
                 f"{100 * (a['ppl'] / res_ppl - 1):+.2f}%, KL {a['kl_mean']:.4f}, greedy "
                 f"agreement {a.get('greedy_agreement') or 0:.3f}, "
-                f"{(a['bytes_per_token'] or 0) / 1e6:.3f} MB/tok" for n, a in rows))
+                f"{(a['bytes_per_token'] or 0) / 1e6:.3f} MB/tok"
+                + (f", {100 * a['low_precision_share']:.0f}% of experts at int4"
+                   if a.get("low_precision_share") is not None else "") for n, a in rows))
 
 
 def bytes_ratio(scheme: str, group: int = 64) -> float:
