@@ -16,6 +16,7 @@ import torch
 from edgert.align import align_up
 from edgert.dtypes import np_storage, torch_dtype
 from edgert.engines.lowbit import Int4Linear, Int8Linear
+from edgert.pack.quant import QuantOptionError
 from edgert.errors import BudgetExceeded, PackCorrupt
 from edgert.memory.slots import SlotPool
 
@@ -32,7 +33,6 @@ class ExpertWeights:
 def lowbit_copy(reader, scheme: str, asked: str | None = None):
     """The pack's low-bit copy `scheme` ("int8" | "int4"); QuantOptionError naming the
     option (`precision=asked`, default the scheme) when the pack holds none."""
-    from edgert.pack.quant import QuantOptionError
     lb = getattr(reader.manifest, "lowbit", None)
     have = sorted(lb.copies) if lb is not None else []
     if scheme not in have:

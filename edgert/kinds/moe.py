@@ -34,13 +34,15 @@ import torch.nn.functional as F
 
 from edgert.dtypes import torch_dtype
 from edgert.errors import BudgetExceeded, EdgertError
-from edgert.experts.api import ExpertLayout, slots_for_budget
+from edgert.experts.api import ExpertLayout, lowbit_copy, slots_for_budget
 from edgert.experts.cache import ExpertCache
 from edgert.experts.costmodel import default_policy, prefetch_default
 from edgert.experts.mixed import (DEFAULT_PRECISION_ALPHA, MixedExperts, precision_band,
                                   split_budget)
 from edgert.experts.policies import PolicyName
 from edgert.kv.cache import KVCache
+from edgert.pack.lowbit import PRECISIONS
+from edgert.pack.quant import QuantOptionError
 from edgert.kv.paged import PagePool
 from edgert.kv.prefix import extra_keys, model_fingerprint
 
@@ -660,9 +662,6 @@ def _pick_device(rt) -> torch.device:
 def _check_precision(reader, precision: str | None) -> str:
     """The precision a load computes experts at; QuantOptionError naming the option when the
     pack holds no copy for it (checked before anything is taken)."""
-    from edgert.experts.api import lowbit_copy
-    from edgert.pack.lowbit import PRECISIONS
-    from edgert.pack.quant import QuantOptionError
     lb = reader.manifest.lowbit
     if precision is None:
         precision = lb.precision if lb is not None else "exact"
@@ -676,7 +675,7 @@ def _check_precision(reader, precision: str | None) -> str:
 
 
 def _check_mixed(precision: str, alpha, lossy_alpha) -> float:
-    from edgert.pack.quant import QuantOptionError
+    """precision_alpha for the load (0 unless mixed); QuantOptionError naming the option."""
     if precision != "mixed":
         if alpha is not None:
             raise QuantOptionError(f"precision_alpha={alpha!r} applies to precision='mixed' "
