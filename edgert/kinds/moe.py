@@ -314,7 +314,8 @@ class MoeLM(LoadedModel):
         band = precision_band(probs, topk, mixed.alpha)                # [T, k]
         n_high = int(band.sum())
         mixed.note(n_high, band.numel() - n_high)
-        out = torch.zeros_like(x)
+        one = x.shape[0] == 1            # decode: a sum of terms, no scatter
+        out = None if one else torch.zeros_like(x)
         for high in (True, False):
             tok, slot = torch.where(band == high)
             if tok.numel() == 0:
@@ -327,7 +328,11 @@ class MoeLM(LoadedModel):
                     m = ids == e
                     t = tok[m]
                     y = swiglu(x[t], *self._expert(held[e], x.dtype))
-                    out.index_add_(0, t, (y * weights[t, slot[m], None]).to(out.dtype))
+                    term = (y * weights[t, slot[m], None]).to(x.dtype)
+                    if one:
+                        out = term if out is None else out + term
+                    else:
+                        out.index_add_(0, t, term)
                 finally:
                     cache.release(layer, [e])
         return out
