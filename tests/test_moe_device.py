@@ -100,3 +100,21 @@ def test_cuda_logits_and_greedy_equal_cpu_with_no_copies(pack, budget):
     assert lm.stats()["device"].startswith("cuda")
     lm.close()
     assert rt.arena.in_use_bytes() == 0
+
+
+@gpu_only
+@pytest.mark.parametrize("quant", ["int8", "int4"])
+def test_cuda_lowbit_experts_equal_cpu_kernels(tmp_path, quant):
+    """device: cuda selects torch's CUDA weight-only kernels (int4: `_weight_int4pack_mm`
+    after a repack on the GPU, bfloat16 inside); logits equal the CPU kernels' within the
+    bfloat16 rounding of that kernel. Not run where this was written (no GPU)."""
+    d = save(mixtral_config(hidden_size=64, intermediate_size=32), tmp_path / "ckpt")
+    p = tmp_path / f"{quant}.edgepack"
+    pack_hf(d, p, progress=False, quant=quant, group_size=32 if quant == "int4" else None)
+    ids = prompt(16)
+    gpu = edgert.Runtime(config("cuda")).load(p, precision=quant, expert_budget=0.5)
+    assert gpu.device.type == "cuda"
+    cpu = edgert.Runtime(config("cpu")).load(p, precision=quant, expert_budget=0.5)
+    want = cpu.logits(ids)
+    tol = 1e-4 if quant == "int8" else 0.05
+    assert np.abs(gpu.logits(ids) - want).max() <= tol * np.abs(want).max()

@@ -20,6 +20,13 @@ def register(sub) -> None:
     g.add_argument("--lossy-alpha", type=float, default=0.0, metavar="A",
                    help="allow substituting a resident expert within the gate-score band "
                         "(lossy; 0 = exact, the default)")
+    g.add_argument("--precision", choices=("exact", "int8", "int4", "mixed"), default=None,
+                   help="experts at full precision (exact), from the pack's int8 or int4 "
+                        "copies, or mixed (the top band full, the rest int4); default: the "
+                        "pack's own (`pack hf --quant`), else exact")
+    g.add_argument("--precision-alpha", type=float, default=None, metavar="A",
+                   help="mixed: a selected expert scoring >= (1+A) x the first unselected one "
+                        "is computed at full precision (default 1.0)")
     g.add_argument("--no-prefix-cache", action="store_true",
                    help="compute the whole prompt: do not reuse (nor keep) cached prefixes")
     g.add_argument("--cache-salt", default=None, metavar="SALT",
@@ -62,7 +69,8 @@ def _run_generate(args) -> int:
     from edgert.runtime import Runtime
     rt = Runtime(args.config)
     lm = rt.load(args.pack, expert_budget=args.expert_budget, lossy_alpha=args.lossy_alpha,
-                 prefix_cache=False if args.no_prefix_cache else None)
+                 prefix_cache=False if args.no_prefix_cache else None,
+                 precision=args.precision, precision_alpha=args.precision_alpha)
     try:
         if lm.tokenizer is None:
             print(f"edgert generate: {args.pack} carries no tokenizer; use the Python API "
@@ -103,6 +111,13 @@ def summary(st: dict) -> str:
             f"  exact hit rate {tot['exact_hit_rate']:.3f}, effective {tot['effective_hit_rate']:.3f}"
             f"; {tot['loads'] + tot['ahead_loads'] + tot['prefetch_loads']} reads, {tot['bytes_read'] / 1e6:.1f} MB read, "
             f"{1e3 * tot['stall_s']:.1f} ms stalled on loads")
+    elif ex.get("provider") == "mixed":
+        lines.append(
+            f"mixed precision (alpha {ex['precision_alpha']}): "
+            f"{100 * (ex['low_precision_share'] or 0):.1f}% of expert computations at int4; "
+            + "; ".join(f"{p}: {ex[p]['slots']} slots of {ex[p]['slot_bytes'] / 1e6:.2f} MB, "
+                        f"hit rate {ex[p]['total']['exact_hit_rate'] or 0:.3f}, "
+                        f"{ex[p]['total']['bytes_read'] / 1e6:.1f} MB read" for p in ("exact", "int4")))
     else:
         lines.append(f"experts: {ex.get('provider')}, {ex.get('experts', '?')} resident")
     px = st["kv"].get("prefix", {})

@@ -179,6 +179,9 @@ def _run_inspect(args) -> int:
             print(f"  experts: {m['experts_per_layer']} per layer in {m['moe_layers']} layers, "
                   f"top-{m['top_k']}; {m['experts']} experts of {_mib(m['expert_bytes'])} "
                   f"({m['expert_dtype']}), {_mib(m['experts_bytes'])} in all")
+        if "lowbit" in m:
+            from ..pack.lowbit_stats import describe_lowbit
+            print("  " + "\n  ".join(describe_lowbit(m["lowbit"])))
         for t in s["tasks"]:
             print(f"  dense (non-expert) weights: {_mib(s['task_bytes'][t])}")
         return 0

@@ -21,7 +21,8 @@ from .protocol import MAX_ITEMS, PROTOCOL, ProtocolError
 MAX_NEW_TOKENS = 8192
 MAX_TEXT = 1 << 20          # characters of a prompt, a path or a name
 LOAD_OPTIONS = {"task": str, "prepack": str, "keep_displaced": bool,        # tasks packs
-                "expert_budget": (int, float), "lossy_alpha": (int, float), "policy": str}
+                "expert_budget": (int, float), "lossy_alpha": (int, float), "policy": str,
+                "precision": str, "precision_alpha": (int, float)}               # MoE packs
 
 # op -> the model kind it works on (None: no model)
 MODEL_KIND = {"switch": "tasks", "infer": "tasks", "prewarm": "tasks", "generate": "moe"}

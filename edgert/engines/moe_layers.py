@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from edgert.engines.lowbit import linear
 from edgert.pack.families import check_runnable, head_dim, moe_layers, num_experts
 
 
@@ -194,5 +195,6 @@ def sparsemixer_top2(scores: torch.Tensor, eps: float):
 
 def swiglu(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor,
            down: torch.Tensor) -> torch.Tensor:
-    """down(silu(gate x) * up x). x [T, hidden]; gate/up [ffn, hidden]; down [hidden, ffn]."""
-    return F.linear(F.silu(F.linear(x, gate)) * F.linear(x, up), down)
+    """down(silu(gate x) * up x). x [T, hidden]; gate/up [ffn, hidden]; down [hidden, ffn]
+    (tensors, or low-bit linears of those shapes: edgert.engines.lowbit)."""
+    return linear(F.silu(linear(x, gate)) * linear(x, up), down)

@@ -15,16 +15,32 @@ import torch
 
 from edgert.align import align_up
 from edgert.dtypes import np_storage, torch_dtype
+from edgert.engines.lowbit import Int4Linear, Int8Linear
+from edgert.pack.quant import QuantOptionError
 from edgert.errors import BudgetExceeded, PackCorrupt
 from edgert.memory.slots import SlotPool
 
 
 @dataclass
 class ExpertWeights:
-    """One expert's SwiGLU weights, views over the bytes that hold it (slot or buffer)."""
+    """One expert's SwiGLU weights, views over the bytes that hold it (slot or buffer):
+    tensors, or for a low-bit copy `edgert.engines.lowbit` linears over such views."""
     gate: torch.Tensor  # [ffn, hidden]
     up: torch.Tensor    # [ffn, hidden]
     down: torch.Tensor  # [hidden, ffn]
+
+
+def lowbit_copy(reader, scheme: str, asked: str | None = None):
+    """The pack's low-bit copy `scheme` ("int8" | "int4"); QuantOptionError naming the
+    option (`precision=asked`, default the scheme) when the pack holds none."""
+    lb = getattr(reader.manifest, "lowbit", None)
+    have = sorted(lb.copies) if lb is not None else []
+    if scheme not in have:
+        raise QuantOptionError(f"precision={asked or scheme!r}: {getattr(reader, 'path', 'the pack')} "
+                               f"holds no {scheme} copy of its experts (it holds "
+                               f"{', '.join(have) or 'none'}; pack it with `edgert pack hf "
+                               f"--quant {asked or scheme}`)")
+    return lb.copies[scheme]
 
 
 @runtime_checkable
@@ -64,15 +80,23 @@ class ExpertLayout:
     tensors: dict            # name -> {"dtype", "shape", "offset"}
     table: dict              # (layer, expert) -> block index
     moe_layers: tuple        # layer indices that have experts, ascending
+    scheme: str | None = None    # None: the checkpoint's precision; "int8" | "int4": a copy
+    group_size: int = 0          # int4: inputs per scale (edgert.pack.quant)
 
     @classmethod
-    def from_reader(cls, reader) -> "ExpertLayout":
+    def from_reader(cls, reader, precision: str = "exact") -> "ExpertLayout":
         """The layout of `reader`'s pack, from the "experts" section as the manifest decoded
-        and validated it when the pack was opened (`edgert.pack.manifest.ExpertsSection`)."""
-        sec = getattr(getattr(reader, "manifest", None), "experts", None)
+        and validated it when the pack was opened (`edgert.pack.manifest.ExpertsSection`);
+        precision "int8" / "int4": its low-bit copy (the "lowbit" section) instead."""
+        m = getattr(reader, "manifest", None)
+        sec = getattr(m, "experts", None)
         if sec is None:
             raise PackCorrupt("pack has no 'experts' section (not an MoE pack)",
                               path=getattr(reader, "path", None))
+        if precision != "exact":
+            c = lowbit_copy(reader, precision)
+            return cls(sec.num_layers, sec.num_experts, sec.top_k, c.extent_bytes,
+                       c.tensors, dict(c.table), sec.moe_layers, c.scheme, c.group_size)
         tensors = {name: {"dtype": t.dtype, "shape": list(t.shape), "offset": t.offset}
                    for name, t in sec.tensors.items()}
         return cls(sec.num_layers, sec.num_experts, sec.top_k, sec.extent_bytes, tensors,
@@ -84,8 +108,17 @@ class ExpertLayout:
         return align_up(self.extent_bytes)
 
     @property
-    def dtype(self) -> torch.dtype:
-        return torch_dtype(self.tensors["gate"]["dtype"])
+    def ffn_hidden(self) -> tuple[int, int]:
+        """(ffn, hidden) of one expert, whatever its precision."""
+        if self.scheme is None:
+            return tuple(self.tensors["gate"]["shape"])
+        n, k = self.tensors["gate.q"]["shape"]
+        return n, k * 2 if self.scheme == "int4" else k
+
+    @property
+    def dtype(self) -> torch.dtype | None:
+        """The experts' float dtype (None for a low-bit copy: the kernels take any)."""
+        return None if self.scheme else torch_dtype(self.tensors["gate"]["dtype"])
 
     def block(self, layer: int, expert: int) -> int:
         return self.table[(layer, expert)]
@@ -102,6 +135,12 @@ class ExpertLayout:
             if t["dtype"] == "bfloat16":
                 ten = ten.view(torch.bfloat16)
             out[name] = ten
+        if self.scheme == "int8":
+            return ExpertWeights(*(Int8Linear(out[f"{p}.q"], out[f"{p}.s"])
+                                   for p in ("gate", "up", "down")))
+        if self.scheme == "int4":
+            return ExpertWeights(*(Int4Linear(out[f"{p}.q"], out[f"{p}.sz"], self.group_size)
+                                   for p in ("gate", "up", "down")))
         return ExpertWeights(**out)
 
 

@@ -54,8 +54,9 @@ class ExpertCache:
                  prefetch_min_prob: float = 0.2, record_trace: bool = False,
                  policy_options: dict | None = None,
                  hint_probe: tuple[int, int] | None = (256, 1024),
-                 pool=None, worker=PrefetchWorker, quota: dict[int, int] | None = None):
-        self.layout = lay = ExpertLayout.from_reader(reader)
+                 pool=None, worker=PrefetchWorker, quota: dict[int, int] | None = None,
+                 layout: ExpertLayout | None = None):
+        self.layout = lay = layout or ExpertLayout.from_reader(reader)
         self.reader, self.label = reader, label
         if lossy_alpha < 0:
             raise ValueError(f"lossy_alpha must be >= 0, got {lossy_alpha}")

@@ -154,9 +154,10 @@ def prefetch_pays(cost: CostModel, shape: ModelShape, precision: float = 0.5) ->
 def pack_shape(layout) -> ModelShape:
     """A pack's shape from its expert layout, for the cost model: attention and router
     bytes estimated from the hidden size (4 square projections + the router)."""
-    hidden = int(layout.tensors["gate"]["shape"][-1]) if "gate" in layout.tensors else 0
-    itemsize = max(1, layout.extent_bytes // max(1, 3 * hidden * int(
-        layout.tensors["gate"]["shape"][0]))) if hidden else 2
+    ffn, hidden = layout.ffn_hidden if layout.tensors else (0, 0)
+    # dense weights stay in the checkpoint's precision beside low-bit experts: say 16-bit
+    itemsize = 2 if getattr(layout, "scheme", None) or not hidden else \
+        max(1, layout.extent_bytes // max(1, 3 * hidden * ffn))
     return ModelShape("pack", len(layout.moe_layers), layout.num_experts, layout.top_k,
                       layout.extent_bytes, hidden,
                       4 * hidden * hidden * itemsize + hidden * layout.num_experts * itemsize, 0)

@@ -34,11 +34,15 @@ import torch.nn.functional as F
 
 from edgert.dtypes import torch_dtype
 from edgert.errors import BudgetExceeded, EdgertError
-from edgert.experts.api import ExpertLayout, slots_for_budget
+from edgert.experts.api import ExpertLayout, lowbit_copy, slots_for_budget
 from edgert.experts.cache import ExpertCache
 from edgert.experts.costmodel import default_policy, prefetch_default
+from edgert.experts.mixed import (DEFAULT_PRECISION_ALPHA, MixedExperts, precision_band,
+                                  split_budget)
 from edgert.experts.policies import PolicyName
 from edgert.kv.cache import KVCache
+from edgert.pack.lowbit import PRECISIONS
+from edgert.pack.quant import QuantOptionError
 from edgert.kv.paged import PagePool
 from edgert.kv.prefix import extra_keys, model_fingerprint
 
@@ -61,6 +65,12 @@ class MoeLM(LoadedModel):
     fraction of all experts; an int = bytes. lossy_alpha > 0 lets the expert cache
     substitute a resident expert for a missing one inside the gate-score band.
     prefix_cache: None = the device config's ``kv_cache.prefix``; True / False overrides it.
+    precision: "exact" (the checkpoint's experts, bit for bit as without low-bit copies),
+    "int8" / "int4" (every expert from the pack's low-bit copy, computed by torch's
+    weight-only kernels; budgets count the copy's bytes), "mixed" (per token, selected
+    experts in the top band of `precision_alpha` at full precision, the others from int4
+    copies; two caches in one byte budget: edgert/experts/mixed.py); None = the pack's
+    default (its `--quant`, else exact).
 
     Thread-safe: each forward step (a prefill, a decode token) runs under the model's lock,
     so concurrent `generate()` calls interleave token by token and never pin experts
@@ -70,8 +80,11 @@ class MoeLM(LoadedModel):
     kind = "moe"
 
     def __init__(self, rt, reader, name: str, expert_budget=None, lossy_alpha: float = 0.0,
-                 policy=None, provider=None, prefix_cache: bool | None = None):
+                 policy=None, provider=None, prefix_cache: bool | None = None,
+                 precision: str | None = None, precision_alpha: float | None = None):
         _check_options(expert_budget, lossy_alpha, policy)
+        precision = _check_precision(reader, precision)
+        self.precision_alpha = _check_mixed(precision, precision_alpha, lossy_alpha)
         if prefix_cache is not None and not isinstance(prefix_cache, bool):
             raise ValueError(f"prefix_cache must be True, False or None, got {prefix_cache!r}")
         self.cfg = MoeConfig.from_hf(reader.config)     # UnsupportedModel before anything
@@ -95,7 +108,11 @@ class MoeLM(LoadedModel):
                 self.w = {k: rt.arena.on_gpu(t) for k, t in self.w.items()}
             if "lm_head.weight" not in self.w:  # tie_word_embeddings (checked at pack time)
                 self.w["lm_head.weight"] = self.w["model.embed_tokens.weight"]
-            self.layout = ExpertLayout.from_reader(reader)
+            self.precision = precision
+            self.layout = ExpertLayout.from_reader(
+                reader, "exact" if precision == "mixed" else precision)
+            self.low_layout = ExpertLayout.from_reader(reader, "int4") \
+                if precision == "mixed" else None
             self.provider = provider or self._make_provider(expert_budget, lossy_alpha, policy)
             if self._own_provider:
                 self._own(self.provider)
@@ -122,13 +139,43 @@ class MoeLM(LoadedModel):
         budget = self.rt.config.budget
         total = len(self.layout.table)
         cap = budget.experts if expert_budget is None else self.rt.arena.mapped
+        if self.precision == "mixed":
+            return self._make_mixed(expert_budget, cap, policy)
         slots = slots_for_budget(expert_budget, total, self.layout.extent_bytes, cap)
         # unnamed: the policy and prefetch the device config's cost model picks (costmodel.py)
         return ExpertCache(self.reader, self.rt.arena, f"{self.name}: expert slots", slots,
+                           layout=self.layout,
                            policy=policy or default_policy(self.rt.config, self.layout,
                                                            slots / max(1, total)),
                            lossy_alpha=lossy_alpha,
                            prefetch=prefetch_default(self.rt.config, self.layout))
+
+    def _make_mixed(self, expert_budget, cap, policy):
+        """Two caches, full precision and int4, splitting one byte budget (`split_budget`);
+        a fraction is of the full-precision experts' bytes. BudgetExceeded before any slot
+        is taken when the budget is over `cap` or below top-k slots at each precision."""
+        lay, low = self.layout, self.low_layout
+        n = len(lay.table)
+        if expert_budget is None:
+            total = cap
+        elif isinstance(expert_budget, float):
+            total = max(1, round(expert_budget * n)) * lay.slot_bytes
+        else:
+            total = expert_budget
+        if total > cap:
+            raise BudgetExceeded("mixed-precision expert slots", total, cap)
+        hi, lo = split_budget(total, lay.slot_bytes, low.slot_bytes, n, lay.top_k)
+        pol = policy or default_policy(self.rt.config, lay, hi / max(1, n))
+        pre = prefetch_default(self.rt.config, lay)
+        exact = ExpertCache(self.reader, self.rt.arena, f"{self.name}: expert slots (exact)", hi,
+                            policy=pol, prefetch=pre, layout=lay)
+        try:
+            cheap = ExpertCache(self.reader, self.rt.arena, f"{self.name}: expert slots (int4)",
+                                lo, policy=pol, prefetch=pre, layout=low)
+        except BaseException:
+            exact.close()
+            raise
+        return MixedExperts(exact, cheap, self.precision_alpha)
 
     # --- the forward pass -----------------------------------------------------------------
     @torch.inference_mode()
@@ -240,6 +287,8 @@ class MoeLM(LoadedModel):
         c, w = self.cfg, self.w
         p = f"model.layers.{layer}.{c.moe_prefix}."
         probs, weights, topk = route(c, F.linear(x, w[p + "gate.weight"]))
+        if self.precision == "mixed":
+            return self._shared(x, p, self._moe_mixed(layer, x, probs, weights, topk))
         use = self.provider.route(layer, probs, topk)                  # [T, k] ids to compute with
         rows = use.tolist()
         experts = sorted({e for row in rows for e in row})
@@ -247,10 +296,45 @@ class MoeLM(LoadedModel):
             out = self._moe_one_token(layer, x, rows[0], weights[0], experts)
         else:
             out = self._moe_tokens(layer, x, use.to(x.device), weights, experts)
-        if c.shared_expert:
+        return self._shared(x, p, out)
+
+    def _shared(self, x, p: str, out: torch.Tensor) -> torch.Tensor:
+        """Qwen2-MoE's shared expert, gated, added to the routed experts' sum."""
+        w = self.w
+        if self.cfg.shared_expert:
             s = swiglu(x, w[p + "shared_expert.gate_proj.weight"],
                        w[p + "shared_expert.up_proj.weight"], w[p + "shared_expert.down_proj.weight"])
             out = out + torch.sigmoid(F.linear(x, w[p + "shared_expert_gate.weight"])) * s
+        return out
+
+    def _moe_mixed(self, layer, x, probs, weights, topk) -> torch.Tensor:
+        """Each selected (token, expert) at the precision of its band (experts/mixed.py):
+        the top band from the full-precision cache, the rest from the int4 cache."""
+        mixed = self.provider
+        band = precision_band(probs, topk, mixed.alpha)                # [T, k]
+        n_high = int(band.sum())
+        mixed.note(n_high, band.numel() - n_high)
+        one = x.shape[0] == 1            # decode: a sum of terms, no scatter
+        out = None if one else torch.zeros_like(x)
+        for high in (True, False):
+            tok, slot = torch.where(band == high)
+            if tok.numel() == 0:
+                continue
+            cache, ids = mixed.provider(high), topk[tok, slot]
+            cache.route(layer, probs[tok], ids[:, None])               # one row per pair
+            for e in sorted(set(ids.tolist())):
+                held = cache.acquire(layer, [e])
+                try:
+                    m = ids == e
+                    t = tok[m]
+                    y = swiglu(x[t], *self._expert(held[e], x.dtype))
+                    term = (y * weights[t, slot[m], None]).to(x.dtype)
+                    if one:
+                        out = term if out is None else out + term
+                    else:
+                        out.index_add_(0, t, term)
+                finally:
+                    cache.release(layer, [e])
         return out
 
     def _groups(self, experts: list[int]):
@@ -262,6 +346,10 @@ class MoeLM(LoadedModel):
         return [experts[i:i + group] for i in range(0, len(experts), group)]
 
     def _expert(self, ew, dtype):
+        if not isinstance(ew.gate, torch.Tensor):   # low-bit linears: their tensors, where we compute
+            return [w if self.device.type == "cpu" else replace(
+                w, **{f: self._on_device(getattr(w, f)) for f in ("q", "s", "sz")
+                      if hasattr(w, f)}) for w in (ew.gate, ew.up, ew.down)]
         return [t if t.dtype == dtype else t.to(dtype)
                 for t in (self._on_device(ew.gate), self._on_device(ew.up), self._on_device(ew.down))]
 
@@ -574,6 +662,38 @@ def _pick_device(rt) -> torch.device:
                     rt.config.name)
         return torch.device("cpu")
     return torch.device("cuda")
+
+
+def _check_precision(reader, precision: str | None) -> str:
+    """The precision a load computes experts at; QuantOptionError naming the option when the
+    pack holds no copy for it (checked before anything is taken)."""
+    lb = reader.manifest.lowbit
+    if precision is None:
+        precision = lb.precision if lb is not None else "exact"
+    if precision not in PRECISIONS:
+        raise QuantOptionError(f"precision={precision!r}: choose one of {', '.join(PRECISIONS)}")
+    if precision == "mixed":
+        lowbit_copy(reader, "int4", "mixed")   # mixed computes the low band from int4 copies
+    elif precision != "exact":
+        lowbit_copy(reader, precision)
+    return precision
+
+
+def _check_mixed(precision: str, alpha, lossy_alpha) -> float:
+    """precision_alpha for the load (0 unless mixed); QuantOptionError naming the option."""
+    if precision != "mixed":
+        if alpha is not None:
+            raise QuantOptionError(f"precision_alpha={alpha!r} applies to precision='mixed' "
+                                   f"only (this load computes at {precision})")
+        return 0.0
+    if lossy_alpha:
+        raise QuantOptionError("lossy_alpha with precision='mixed': mixed precision computes "
+                               "every selected expert and never substitutes")
+    if alpha is None:
+        return DEFAULT_PRECISION_ALPHA
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha >= 0:
+        raise QuantOptionError(f"precision_alpha must be a number >= 0, got {alpha!r}")
+    return float(alpha)
 
 
 def _check_options(expert_budget, lossy_alpha, policy) -> None:

@@ -18,6 +18,8 @@ from ..errors import PackCorrupt, UnsupportedModel
 from .families import (SUPPORTED_ARCHITECTURES, check_runnable, dense_tensors,  # noqa: F401
                        hub_name, moe_layers, num_experts)
 from .format import DEFAULT_BLOCK_SIZE
+from .lowbit_writer import LowbitWriter
+from .quant import check_options as check_quant_options
 from .writer import PackWriter, check_output
 
 _DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
@@ -213,9 +215,15 @@ def _same(ckpt: "_Checkpoint", a: str, b: str) -> bool:
 
 
 def pack_hf(model_dir, out_path, block_size: int = DEFAULT_BLOCK_SIZE,
-            progress: bool = True) -> dict:
+            progress: bool = True, quant: str | None = None,
+            group_size: int | None = None) -> dict:
     """Pack a checkpoint of a supported family (families.SUPPORTED_ARCHITECTURES) into
-    `out_path`. Returns a summary."""
+    `out_path`. Returns a summary.
+
+    quant: None, or "int8" / "int4" / "mixed": beside the 16-bit experts the pack holds a
+    low-bit copy of each (int8, or int4 for int4 and mixed; the name is the pack's default
+    precision). group_size: inputs per int4 scale (quant.INT4_GROUPS; default 64)."""
+    check_quant_options(quant, group_size)            # before reading anything
     model_dir = os.fspath(model_dir)
     check_output(os.fspath(out_path))                 # before reading any tensor
     cfg_path = os.path.join(model_dir, "config.json")
@@ -242,6 +250,7 @@ def pack_hf(model_dir, out_path, block_size: int = DEFAULT_BLOCK_SIZE,
                     os.path.basename(model_dir.rstrip("/")))
     summary = {"family": fam.name, "experts": len(experts.keys), "tensors": len(dense),
                "expert_bytes": 0, "tensor_bytes": 0}
+    lowbit = LowbitWriter(quant, group_size) if quant else None
     w = PackWriter(out_path, kind="moe", block_size=block_size)
     try:
         specs = {}
@@ -266,10 +275,14 @@ def pack_hf(model_dir, out_path, block_size: int = DEFAULT_BLOCK_SIZE,
                     raise UnsupportedModel(f"{model_dir}: expert {names[0]} has shape {g}; "
                                            f"config.json says [{fam.ffn_key}, hidden_size] = "
                                            f"{[ffn, hid]}")
+                if lowbit is not None:
+                    lowbit.check_shapes(this["tensors"], names)
             elif this != layout:
                 raise UnsupportedModel(f"expert {l}.{e} differs in dtype or shape from the others: "
                                        f"{this} vs {layout}")
             table.append([l, e, w.add_extent(b"".join(a.tobytes() for a, _ in parts))])
+            if lowbit is not None:
+                lowbit.add(w, l, e, parts)
             summary["expert_bytes"] += layout["extent_bytes"]
             bar.update(1)
         if layout is None:
@@ -279,6 +292,9 @@ def pack_hf(model_dir, out_path, block_size: int = DEFAULT_BLOCK_SIZE,
             "top_k": int(config["num_experts_per_tok"]),
             "extent_bytes": layout["extent_bytes"], "tensors": layout["tensors"],
             "table": table, "moe_layers": sparse}, use_bin_type=True)
+        if lowbit is not None:
+            w.sections["lowbit"] = lowbit.section()
+            summary.update(lowbit.summary())
         tok = os.path.join(model_dir, "tokenizer.json")
         if os.path.exists(tok):
             with open(tok, "rb") as f:

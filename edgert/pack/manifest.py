@@ -66,6 +66,8 @@ class Manifest:
     sections: dict[str, bytes] = field(default_factory=dict)
     # decoded from sections["experts"] (present in every "moe" pack); None elsewhere
     experts: "ExpertsSection | None" = None
+    # decoded from sections["lowbit"] (low-bit expert copies; edgert.pack.lowbit); or None
+    lowbit: "object | None" = None
 
     def encode(self) -> bytes:
         doc = {
@@ -135,7 +137,12 @@ class Manifest:
             experts = ExpertsSection.decode(sections["experts"], blocks)
         elif kind == "moe":
             raise ValueError("moe pack has no 'experts' section")
-        return Manifest(kind, block_size, gen, blocks, tasks, config, sections, experts)
+        lowbit = None
+        if "lowbit" in sections:
+            from .lowbit import LowbitSection
+            lowbit = LowbitSection.decode(sections["lowbit"], blocks, experts)
+        return Manifest(kind, block_size, gen, blocks, tasks, config, sections, experts,
+                        lowbit)
 
 
 def _zero_entry(i: int, length: int, fmt: int, block_size: int) -> None:

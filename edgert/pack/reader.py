@@ -412,6 +412,10 @@ class PackReader:
             for n, s in specs.items():
                 for b in s.blocks:
                     owner.setdefault(b, f"{t}/{n}")
+        lowbit = self.manifest.lowbit
+        for scheme, c in (lowbit.copies.items() if lowbit is not None else ()):
+            for (l, e), b in c.table.items():
+                owner.setdefault(b, f"expert {l}.{e} ({scheme} copy)")
         return owner
 
     def verify(self) -> list[str]:

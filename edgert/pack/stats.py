@@ -89,6 +89,9 @@ def moe_summary(reader: PackReader) -> dict:
                    top_k=ex.top_k, experts=len(ex.table), expert_bytes=ex.extent_bytes,
                    expert_dtype=ex.tensors["gate"].dtype,
                    experts_bytes=ex.extent_bytes * len(ex.table))
+    if reader.manifest.lowbit is not None:
+        from .lowbit_stats import lowbit_summary
+        out["lowbit"] = lowbit_summary(reader.manifest.lowbit, ex)
     return out
 
 

@@ -26,6 +26,10 @@ Contenders, alternated within each repeat (the starting one rotates):
   100% lfu, 100% gate, 100% stale   probes: each policy's own bookkeeping with no misses
   min lru      probe: top-k slots per layer, nearly every expert a miss (a miss's CPU cost)
   min ahead    probe: the same with read-ahead (what a prefetch read costs the engine here)
+  int8, int4   LRU over the experts' int8 / int4 copies in the same bytes as the budget's
+               exact slots (more experts fit, a miss reads fewer bytes; moe_lowbit.py)
+  mixed        precision="mixed": the top band of each token's experts at full precision,
+               the rest from int4 copies, two LRU caches in the same bytes
 Budgets: 25/50/75% of all experts, plus 100%. Every contender is also projected from its
 segment's routing trace with this machine's measured costs; the error is reported.
 Physical limits measured in the same run: O_DIRECT read bandwidth (bytes per token / bandwidth
@@ -44,6 +48,7 @@ import numpy as np
 from ...config import DeviceConfig, resolve, shipped
 from ...errors import EdgertError
 from ...stats import summary
+from . import moe_lowbit as L
 from . import moe_projection as P
 from .output import pyplot, save, write_json
 
@@ -172,10 +177,13 @@ def make_provider(rt, pack, spec: dict):
 def decode_run(rt, pack, spec: dict, ids: list[int], ref: np.ndarray | None) -> dict:
     """Prefill PROMPT ids, then teacher-forced decode steps over the rest; figures of the steps."""
     import torch
-    provider = make_provider(rt, pack, spec)
     # NOTE: no prefix cache: every run prefills for real (a cached prompt would skip the
     # prefill's routing and start the expert cache cold, and only after the first run)
-    lm = rt.load(pack, provider=provider, prefix_cache=False)
+    if spec["kind"] in ("lowbit", "mixed"):
+        lm, provider = L.load(rt, spec)
+    else:
+        provider = make_provider(rt, pack, spec)
+        lm = rt.load(pack, provider=provider, prefix_cache=False)
     seq = lm.sequence()
     try:
         seq.feed(ids[:PROMPT])
@@ -200,11 +208,13 @@ def decode_run(rt, pack, spec: dict, ids: list[int], ref: np.ndarray | None) -> 
     lg = torch.log_softmax(torch.stack(logits), dim=-1)                     # [N, V]
     target = torch.tensor(ids[PROMPT + 1:])
     nll = -lg.gather(1, target[:, None])[:, 0]
-    res = {"tpot_s": steps, "nll": nll.tolist(), "stats": st.get("total", st)}
+    res = {"tpot_s": steps, "nll": nll.tolist(), "stats": st.get("total", st),
+           "low_precision_share": st.get("low_precision_share")}
     if ref is not None:
         p_ref = torch.from_numpy(ref)
         res["kl"] = (p_ref.exp() * (p_ref - lg)).sum(-1).clamp_min(0).tolist()
         res["max_abs_logprob_diff"] = float((p_ref - lg).abs().max())
+        res["greedy_agreement"] = float((p_ref.argmax(-1) == lg.argmax(-1)).float().mean())
     res["logprobs"] = lg.numpy()
     res["trace"] = trace
     return res
@@ -297,9 +307,11 @@ def main(args) -> int:
     # mistakes in the arguments are named before minutes of training or measuring
     previous = _load_result(args.reproject) if args.reproject else None
     if args.only:
-        _only(args.only, contenders({b: {} for b in budgets}, budgets, not quick, 0.0))
+        _only(args.only, contenders({b: {} for b in budgets}, budgets, not quick, 0.0)
+              + L.contenders(budgets, {"int8": "", "mixed": ""}))
     ensure_model(model, quick)
     pack = str(ensure_pack(model))
+    low_packs = L.ensure_packs(model)
     text = (model / "heldout.txt").read_bytes()
     n_tok = args.tokens or (24 if quick else 192)
     repeats = args.repeats or (1 if quick else 3)
@@ -332,7 +344,8 @@ def main(args) -> int:
     edgert = P.choose_all(calib_trace, shape, pre_cost, budgets, args.prefetch_min_prob)
     print("edgert here (chosen by the cost model on the calibration text): " + "; ".join(
         f"{round(100 * b)}% {P.describe(e)}" for b, e in edgert.items()), flush=True)
-    cs = contenders(edgert, budgets, not quick, lay.top_k / lay.num_experts)
+    cs = contenders(edgert, budgets, not quick, lay.top_k / lay.num_experts) + \
+        L.contenders(budgets, low_packs)
     if args.only:
         keep = _only(args.only, cs)
         cs = [c for c in cs if c[0] in keep]
@@ -440,6 +453,8 @@ def _summary(res: dict) -> dict:
     return {"tok_s": n / steps.sum(), "tpot_s": steps.tolist(), "ppl": float(np.exp(np.mean(res["nll"]))),
             "kl_mean": float(np.mean(res["kl"])), "kl_max": float(np.max(res["kl"])),
             "max_abs_logprob_diff": res["max_abs_logprob_diff"],
+            "greedy_agreement": res.get("greedy_agreement"),
+            "low_precision_share": res.get("low_precision_share"),
             "exact_hit_rate": st.get("exact_hit_rate"), "effective_hit_rate": st.get("effective_hit_rate"),
             "bytes_per_token": st.get("bytes_read", 0) / n, "stall_per_token_s": st.get("stall_s", 0.0) / n,
             "prefetch_precision": st.get("prefetch_precision"), "prefetch_recall": st.get("prefetch_recall"),
@@ -477,6 +492,7 @@ def _aggregate(runs: list[dict]) -> dict:
             "kl_mean": mean("kl_mean"), "kl_max": float(max(r["kl_max"] for r in runs)),
             "max_abs_logprob_diff": float(max(r["max_abs_logprob_diff"] for r in runs)),
             **{k: mean(k) for k in ("exact_hit_rate", "effective_hit_rate", "bytes_per_token",
+                                    "greedy_agreement", "low_precision_share",
                                     "stall_per_token_s", "prefetch_precision", "prefetch_recall",
                                     "first_read_s_mean", "next_read_s_mean",
                                     "first_reads_per_token")}}
@@ -522,6 +538,7 @@ def _print(res: dict) -> None:
                   f"{l['stall_per_token_s'] / e['stall_per_token_s']:.2f}x; bytes read per token "
                   f"{l['bytes_per_token'] / max(e['bytes_per_token'], 1):.2f}x")
     exact = [n for n in t if n.endswith("edgert") or n.endswith("lru") or n == "on-demand"]
+    L.print_summary(t)
     print("exact contenders, max |log-prob - resident|: "
           f"{max(t[n]['max_abs_logprob_diff'] for n in exact):.2e}")
 

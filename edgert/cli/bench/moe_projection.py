@@ -18,6 +18,7 @@ from __future__ import annotations
 import numpy as np
 
 from ...experts.costmodel import SHAPES, CostModel, ModelShape, prefetch_pays
+from .moe_lowbit import project_device_rows
 from ...experts.replay import project, project_on_demand, project_resident
 from ...experts.share import share_slots
 from ...experts.trace import RoutingTrace, synthesize
@@ -258,6 +259,8 @@ def project_measured(traces, calib, shape, cost, contenders) -> dict:
     """Every measured contender projected on its segments' traces with this machine's costs."""
     out = {}
     for name, spec in contenders:
+        if spec["kind"] in ("lowbit", "mixed"):   # low-bit: projected per device config only
+            continue
         out[name] = project_over(traces, shape, cost, spec)
     return out
 
@@ -298,6 +301,8 @@ def project_devices(traces, calib, configs, shapes: dict, budgets, alphas, quick
             detail = not quick and (cfg.name, sname) == DETAIL
             table = {name: project_over(trs, shape, cost, spec)
                      for name, spec in device_contenders(edgert, bs, alphas, detail)}
+            table.update(project_device_rows(trs, shape, cfg.perf, bs, project_over,
+                                             CostModel.for_device))
             out[cfg.name][sname] = {"edgert": {f"{round(100 * b)}%": _spec_json(e)
                                                for b, e in edgert.items()},
                                     "prefetch_pays": prefetch_pays(cost, shape),
