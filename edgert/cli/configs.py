@@ -11,7 +11,7 @@ def register(sub) -> None:
 
 def _configs(args) -> int:
     from ..config import CONFIG_DIR, DEFAULT_CONFIG, DeviceConfig, shipped
-    print(f"device configs in {CONFIG_DIR} (default: {DEFAULT_CONFIG.stem}):")
+    print(f"device configs in {CONFIG_DIR} (default: {DEFAULT_CONFIG.name.removesuffix('.yaml')}):")
     for name in shipped():
         c = DeviceConfig.load(name)
         b = c.budget

@@ -253,12 +253,12 @@ def steady_state(cfg, pack, files, task, x, runs: int) -> dict:
 
 
 def steady_state_bert(cfg, runs: int) -> dict | None:
-    """steady_state on a BERT-class encoder (models/tasks/bert.py: many small ops), packed
+    """steady_state on a BERT-class encoder (edgert/recipes/bert.py: many small ops), packed
     as a one-task pack; None when transformers is not installed."""
     import importlib.util
     if importlib.util.find_spec("transformers") is None:
         return None
-    from models.tasks.bert import build
+    from ...recipes.bert import build
 
     from ...pack.onnx_import import pack_onnx
     path = build("models/out/bert")
