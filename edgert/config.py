@@ -118,7 +118,8 @@ class DeviceConfig:
     storage: Storage = field(default_factory=Storage)
     providers: tuple[str, ...] = ("cpu",)
     device: str = "cpu"
-    threads: int = 2
+    threads: int = 2              # cores edgert may use (engines' compute threads at most)
+    decode_threads: int = 1       # torch threads of a small step (engines/threads.py)
     dtype: str = "float32"
     server: str = ""
     kv_cache: KvCache = field(default_factory=KvCache)
@@ -166,8 +167,8 @@ def _check_keys(doc, allowed: set[str], where: str) -> dict:
 
 
 def _build(doc, source: str) -> DeviceConfig:
-    top = {"name", "memory", "storage", "providers", "device", "threads", "dtype", "server",
-           "kv_cache", "perf", "service"}
+    top = {"name", "memory", "storage", "providers", "device", "threads", "decode_threads",
+           "dtype", "server", "kv_cache", "perf", "service"}
     doc = _check_keys(doc, top, "")
     for key in ("name", "memory"):
         if key not in doc:
@@ -204,8 +205,10 @@ def _build(doc, source: str) -> DeviceConfig:
     if device not in ("cpu", "cuda"):
         raise ConfigError(f"device must be 'cpu' or 'cuda', got {device!r}")
     threads = doc.get("threads", os.cpu_count() or 1)
-    if not isinstance(threads, int) or isinstance(threads, bool) or threads < 1:
-        raise ConfigError(f"threads must be a positive integer, got {threads!r}")
+    decode_threads = doc.get("decode_threads", 1)
+    for key, v in (("threads", threads), ("decode_threads", decode_threads)):
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise ConfigError(f"{key} must be a positive integer, got {v!r}")
     dtype = doc.get("dtype", "float32")
     if dtype not in DTYPES:
         raise ConfigError(f"dtype must be one of {DTYPES}, got {dtype!r}")
@@ -215,6 +218,7 @@ def _build(doc, source: str) -> DeviceConfig:
     return DeviceConfig(name=name, budget=Budget(total, **parts, prefault=prefault),
                         storage=Storage(read_mode, str(st.get("scratch_dir", "") or "")),
                         providers=tuple(providers), device=device, threads=threads,
+                        decode_threads=decode_threads,
                         dtype=dtype, server=server, kv_cache=_kv_cache(doc), perf=_perf(doc),
                         service=_service(doc), source=source)
 

@@ -45,6 +45,7 @@ from edgert.kv.prefix import extra_keys, model_fingerprint
 from edgert.engines.moe_layers import (MoeConfig, Rotary, apply_rope, attention, causal_mask,
                                        layer_norm, rms_norm, rms_normalize, route, swiglu)
 from edgert.engines.sampling import check_sampling, sample
+from edgert.engines.threads import use_torch_threads
 from edgert.engines.tokenizer import tokenizer_for
 
 from .base import LoadedModel
@@ -144,6 +145,8 @@ class MoeLM(LoadedModel):
             if not rest:        # entirely cached: the last page kept its final hidden state
                 return self._logits(kv.tail(seq)[None])
             kv.reserve(seq, len(rest))                    # BudgetExceeded before any compute
+            use_torch_threads(min(len(rest), self.chunk_tokens), self.cfg.hidden_size,
+                              self.rt.config)
             t0, outs = time.perf_counter(), []
             for i in range(0, len(rest), self.chunk_tokens):
                 part = rest[i:i + self.chunk_tokens]
