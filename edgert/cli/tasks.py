@@ -46,9 +46,15 @@ def _inputs(specs: list[str]) -> dict[str, np.ndarray]:
         raise InputMismatch(str(e)) from None
     for name, path in paths.items():
         try:
-            out[name] = np.load(path, allow_pickle=False)
+            arr = np.load(path, allow_pickle=False)
         except (OSError, ValueError) as e:
             raise InputMismatch(f"--input {name}: cannot read {path}: {e}") from None
+        if not isinstance(arr, np.ndarray):          # an .npz archive: several arrays
+            keys = ", ".join(arr.files)
+            arr.close()
+            raise InputMismatch(f"--input {name}: {path} is an .npz archive (arrays {keys}); "
+                                f"give one .npy file per input (numpy.save)")
+        out[name] = arr
     return out
 
 

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from edgert.dtypes import torch_dtype
-from edgert.errors import BudgetExceeded, EdgertError
+from edgert.errors import BudgetExceeded, ConfigError, EdgertError, InputMismatch
 from edgert.experts.api import ExpertLayout, slots_for_budget
 from edgert.experts.cache import ExpertCache
 from edgert.experts.costmodel import default_policy, prefetch_default
@@ -74,7 +74,7 @@ class MoeLM(LoadedModel):
                  policy=None, provider=None, prefix_cache: bool | None = None):
         _check_options(expert_budget, lossy_alpha, policy)
         if prefix_cache is not None and not isinstance(prefix_cache, bool):
-            raise ValueError(f"prefix_cache must be True, False or None, got {prefix_cache!r}")
+            raise ConfigError(f"prefix_cache must be True, False or None, got {prefix_cache!r}")
         self.cfg = MoeConfig.from_hf(reader.config)     # UnsupportedModel before anything
         super().__init__(rt, reader, name)
         self.dtype = torch_dtype(rt.config.dtype)
@@ -350,8 +350,8 @@ class MoeLM(LoadedModel):
         check_sampling(max_new_tokens, temperature, top_p)
         limit = self.reader.config.get("max_position_embeddings")
         if limit and len(ids) + max_new_tokens > int(limit):
-            raise ValueError(f"prompt ({len(ids)} tokens) + max_new_tokens ({max_new_tokens}) "
-                             f"is past the model's max_position_embeddings ({limit})")
+            raise InputMismatch(f"prompt ({len(ids)} tokens) + max_new_tokens ({max_new_tokens}) "
+                                f"is past the model's max_position_embeddings ({limit})")
         extra = extra_keys({"salt": cache_salt})
         progress = _Progress()
         made = self._generate_ids(ids, max_new_tokens, temperature, top_p, seed, extra, progress)
@@ -403,12 +403,16 @@ class MoeLM(LoadedModel):
                 raise EdgertError("this pack has no tokenizer; pass token ids")
             ids = self.tokenizer.encode(x)
         else:
-            ids = [int(t) for t in np.asarray(x).reshape(-1)]
+            arr = np.asarray(x)
+            if isinstance(x, (bytes, bytearray)) or arr.dtype.kind not in "iu" and arr.size:
+                raise InputMismatch(f"prompt of type {type(x).__name__}: pass text (a str; "
+                                    f"decode bytes first) or token ids (a list of ints)")
+            ids = [int(t) for t in arr.reshape(-1)]
         if not ids:
-            raise ValueError("empty prompt")
+            raise InputMismatch("empty prompt")
         bad = [t for t in ids if not 0 <= t < self.cfg.vocab_size]
         if bad:
-            raise ValueError(f"token ids out of range [0, {self.cfg.vocab_size}): {bad[:5]}")
+            raise InputMismatch(f"token ids out of range [0, {self.cfg.vocab_size}): {bad[:5]}")
         return ids
 
     def stats(self) -> dict:
@@ -579,15 +583,20 @@ def _pick_device(rt) -> torch.device:
     return torch.device("cuda")
 
 
+SMALLEST_SLOT = 4096   # an expert slot is whole 4 KiB pages: a smaller int is not bytes
+
+
 def _check_options(expert_budget, lossy_alpha, policy) -> None:
     """Refuse bad options before a load takes anything."""
     if expert_budget is not None and (isinstance(expert_budget, bool) or not isinstance(
             expert_budget, (int, float)) or not expert_budget > 0
-            or (isinstance(expert_budget, float) and expert_budget > 1.0)):
-        raise ValueError(f"expert_budget must be a fraction in (0, 1] or a byte count, "
-                         f"got {expert_budget!r}")
+            or (isinstance(expert_budget, float) and expert_budget > 1.0)
+            or (isinstance(expert_budget, int) and expert_budget < SMALLEST_SLOT)):
+        raise ConfigError(f"expert_budget={expert_budget!r}: give a fraction of the experts "
+                          f"(a float in (0, 1], e.g. 0.5) or a byte count of at least one "
+                          f"expert slot (an int >= {SMALLEST_SLOT}, e.g. 512 << 20)")
     if not isinstance(lossy_alpha, (int, float)) or not lossy_alpha >= 0:
-        raise ValueError(f"lossy_alpha must be >= 0, got {lossy_alpha!r}")
+        raise ConfigError(f"lossy_alpha must be >= 0, got {lossy_alpha!r}")
     if isinstance(policy, str) and policy not in {p.value for p in PolicyName}:
-        raise ValueError(f"policy {policy!r}; choose one of "
-                         f"{', '.join(p.value for p in PolicyName)}")
+        raise ConfigError(f"policy {policy!r}; choose one of "
+                          f"{', '.join(p.value for p in PolicyName)}")
