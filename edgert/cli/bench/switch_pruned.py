@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ...stats import summary
+from .contenders import EdgertSwitch
 
 FRACTION = 0.5       # the issue's target fraction
 # NOTE: on the trained set a relative logit error of 0.25 keeps every task within about
@@ -149,7 +150,6 @@ def run(cfg, seq: list[str], packs: dict[str, str], preset: str | None = None) -
     output error, and (where ``preset``'s model set has held-out data) its accuracy."""
     from ...pack import PackReader
     from ...pack.prune import pruning_summary
-    from .switch import EdgertSwitch
     contenders = [(kind, mode, EdgertSwitch(cfg, packs[kind], mode, seq[0]))
                   for kind in packs for mode in ("warm", "cold")]
     raw = {(k, m): {"ms": [], "read": [], "zero": []} for k, m, _ in contenders}
