@@ -55,7 +55,8 @@ def fair_slowdown(threads: int, others: int, cores: int) -> float:
 
 @contextmanager
 def beside(n_busy: int, edgert_child: list[str] | None = None):
-    """``n_busy`` busy processes (and an edgert child, when given) for the duration."""
+    """``n_busy`` busy processes (and an edgert child running ``edgert bench contention
+    --child *edgert_child``, when given) for the duration."""
     procs = [subprocess.Popen([sys.executable, "-c", BUSY]) for _ in range(n_busy)]
     try:
         if edgert_child:
@@ -118,10 +119,10 @@ def _load_task(rt, pack: str):
     return m, x
 
 
-def _child(work: str, pack: str) -> int:
+def _child(work: str, pack: str, config) -> int:
     """A second edgert process: the same workload, over and over, until it is killed."""
     from ...runtime import Runtime
-    rt = Runtime()
+    rt = Runtime(config)
     if work == "moe":
         lm = rt.load(pack, expert_budget=1.0)
         while True:
@@ -146,7 +147,7 @@ def _packs(args) -> tuple[str, str]:
 
 def main(args) -> int:
     if args.child:
-        return _child(*args.child)
+        return _child(*args.child, args.config)
     from ...runtime import Runtime
     base = resolve(args.config)
     tasks_pack, moe_pack = _packs(args)
@@ -169,10 +170,11 @@ def main(args) -> int:
                 lm = rt.load(moe_pack, expert_budget=1.0)
                 decode_tok_s(lm, 8)
                 m, x = _load_task(rt, tasks_pack)
-                moe_child = ["moe", moe_pack] if second else None
+                cfg_arg = ["--config", args.config] if args.config else []
+                moe_child = ["moe", moe_pack, *cfg_arg] if second else None
                 with beside(k, moe_child):
                     tok = [decode_tok_s(lm, tokens) for _ in range(repeats)]
-                task_child = ["task", tasks_pack] if second else None
+                task_child = ["task", tasks_pack, *cfg_arg] if second else None
                 with beside(k, task_child):
                     ms = task_ms(m, x, runs)
                 rt.close()
