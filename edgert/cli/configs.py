@@ -16,5 +16,6 @@ def _configs(args) -> int:
         c = DeviceConfig.load(name)
         b = c.budget
         print(f"  {name:24s} {c.device:4s} {c.dtype:9s} total {b.total / 2**30:5.1f} GiB, arena "
-              f"{b.arena / 2**30:5.1f} GiB, providers {', '.join(c.providers)}")
+              f"{b.arena / 2**30:5.1f} GiB, threads {c.threads:2d} (decode {c.decode_threads}), "
+              f"providers {', '.join(c.providers)}")
     return 0
