@@ -75,7 +75,7 @@ def _run(args) -> int:
     return 0
 
 
-def _ensure_pack(pack: str, models: str, preset: str) -> None:
+def _ensure_pack(pack: str, models: str, preset: str = "demo") -> None:
     """Build the demo task models (the recipe's ``preset``) into ``models`` and pack them into
     ``pack``, saying what is written; an existing pack newer than its models is used as it is."""
     from ..recipes.tasks import ViTSpec, ensure_built
