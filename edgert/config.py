@@ -3,29 +3,18 @@ from __future__ import annotations
 
 import os
 import re
-import sys
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 
 import yaml
 
 from .errors import ConfigError
 
-def _config_dir() -> Path:
-    """Where the shipped device configs are: beside the source tree (a checkout, an editable
-    install) or, after `pip install`, the package's data files under <prefix>/share/edgert."""
-    here = Path(__file__).resolve().parent.parent / "device_configs"
-    if here.is_dir():
-        return here
-    installed = Path(__file__).resolve().parents[4]   # <prefix>/lib/pythonX.Y/site-packages/edgert
-    for prefix in (installed, sys.prefix, sys.base_prefix, os.path.expanduser("~/.local")):
-        d = Path(prefix) / "share" / "edgert" / "device_configs"
-        if d.is_dir():
-            return d
-    return here
-
-
-CONFIG_DIR = _config_dir()
+# The shipped device configs are package data (edgert/device_configs/, in a checkout a link to
+# the top-level device_configs/), read through importlib.resources: the same lookup in a
+# checkout, an editable install, a wheel, `pip install --target DIR` and a zip.
+CONFIG_DIR = resources.files("edgert") / "device_configs"
 DEFAULT_CONFIG = CONFIG_DIR / "cpu-dev.yaml"
 PROVIDERS = ("tensorrt", "cuda", "cpu")
 DTYPES = ("float32", "float16", "bfloat16")
@@ -129,7 +118,8 @@ class DeviceConfig:
     storage: Storage = field(default_factory=Storage)
     providers: tuple[str, ...] = ("cpu",)
     device: str = "cpu"
-    threads: int = 2
+    threads: int = 2              # cores edgert may use (engines' compute threads at most)
+    decode_threads: int = 1       # torch threads of a small step (engines/threads.py)
     dtype: str = "float32"
     server: str = ""
     kv_cache: KvCache = field(default_factory=KvCache)
@@ -141,22 +131,22 @@ class DeviceConfig:
     def load(path=None) -> "DeviceConfig":
         """From a YAML file, a shipped config's name (``jetson-orin-nano-8gb``), or None
         (the embedded default, cpu-dev)."""
-        p = Path(path) if path is not None else DEFAULT_CONFIG
-        if path is not None and not p.exists() and p.suffix == "" and os.sep not in str(path):
-            named = CONFIG_DIR / f"{path}.yaml"
-            if not named.exists():
+        src = DEFAULT_CONFIG if path is None else Path(path)
+        if path is not None and not src.exists() and src.suffix == "" and \
+                os.sep not in str(path):
+            src = CONFIG_DIR / f"{path}.yaml"
+            if not src.is_file():
                 raise ConfigError(f"no device config {path!r}: not a file, and not one of the "
                                   f"shipped configs ({', '.join(shipped()) or 'none found'})")
-            p = named
         try:
-            text = p.read_text()
+            text = src.read_text()
         except OSError as e:
-            raise ConfigError(f"cannot read device config {p}: {e.strerror}") from None
+            raise ConfigError(f"cannot read device config {src}: {e.strerror}") from None
         try:
             doc = yaml.safe_load(text)
         except yaml.YAMLError as e:
-            raise ConfigError(f"{p}: not valid YAML: {e}") from None
-        return DeviceConfig.from_dict(doc, source=str(p))
+            raise ConfigError(f"{src}: not valid YAML: {e}") from None
+        return DeviceConfig.from_dict(doc, source=str(src))
 
     @staticmethod
     def from_dict(doc, source: str = "<dict>") -> "DeviceConfig":
@@ -177,8 +167,8 @@ def _check_keys(doc, allowed: set[str], where: str) -> dict:
 
 
 def _build(doc, source: str) -> DeviceConfig:
-    top = {"name", "memory", "storage", "providers", "device", "threads", "dtype", "server",
-           "kv_cache", "perf", "service"}
+    top = {"name", "memory", "storage", "providers", "device", "threads", "decode_threads",
+           "dtype", "server", "kv_cache", "perf", "service"}
     doc = _check_keys(doc, top, "")
     for key in ("name", "memory"):
         if key not in doc:
@@ -215,8 +205,10 @@ def _build(doc, source: str) -> DeviceConfig:
     if device not in ("cpu", "cuda"):
         raise ConfigError(f"device must be 'cpu' or 'cuda', got {device!r}")
     threads = doc.get("threads", os.cpu_count() or 1)
-    if not isinstance(threads, int) or isinstance(threads, bool) or threads < 1:
-        raise ConfigError(f"threads must be a positive integer, got {threads!r}")
+    decode_threads = doc.get("decode_threads", 1)
+    for key, v in (("threads", threads), ("decode_threads", decode_threads)):
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise ConfigError(f"{key} must be a positive integer, got {v!r}")
     dtype = doc.get("dtype", "float32")
     if dtype not in DTYPES:
         raise ConfigError(f"dtype must be one of {DTYPES}, got {dtype!r}")
@@ -226,6 +218,7 @@ def _build(doc, source: str) -> DeviceConfig:
     return DeviceConfig(name=name, budget=Budget(total, **parts, prefault=prefault),
                         storage=Storage(read_mode, str(st.get("scratch_dir", "") or "")),
                         providers=tuple(providers), device=device, threads=threads,
+                        decode_threads=decode_threads,
                         dtype=dtype, server=server, kv_cache=_kv_cache(doc), perf=_perf(doc),
                         service=_service(doc), source=source)
 
@@ -303,7 +296,8 @@ def _service(doc) -> ServiceLimits:
 
 def shipped() -> list[str]:
     """Names of the device configs that ship with edgert."""
-    return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+    return sorted(e.name.removesuffix(".yaml") for e in CONFIG_DIR.iterdir()
+                  if e.name.endswith(".yaml"))
 
 
 def resolve(cfg=None) -> DeviceConfig:

@@ -56,7 +56,8 @@ class UnsupportedModel(EdgertError):
 
 
 class InputMismatch(EdgertError, ValueError):
-    """Inputs to run() that do not match the graph: name, dtype or shape."""
+    """Inputs that do not fit the model: run()'s names, dtypes or shapes; a prompt that is
+    not text or token ids."""
 
 
 class ModelClosed(EdgertError):

@@ -144,6 +144,17 @@ class Runtime:
             self.fleet.close()
         self.arena.close()
 
+    def __repr__(self) -> str:
+        head = f"<edgert.Runtime config {self.config.name!r}"
+        if self._closed:
+            return head + ": closed>"
+        models = self.models()
+        held = ", ".join(f"{m['name']} ({m['kind']}, {m['arena_bytes'] / 2**20:.1f} MiB)"
+                         for m in models)
+        return (f"{head}: arena {self.arena.mapped / 2**20:.1f} MiB, "
+                f"{self.arena.stats()['in_use_bytes'] / 2**20:.1f} MiB in use; "
+                f"{len(models)} model(s){': ' + held if held else ''}>")
+
     def __enter__(self):
         return self
 
@@ -158,6 +169,13 @@ def _check_options(kind, path: str, pack_kind: str, options: dict) -> None:
              if p not in ("self", "rt", "reader", "name")]
     wrong = [k for k in options if k not in takes]
     if wrong:
-        what = {"onnx-tasks": "a task pack", "moe": "an MoE pack"}.get(pack_kind, pack_kind)
-        raise EdgertError(f"{path} is {what} (kind {pack_kind}): option(s) "
-                          f"{', '.join(wrong)} do not apply; it takes {', '.join(takes)}")
+        what = _KIND_USE.get(pack_kind, f"a {pack_kind} pack")
+        raise EdgertError(f"{path} is {what}; option(s) {', '.join(wrong)} do not apply "
+                          f"to it (it takes {', '.join(takes)})")
+
+
+# what a pack of each kind is for, so a mistaken command names the right one
+_KIND_USE = {"onnx-tasks": "a task pack: run a task with `edgert run PACK --task T --input "
+                           "NAME=FILE.npy` (Python: rt.load(PACK).run(inputs, task=T))",
+             "moe": "an MoE pack: generate text with `edgert generate PACK --prompt TEXT` "
+                    "(Python: rt.load(PACK).generate(prompt))"}

@@ -1,0 +1,1 @@
+"""Entry points of the demo models' recipes (edgert/recipes/); their outputs go to models/out/."""

@@ -12,7 +12,7 @@ from edgert.config import DeviceConfig, parse_bytes
 from edgert.pack import PackReader
 from edgert.pack.onnx_import import pack_onnx
 
-from models.tasks.build import build
+from edgert.recipes.tasks import build
 
 BLOCK = 4096
 RTOL, ATOL = 1e-5, 1e-6

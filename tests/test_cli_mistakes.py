@@ -17,7 +17,7 @@ def lm_pack(tmp_path_factory):
     """A two-step run of the MoE recipe: a checkpoint with a tokenizer, and its pack."""
     from dataclasses import replace
 
-    from models.moe import train as recipe
+    from edgert.recipes import moe as recipe
     d = tmp_path_factory.mktemp("moe") / "ckpt"
     recipe.train(d, replace(recipe.Recipe.from_name("quick"), steps=2, corpus_limit=64 * 1024),
                  max_minutes=5)

@@ -14,7 +14,7 @@ pytest.importorskip("transformers")
 
 @pytest.fixture(scope="module")
 def pack(tmp_path_factory):
-    from models.moe import train as recipe
+    from edgert.recipes import moe as recipe
     d = tmp_path_factory.mktemp("moe") / "ckpt"
     recipe.train(d, replace(recipe.Recipe.from_name("quick"), steps=2, corpus_limit=64 * 1024),
                  max_minutes=5)

@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from models.moe import train as recipe
+from edgert.recipes import moe as recipe
 
 
 def test_corpus_split_is_deterministic_and_disjoint():

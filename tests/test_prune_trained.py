@@ -1,4 +1,4 @@
-"""Pruning at pack time on a trained task set (models/tasks/trained.py, quick variant):
+"""Pruning at pack time on a trained task set (edgert/recipes/trained.py, quick variant):
 the tasks learn, and joint masks align what independent activation-aware masks do not."""
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from edgert.pack import PackReader
 from edgert.pack.onnx_import import pack_onnx
 from edgert.pack.prune import PruneOptions, pruning_summary
 from edgert.pack.stats import summary
-from models.tasks import trained
+from edgert.recipes import trained
 
 BS = trained.BLOCK_BYTES
 # NOTE: 512 held-out images per task: chance (0.25) plus 5 standard deviations of a
@@ -94,7 +94,7 @@ def test_block_penalty_is_the_group_lasso_over_pack_blocks():
     the L2 norms of the blocks of the exported weight matrices."""
     import torch
     from edgert.pack.prune import _blocks, weight_matrices
-    from models.tasks.build import vit_graph
+    from edgert.recipes.tasks import vit_graph
     spec = trained.TrainedSpec.from_name("quick")
     torch.manual_seed(0)
     model = trained._torch_model(spec)

@@ -22,8 +22,8 @@ def python_blocks() -> list[str]:
 @pytest.fixture(scope="module")
 def demo_dir(tmp_path_factory):
     """A directory laid out as after tools/demo.sh: models/out/{tasks,moe-demo}(.edgepack)."""
-    from models.moe import train as recipe
-    from models.tasks.build import build
+    from edgert.recipes import moe as recipe
+    from edgert.recipes.tasks import build
     from edgert.pack.hf_import import pack_hf
     from edgert.pack.onnx_import import pack_onnx
     d = tmp_path_factory.mktemp("readme")

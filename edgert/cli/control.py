@@ -48,13 +48,15 @@ def register(sub) -> None:
                    "else the host name)")
     s.set_defaults(func=_serve)
 
+    from ..control.client import RETRIES, TIMEOUT_S
     c = sub.add_parser("client", help="send one op to a device service",
                        description="Drive `edgert serve` from the shell: .npy files in, .npz "
                        "out, JSON for the rest.")
     c.add_argument("endpoint", metavar="ENDPOINT")
-    c.add_argument("--timeout", type=float, default=5.0, metavar="S",
-                   help="seconds of silence before a retry (default 5)")
-    c.add_argument("--retries", type=int, default=3, metavar="N")
+    c.add_argument("--timeout", type=float, default=TIMEOUT_S, metavar="S",
+                   help=f"seconds of silence before a retry (default {TIMEOUT_S:g})")
+    c.add_argument("--retries", type=int, default=RETRIES, metavar="N",
+                   help=f"resends of a silent request (default {RETRIES})")
     c.add_argument("--curve", nargs=2, metavar=("SERVER_KEY", "CLIENT_SECRET"),
                    help="the service's public .key file and this client's .key_secret file")
     ops = c.add_subparsers(dest="op", required=True, metavar="OP")

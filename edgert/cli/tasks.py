@@ -2,9 +2,7 @@
 from __future__ import annotations
 
 import os
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 
@@ -28,12 +26,15 @@ def register(sub) -> None:
     r.set_defaults(func=_run)
     d = sub.add_parser("demo", help="build, pack and run the demo task models: per-switch cost "
                                     "beside a fresh ONNX Runtime session")
-    d.add_argument("--pack", default="models/out/tasks.edgepack",
-                   help="the pack to use, built from --models if missing or older")
-    d.add_argument("--models", default="models/out/tasks",
-                   help="where the demo task models are (built there if missing)")
+    d.add_argument("--pack", help="the pack to use, built from --models if missing or older "
+                   "(default: models/out/tasks.edgepack under the current directory)")
+    d.add_argument("--models", help="where the demo task models are, built there if missing "
+                   "(default: models/out/tasks under the current directory)")
     d.add_argument("--config", help="device config: a shipped name or a YAML path "
                    "(default: cpu-dev)")
+    d.add_argument("--quick", action="store_true",
+                   help="the tiny variant of the demo models (seconds; default paths "
+                        "models/out/tasks-tiny[.edgepack]): checks an install, not a figure")
     d.set_defaults(func=_demo)
 
 
@@ -45,9 +46,15 @@ def _inputs(specs: list[str]) -> dict[str, np.ndarray]:
         raise InputMismatch(str(e)) from None
     for name, path in paths.items():
         try:
-            out[name] = np.load(path, allow_pickle=False)
+            arr = np.load(path, allow_pickle=False)
         except (OSError, ValueError) as e:
             raise InputMismatch(f"--input {name}: cannot read {path}: {e}") from None
+        if not isinstance(arr, np.ndarray):          # an .npz archive: several arrays
+            keys = ", ".join(arr.files)
+            arr.close()
+            raise InputMismatch(f"--input {name}: {path} is an .npz archive (arrays {keys}); "
+                                f"give one .npy file per input (numpy.save)")
+        out[name] = arr
     return out
 
 
@@ -68,13 +75,10 @@ def _run(args) -> int:
     return 0
 
 
-def _ensure_pack(pack: str, models: str) -> None:
-    """Build the demo task models into ``models`` and pack them into ``pack``, saying what is
-    written; an existing pack newer than its models is used as it is."""
-    root = Path(__file__).resolve().parents[2]
-    if str(root) not in sys.path:
-        sys.path.insert(0, str(root))
-    from models.tasks.build import ensure_built
+def _ensure_pack(pack: str, models: str, preset: str = "demo") -> None:
+    """Build the demo task models (the recipe's ``preset``) into ``models`` and pack them into
+    ``pack``, saying what is written; an existing pack newer than its models is used as it is."""
+    from ..recipes.tasks import ViTSpec, ensure_built
     from ..pack.onnx_import import pack_onnx
     from ..pack.writer import check_output
     check_output(pack)
@@ -84,14 +88,16 @@ def _ensure_pack(pack: str, models: str) -> None:
                           "writes five ONNX files (about 230 MB) there: name a new or a demo "
                           "directory")
     if not os.path.exists(os.path.join(models, "models.json")):
-        print(f"building the demo task models into {models} (five ONNX files, about 230 MB)")
-    paths = ensure_built(models)
+        print(f"building the demo task models into {models} (five ONNX files"
+              f"{', about 230 MB' if preset == 'demo' else ''})")
+    paths = ensure_built(models, preset)
     if os.path.exists(pack) and os.path.getmtime(pack) >= max(map(os.path.getmtime,
                                                                   paths.values())):
         return
     print(f"{'repacking (older than its models)' if os.path.exists(pack) else 'packing'} "
           f"{models} -> {pack}")
-    pack_onnx(paths["base"], {k: v for k, v in paths.items() if k != "base"}, pack)
+    pack_onnx(paths["base"], {k: v for k, v in paths.items() if k != "base"}, pack,
+              block_size=ViTSpec.from_name(preset).block_bytes)
 
 
 def _fresh_session_ms(path: str, x: np.ndarray, threads: int) -> float:
@@ -106,7 +112,12 @@ def _fresh_session_ms(path: str, x: np.ndarray, threads: int) -> float:
 
 def _demo(args) -> int:
     from ..runtime import Runtime
-    _ensure_pack(args.pack, args.models)
+    tag = "-tiny" if args.quick else ""
+    if args.pack is None:
+        args.pack = f"models/out/tasks{tag}.edgepack"
+        os.makedirs("models/out", exist_ok=True)
+    args.models = args.models or f"models/out/tasks{tag}"
+    _ensure_pack(args.pack, args.models, "tiny" if args.quick else "demo")
     rt = Runtime(args.config)
     m = rt.load(args.pack, prepack="auto")
     st = m.stats()
@@ -117,10 +128,17 @@ def _demo(args) -> int:
     name, (dtype, shape) = next(iter(m.engine.inputs.items()))
     x = np.random.default_rng(0).standard_normal(
         [d if isinstance(d, int) else 1 for d in shape]).astype(dtype)
+    # NOTE: the first session of a process also pays ONNX Runtime's one-time start-up
+    # (environment, thread pools, kernel registry); measured apart, so the first switch's
+    # ratio compares like with like
+    startup = _fresh_session_ms(os.path.join(args.models, f"{m.tasks[0]}.onnx"), x,
+                                rt.config.threads)
     fresh = {t: _fresh_session_ms(os.path.join(args.models, f"{t}.onnx"), x, rt.config.threads)
              for t in m.tasks}
     print("what users do today, a fresh ONNX Runtime session from the task file + its first "
-          "run: " + ", ".join(f"{t} {v:.0f} ms" for t, v in fresh.items()))
+          "run: " + ", ".join(f"{t} {v:.0f} ms" for t, v in fresh.items()) +
+          f" (the process's first session took {startup:.0f} ms: it also pays ONNX Runtime's "
+          "one-time start-up, left out of the ratios)")
     print("\ncolumns: switch = edgert's switch alone; moved = bytes written into the task's "
           "weights; from spare/pack = blocks copied from spare memory / read from the pack; "
           "1st run = the first inference after it; edgert = switch + 1st run; fresh = a new "

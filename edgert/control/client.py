@@ -38,6 +38,11 @@ from ..errors import (BudgetExceeded, ConfigError, EdgertError, InputMismatch, M
                       PackCorrupt, UnknownTask, UnsupportedModel)
 from .protocol import PROTOCOL, ProtocolError, decode_reply, encode_request
 
+# NOTE: the service beats every 0.5 s while a caller's work is queued or running, so 2 s of
+# silence is four missed beats: no service, not slow work. One resend covers a service that
+# restarts under us; a client with no service raises after about 4 s (it was 21 s).
+TIMEOUT_S = 2.0
+RETRIES = 1
 BACKOFF_S = 0.1          # first wait before a resend, doubled each time
 BACKOFF_MAX_S = 2.0
 POLL_SLICE_S = 0.05      # a waiting thread lets go of the socket this often
@@ -79,7 +84,8 @@ def remote_error(code: str, message: str, rid: int | None = None) -> RemoteError
 
 
 class Client:
-    def __init__(self, endpoint: str | None = None, timeout: float = 5.0, retries: int = 3,
+    def __init__(self, endpoint: str | None = None, timeout: float = TIMEOUT_S,
+                 retries: int = RETRIES,
                  curve: tuple | None = None):
         """``endpoint``: where `edgert serve` listens (None: its default ipc endpoint).
         ``curve``: (server public key file, client secret key file) for a CURVE service."""

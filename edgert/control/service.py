@@ -51,7 +51,7 @@ log = logging.getLogger(__name__)
 
 POLL_MS = 100              # housekeeping period: stop requests, beats
 HEARTBEAT_S = 0.5          # beats to a client waiting on queued or running work: well under
-                           # the client's default 5 s timeout, and the probe that finds a
+                           # the client's default 2 s timeout, and the probe that finds a
                            # vanished caller (a beat it cannot be sent) within a second
 RETRY_AFTER_S = 1.0        # the hint sent with "busy": about one beat of the work ahead
 BATCH = 256                # messages taken from one socket per turn: fair to the other one

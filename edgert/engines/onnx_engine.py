@@ -53,6 +53,14 @@ def choose_providers(wanted) -> list[str]:
     return out
 
 
+# NOTE: how long an idle ORT worker of a spinning session spins before it sleeps. Long
+# enough to catch the next op of the same run (ops follow each other within microseconds),
+# far shorter than a scheduler time slice; measured on the demo ViT beside busy
+# processes, 20-100 us kept the pre-packed session near one thread's latency where ORT's
+# default spin doubled it (`edgert bench contention`)
+SPIN_US: int | None = 50
+
+
 def session_options(threads: int, spinning: bool = False) -> ort.SessionOptions:
     """ORT options for edgert's sessions.
 
@@ -61,12 +69,16 @@ def session_options(threads: int, spinning: bool = False) -> ort.SessionOptions:
     the pre-packing thread needs right after a run. The pre-packed session, which serves a
     task that keeps running and is dropped before any switch, spins like a default session:
     without it, graphs of many small ops (a BERT-class encoder at 8-32 tokens) ran 1.2-1.3x
-    slower than a default session here."""
+    slower than a default session here. It spins for ``SPIN_US`` only, then sleeps: a
+    worker that spins for long holds a core another process needs, and waits for a core it
+    does not get (`edgert bench contention`)."""
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
     opts.log_severity_level = 3
     opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+    if spinning and SPIN_US is not None:
+        opts.add_session_config_entry("session.intra_op.spin_duration_us", str(SPIN_US))
     # NOTE: ORT's CPU arena keeps every byte it grew for the largest batch it ever ran
     # (+3 GiB resident for good after 1783 images); without it tensors are malloc'd and
     # freed per run, at the same speed for the demo ViT here (6-7 ms per image either way)

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from edgert.dtypes import torch_dtype
-from edgert.errors import BudgetExceeded, EdgertError
+from edgert.errors import BudgetExceeded, ConfigError, EdgertError, InputMismatch
 from edgert.experts.api import ExpertLayout, lowbit_copy, slots_for_budget
 from edgert.experts.cache import ExpertCache
 from edgert.experts.costmodel import default_policy, prefetch_default
@@ -49,6 +49,7 @@ from edgert.kv.prefix import extra_keys, model_fingerprint
 from edgert.engines.moe_layers import (MoeConfig, Rotary, apply_rope, attention, causal_mask,
                                        layer_norm, rms_norm, rms_normalize, route, swiglu)
 from edgert.engines.sampling import check_sampling, sample
+from edgert.engines.threads import use_torch_threads
 from edgert.engines.tokenizer import tokenizer_for
 
 from .base import LoadedModel
@@ -86,7 +87,7 @@ class MoeLM(LoadedModel):
         precision = _check_precision(reader, precision)
         self.precision_alpha = _check_mixed(precision, precision_alpha, lossy_alpha)
         if prefix_cache is not None and not isinstance(prefix_cache, bool):
-            raise ValueError(f"prefix_cache must be True, False or None, got {prefix_cache!r}")
+            raise ConfigError(f"prefix_cache must be True, False or None, got {prefix_cache!r}")
         self.cfg = MoeConfig.from_hf(reader.config)     # UnsupportedModel before anything
         super().__init__(rt, reader, name)
         self.dtype = torch_dtype(rt.config.dtype)
@@ -191,6 +192,8 @@ class MoeLM(LoadedModel):
             if not rest:        # entirely cached: the last page kept its final hidden state
                 return self._logits(kv.tail(seq)[None])
             kv.reserve(seq, len(rest))                    # BudgetExceeded before any compute
+            use_torch_threads(min(len(rest), self.chunk_tokens), self.cfg.hidden_size,
+                              self.rt.config)
             t0, outs = time.perf_counter(), []
             for i in range(0, len(rest), self.chunk_tokens):
                 part = rest[i:i + self.chunk_tokens]
@@ -435,8 +438,8 @@ class MoeLM(LoadedModel):
         check_sampling(max_new_tokens, temperature, top_p)
         limit = self.reader.config.get("max_position_embeddings")
         if limit and len(ids) + max_new_tokens > int(limit):
-            raise ValueError(f"prompt ({len(ids)} tokens) + max_new_tokens ({max_new_tokens}) "
-                             f"is past the model's max_position_embeddings ({limit})")
+            raise InputMismatch(f"prompt ({len(ids)} tokens) + max_new_tokens ({max_new_tokens}) "
+                                f"is past the model's max_position_embeddings ({limit})")
         extra = extra_keys({"salt": cache_salt})
         progress = _Progress()
         made = self._generate_ids(ids, max_new_tokens, temperature, top_p, seed, extra, progress)
@@ -488,12 +491,16 @@ class MoeLM(LoadedModel):
                 raise EdgertError("this pack has no tokenizer; pass token ids")
             ids = self.tokenizer.encode(x)
         else:
-            ids = [int(t) for t in np.asarray(x).reshape(-1)]
+            arr = np.asarray(x)
+            if isinstance(x, (bytes, bytearray)) or arr.dtype.kind not in "iu" and arr.size:
+                raise InputMismatch(f"prompt of type {type(x).__name__}: pass text (a str; "
+                                    f"decode bytes first) or token ids (a list of ints)")
+            ids = [int(t) for t in arr.reshape(-1)]
         if not ids:
-            raise ValueError("empty prompt")
+            raise InputMismatch("empty prompt")
         bad = [t for t in ids if not 0 <= t < self.cfg.vocab_size]
         if bad:
-            raise ValueError(f"token ids out of range [0, {self.cfg.vocab_size}): {bad[:5]}")
+            raise InputMismatch(f"token ids out of range [0, {self.cfg.vocab_size}): {bad[:5]}")
         return ids
 
     def stats(self) -> dict:
@@ -696,15 +703,20 @@ def _check_mixed(precision: str, alpha, lossy_alpha) -> float:
     return float(alpha)
 
 
+SMALLEST_SLOT = 4096   # an expert slot is whole 4 KiB pages: a smaller int is not bytes
+
+
 def _check_options(expert_budget, lossy_alpha, policy) -> None:
     """Refuse bad options before a load takes anything."""
     if expert_budget is not None and (isinstance(expert_budget, bool) or not isinstance(
             expert_budget, (int, float)) or not expert_budget > 0
-            or (isinstance(expert_budget, float) and expert_budget > 1.0)):
-        raise ValueError(f"expert_budget must be a fraction in (0, 1] or a byte count, "
-                         f"got {expert_budget!r}")
+            or (isinstance(expert_budget, float) and expert_budget > 1.0)
+            or (isinstance(expert_budget, int) and expert_budget < SMALLEST_SLOT)):
+        raise ConfigError(f"expert_budget={expert_budget!r}: give a fraction of the experts "
+                          f"(a float in (0, 1], e.g. 0.5) or a byte count of at least one "
+                          f"expert slot (an int >= {SMALLEST_SLOT}, e.g. 512 << 20)")
     if not isinstance(lossy_alpha, (int, float)) or not lossy_alpha >= 0:
-        raise ValueError(f"lossy_alpha must be >= 0, got {lossy_alpha!r}")
+        raise ConfigError(f"lossy_alpha must be >= 0, got {lossy_alpha!r}")
     if isinstance(policy, str) and policy not in {p.value for p in PolicyName}:
-        raise ValueError(f"policy {policy!r}; choose one of "
-                         f"{', '.join(p.value for p in PolicyName)}")
+        raise ConfigError(f"policy {policy!r}; choose one of "
+                          f"{', '.join(p.value for p in PolicyName)}")

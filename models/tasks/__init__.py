@@ -1,1 +1,1 @@
-"""Demo task models: one small-ViT backbone and sparse fine-tuned task variants."""
+"""Entry points: python -m models.tasks.build|trained|bert (recipes in edgert/recipes/)."""

@@ -82,7 +82,7 @@ def register(sub) -> None:
 def ensure_model(model: Path) -> None:
     if (model / "config.json").exists() and (model / "heldout.txt").exists():
         return
-    cmd = [sys.executable, "-m", "models.moe.train", "--steps", "120", "--out", str(model)]
+    cmd = [sys.executable, "-m", "edgert.recipes.moe", "--steps", "120", "--out", str(model)]
     print(f"no trained model at {model}: running {' '.join(cmd[1:])} (as tools/demo.sh does)",
           flush=True)
     subprocess.run(cmd, check=True)

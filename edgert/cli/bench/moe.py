@@ -1,7 +1,7 @@
 """`edgert bench moe`: decode speed and quality of the demo MoE under expert budgets,
 measured on this machine and projected for every device config (moe_projection.py).
 
-Model: the fine-grained benchmark MoE (models/moe/train.py --shape fine: 8 layers of 64
+Model: the fine-grained benchmark MoE (edgert/recipes/moe.py --shape fine: 8 layers of 64
 experts, top-8; --quick: its tiny variant). Workload: held-out text (models/out/moe/heldout.txt, files never trained on). Each run
 prefills a 64-byte prompt (untimed, it fills the cache), then decodes the next N bytes with
 teacher forcing: one token per step through the expert-cache path, exactly the work of a
@@ -63,7 +63,7 @@ def register(sub) -> None:
     p.add_argument("--json", metavar="OUT", help="write raw per-repeat figures here")
     p.add_argument("--config", help="device config YAML (default: cpu-dev)")
     p.add_argument("--model", help="HF checkpoint dir (default models/out/moe-fine, or "
-                   "moe-fine-tiny with --quick; trained by models/moe/train.py --shape fine)")
+                   "moe-fine-tiny with --quick; trained by edgert/recipes/moe.py --shape fine)")
     p.add_argument("--tokens", type=int, help="decode steps per run")
     p.add_argument("--repeats", type=int)
     p.add_argument("--prefetch-min-prob", type=float, default=0.2,
@@ -83,7 +83,7 @@ def register(sub) -> None:
 def ensure_model(model: Path, quick: bool) -> None:
     if (model / "config.json").exists() and (model / "heldout.txt").exists():
         return
-    cmd = [sys.executable, "-m", "models.moe.train", "--shape", "fine", "--out", str(model)] + \
+    cmd = [sys.executable, "-m", "edgert.recipes.moe", "--shape", "fine", "--out", str(model)] + \
         (["--quick"] if quick else [])
     print(f"no trained model at {model}: running {' '.join(cmd[1:])}", flush=True)
     subprocess.run(cmd, check=True)

@@ -6,7 +6,7 @@ bench's switch sequence.
 
 Model sets (``MODEL_SETS``), each with its calibration inputs per task:
 
-- ``trained``: a small ViT trained by ``models/tasks/trained.py`` on four procedurally
+- ``trained``: a small ViT trained by ``edgert/recipes/trained.py`` on four procedurally
   drawn camera tasks (multi-task pretraining, then per-task fine-tunes of the last layer
   and head), packed with 4 KiB blocks; each task's held-out labelled images give its
   **accuracy**, dense and pruned, beside the output error. Twice: at 50% with no bound
@@ -14,8 +14,8 @@ Model sets (``MODEL_SETS``), each with its calibration inputs per task:
   stops at the fraction the bound allows.
 - ``trained-l1``: the same recipe trained for block sparsity (``full-sparse``: a group-lasso
   penalty over the 4 KiB pack blocks of the weight matrices in pretraining and fine-tunes,
-  ``models.tasks.trained.BLOCK_L1``), at 50% and under the same bound.
-- ``sparse``: the random demo ViT and fine-tunes (models/tasks/build.py) with a spread of
+  ``edgert.recipes.trained.BLOCK_L1``), at 50% and under the same bound.
+- ``sparse``: the random demo ViT and fine-tunes (edgert/recipes/tasks.py) with a spread of
   block norms shared by all tasks, where the weights decide most of a block's importance.
 - ``demo``: the random demo ViT, whose blocks have nearly equal norms.
 """
@@ -23,13 +23,12 @@ from __future__ import annotations
 
 import gc
 import os
-import sys
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
 from ...stats import summary
+from .contenders import EdgertSwitch
 
 FRACTION = 0.5       # the issue's target fraction
 # NOTE: on the trained set a relative logit error of 0.25 keeps every task within about
@@ -41,21 +40,18 @@ TRAINED_BOUND = 0.25
 @dataclass(frozen=True)
 class ModelSet:
     models: str                      # directory of base.onnx, TASK.onnx, calib/
-    recipe: str                      # "build:PRESET" (models/tasks/build.py) or "trained:PRESET"
+    recipe: str                      # "build:PRESET" (edgert/recipes/tasks.py) or "trained:PRESET"
     max_error: float | None          # --max-error of the pruned packs
     block_size: int = 65536          # the pack's block size
     tag: str = ""                    # packs: MODELS{tag}.KIND.edgepack
     kinds: tuple[str, ...] = ("dense", "independent", "joint", "independent/norm", "joint/norm")
 
     def ensure_built(self) -> dict[str, str]:
-        root = Path(__file__).resolve().parents[3]
-        if str(root) not in sys.path:
-            sys.path.insert(0, str(root))
         kind, preset = self.recipe.split(":")
         if kind == "trained":
-            from models.tasks.trained import ensure_built
+            from ...recipes.trained import ensure_built
         else:
-            from models.tasks.build import ensure_built
+            from ...recipes.tasks import ensure_built
         return ensure_built(self.models, preset)
 
     def heldout(self, task: str) -> str | None:
@@ -154,7 +150,6 @@ def run(cfg, seq: list[str], packs: dict[str, str], preset: str | None = None) -
     output error, and (where ``preset``'s model set has held-out data) its accuracy."""
     from ...pack import PackReader
     from ...pack.prune import pruning_summary
-    from .switch import EdgertSwitch
     contenders = [(kind, mode, EdgertSwitch(cfg, packs[kind], mode, seq[0]))
                   for kind in packs for mode in ("warm", "cold")]
     raw = {(k, m): {"ms": [], "read": [], "zero": []} for k, m, _ in contenders}
