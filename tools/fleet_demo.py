@@ -81,9 +81,13 @@ def main(task_pack: str, moe_pack: str, config: str, work: str) -> int:
         for lm in (la, lb):
             lm.generate(ids[:64], max_new_tokens=8)
             served += 1
-        print(f"both devices served {served} requests with the server gone, no errors; "
-              f"connected: A {a.stats()['server']['connected']}, "
-              f"B {b.stats()['server']['connected']}")
+        print(f"both devices served {served} requests with the server gone, no errors")
+        t0 = time.monotonic()           # the links notice on their own, by missed heartbeats
+        while time.monotonic() - t0 < 15 and any(
+                d.stats()["server"]["connected"] for d in (a, b)):
+            time.sleep(0.1)
+        print(f"{time.monotonic() - t0:.1f} s later the links report: connected A "
+              f"{a.stats()['server']['connected']}, B {b.stats()['server']['connected']}")
     finally:
         a.close()
         b.close()
