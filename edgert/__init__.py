@@ -8,6 +8,7 @@ from .config import DeviceConfig
 from .errors import (BudgetExceeded, ConfigError, EdgertError, IncompatibleModels, InputMismatch,
                      PackCorrupt, UnknownTask, UnsupportedModel)
 from .pack.hf_import import CheckpointIncomplete
+from .kinds.generation import GenerateResult, Generation
 from .runtime import Runtime
 from .control import Client, RemoteError, ServiceUnavailable
 from .version import __version__
@@ -15,4 +16,4 @@ from .version import __version__
 __all__ = ["Runtime", "Client", "RemoteError", "ServiceUnavailable", "DeviceConfig",
            "EdgertError", "BudgetExceeded", "ConfigError", "IncompatibleModels",
            "InputMismatch", "PackCorrupt", "UnknownTask", "UnsupportedModel",
-           "CheckpointIncomplete", "__version__"]
+           "CheckpointIncomplete", "Generation", "GenerateResult", "__version__"]

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 
 from edgert.cli import main
-from edgert.kinds.moe import GenerateResult
+from edgert.kinds.generation import GenerateResult
 from moe_models import mixtral_config, prompt, runtime, save
 
 pytest.importorskip("transformers")
