@@ -266,3 +266,40 @@ def test_load_takes_packs_only_from_the_pack_dirs(tiny, lm_pack, tmp_path):
             assert_matches(c.infer({"image": tiny.x}, task="lane")["logits"], tiny.ref["lane"])
     finally:
         s.close()
+
+
+# --- memory at rest ----------------------------------------------------------------------------
+def test_the_heap_is_trimmed_once_the_service_is_idle_not_while_it_works(tiny, lm_pack,
+                                                                          monkeypatch):
+    from edgert.control import service as service_mod
+    trims = []
+    monkeypatch.setattr(service_mod, "give_back_heap", lambda: trims.append(time.monotonic()))
+    monkeypatch.setattr(service_mod, "TRIM_IDLE_S", 0.1)
+    s = Served(tiny, lm_pack, "tcp://127.0.0.1:0")
+    try:
+        gate, made = threading.Event(), []
+        gate_generate(s.lm, gate, made)
+        sock = dealer(s.endpoint)
+        sock.send_multipart(P.encode_request(1, "generate", {"prompt": [1], "max_new_tokens": 3}))
+        assert replies(sock, 1)[0].ok                 # the first piece: the job is at work
+        time.sleep(0.4)
+        assert trims == []                             # never while a job runs
+        gate.set()
+        until(lambda: len(trims) == 1, "one trim after the work ended")
+        replies(sock, 1, keep=lambda r: not r.beat and not r.more)   # the stream's end
+        time.sleep(0.4)
+        assert len(trims) == 1                         # once per idle spell, not per poll
+        assert s.svc.stats_of_service()["heap_trims"] == 1
+        sock.close()
+    finally:
+        s.close()
+
+
+def test_the_heap_arena_cap_leaves_an_operators_setting_alone(monkeypatch):
+    from edgert.memory import heap
+    if heap._MALLOPT is None:
+        pytest.skip("not glibc: no mallopt")
+    monkeypatch.setenv("MALLOC_ARENA_MAX", "4")
+    assert heap.cap_heap_arenas(2) is False
+    monkeypatch.delenv("MALLOC_ARENA_MAX")
+    assert heap.cap_heap_arenas(8) is True             # glibc's own default per core is 8

@@ -38,6 +38,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import zmq
 
+from ..memory.heap import give_back_heap
 from ..version import __version__
 from . import ops
 from .auth import curve_server, public_keys, start_authenticator
@@ -68,6 +69,8 @@ STATS_RESERVE = 4          # `stats` requests admitted past max_jobs, so an oper
 CURVE_SLACK = 1024         # CURVE wraps each frame in a MESSAGE command (name, nonce, MAC,
                            # flags: 33 bytes) and libzmq checks ZMQ_MAXMSGSIZE on that wire
                            # size, so the socket option gets this slack over max_message
+TRIM_IDLE_S = 0.5          # idle this long after work: the C heap's free pages go back to
+                           # the OS (memory/heap.py), so RSS follows what is in use
 
 
 class Service:
@@ -106,7 +109,7 @@ class Service:
         self.max_queued_bytes = lim.max_queued_bytes
         self.counters = {"requests": 0, "replies_dropped": 0, "errors": {},
                          "caps": dict.fromkeys(CAPS, 0), "disconnects": 0,
-                         "orphaned": {"jobs": 0, "cpu_s": 0.0}}
+                         "orphaned": {"jobs": 0, "cpu_s": 0.0}, "heap_trims": 0}
         self._admins = public_keys(admin_dir) if admin_dir is not None else None
         allowed = public_keys(allow_dir) if allow_dir is not None else None
         self._ctx = zmq.Context()
@@ -149,6 +152,7 @@ class Service:
         self._tokens_total = 0
         self._lanes: dict[tuple, deque[Job]] = {}
         self._queued_bytes = 0
+        self._worked_at: float | None = None     # when the last job ended, until trimmed
         self._stopping = False
         self._stop_asked = False          # set from any thread or a signal handler
         self._thread: threading.Thread | None = None
@@ -236,6 +240,11 @@ class Service:
             if now >= next_beat:
                 self._beat(now)
                 next_beat = now + HEARTBEAT_S
+            if self._worked_at is not None and not self._jobs \
+                    and now - self._worked_at >= TRIM_IDLE_S:
+                self._worked_at = None
+                give_back_heap()
+                self.counters["heap_trims"] += 1
 
     def _drain(self, sock: zmq.Socket, handle) -> None:
         for _ in range(BATCH):
@@ -420,6 +429,7 @@ class Service:
 
     def _finish(self, job: Job) -> None:
         del self._jobs[job.seq]
+        self._worked_at = time.monotonic()
         self._by_request.pop((job.ident, job.rid), None)
         _take(self._inflight, job.caller, 1)       # nothing kept for idle callers
         if job.tokens:

@@ -19,7 +19,6 @@ returns the freed heap pages to the OS.
 """
 from __future__ import annotations
 
-import ctypes
 import logging
 import threading
 import time
@@ -31,6 +30,7 @@ import onnxruntime as ort
 from onnx import helper
 
 from ..errors import InputMismatch
+from ..memory.heap import give_back_heap
 
 log = logging.getLogger(__name__)
 ORT_PROVIDERS = {"tensorrt": "TensorrtExecutionProvider", "cuda": "CUDAExecutionProvider",
@@ -84,24 +84,6 @@ def session_options(threads: int, spinning: bool = False) -> ort.SessionOptions:
     # freed per run, at the same speed for the demo ViT here (6-7 ms per image either way)
     opts.enable_cpu_mem_arena = False
     return opts
-
-
-def _libc_trim():
-    try:
-        return ctypes.CDLL(None).malloc_trim   # glibc
-    except (OSError, AttributeError):
-        return None
-
-
-_TRIM = _libc_trim()
-
-
-def give_back_heap() -> None:
-    """Return the heap's free pages to the OS (glibc ``malloc_trim``; a no-op elsewhere).
-    Freed large tensors are unmapped by malloc itself; the rest sits in malloc's arenas
-    until trimmed: 80 MB after a batch of 128 demo images here, 0 after a trim."""
-    if _TRIM is not None:
-        _TRIM(0)
 
 
 @dataclass(frozen=True)
