@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ConfigError, InputMismatch
-from . import named
+from .arguments import named
 
 
 def register(sub) -> None:

@@ -7,7 +7,7 @@ import time
 import numpy as np
 
 from ..errors import EdgertError, InputMismatch
-from . import named
+from .arguments import named
 
 DEMO_SEQUENCE = ["lane", "sign", "detect", "parking", "lane", "parking", "sign"]
 

@@ -8,6 +8,6 @@ BENCHES = ("edgert.cli.bench.switch", "edgert.cli.bench.moe",  # each adds its o
 
 
 def register(sub) -> None:
-    from .. import register_modules
+    from ..arguments import register_modules
     p = sub.add_parser("bench", help="measure edgert against named baselines")
     register_modules(p.add_subparsers(dest="bench", required=True), BENCHES)

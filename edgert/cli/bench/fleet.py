@@ -153,7 +153,7 @@ def bench_predict(args, devices: int, days: int) -> dict:
     from ...pack import PackReader
     from ...server.device import pack_fingerprint
     from ...server.service import FleetServer
-    from ...server.store import open_store
+    from ...server.backends import open_store
     with PackReader(args.pack) as r:
         tasks, fp = list(r.tasks), pack_fingerprint(r)
     events = _switches(workload(tasks, devices, days, args.seed))

@@ -81,7 +81,7 @@ def bench_kv(args) -> dict:
         print(msg)
         return {"skipped": msg}
     from ...server.service import FleetServer
-    from ...server.store import open_store
+    from ...server.backends import open_store
     out = {}
     repeats = 2 if args.quick else 5
     stores = ["dir"] + (["redis"] if redis_available() else [])

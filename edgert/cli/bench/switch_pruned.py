@@ -127,7 +127,7 @@ def heldout_accuracy(pack: str, ms: ModelSet) -> dict[str, float] | None:
     where the model set has no held-out data."""
     import onnx
     from ...pack import PackReader
-    from ...pack.prune import run_model
+    from ...pack.reference import run_model
     out = {}
     with PackReader(pack) as r:
         for task in r.tasks:
