@@ -79,7 +79,7 @@ class KvCache:
 
 @dataclass(frozen=True)
 class Perf:
-    """Vendor figures of a device for the expert-cache projection (edgert/experts/costmodel.py):
+    """Vendor figures of a device for the expert-cache projection (edgert/projection/costmodel.py):
     sustained storage reads (bytes/s) and the latency of one read (s), memory bandwidth
     (bytes/s, what a resident expert costs to stream), dense compute (FLOP/s) and a fixed
     cost per layer (s: kernel launches, synchronisation). A config without the section has

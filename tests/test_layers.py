@@ -24,6 +24,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("pack/",),                    # format, reader, writers, importers, pruning
     ("engines/",),                 # compute only
     ("weights/", "experts/", "kv/"),   # mechanisms: each a consumer of the arena
+    ("projection/",),              # the expert cache's offline projection and cost model
     ("kinds/", "server/", "recipes/"),  # the models; the fleet (server and device link);
                                         # the demo model recipes
     ("runtime.py",),
@@ -170,6 +171,27 @@ def test_no_import_runs_up_or_sideways():
                 bad.append(f"{mod} -> {t} ({a} layer {placed[a]}, {b} layer {placed[b]})")
     assert not bad, "imports from a lower layer to a higher one (or between siblings):\n" + \
         "\n".join(sorted(bad))
+
+
+def _closure(graph: dict[str, set[str]], start: str) -> set[str]:
+    seen, todo = set(), [start]
+    while todo:
+        m = todo.pop()
+        if m not in seen:
+            seen.add(m)
+            todo.extend(graph[m])
+    return seen
+
+
+def test_run_time_reads_only_the_cost_model_of_the_projection():
+    """The offline replay (trace, replay, share) stays out of everything the Runtime can
+    load; of the projection, the model layer reads the cost model's defaults only."""
+    graph = import_graph()
+    offline = {m for m in graph if m.startswith("edgert.projection.")} - \
+        {"edgert.projection.costmodel"}
+    assert _closure(graph, "edgert.runtime") & offline == set()
+    assert not [m for m in graph if m.startswith("edgert.experts")
+                and any(t.startswith("edgert.projection") for t in graph[m])]
 
 
 def test_no_empty_packages():

@@ -157,7 +157,7 @@ def make_provider(rt, pack, spec: dict):
     if spec["kind"] == "resident":
         return ResidentExperts(reader, rt.arena, "bench: resident experts")
     if spec["kind"] == "record":
-        from ...experts.trace import TraceRecorder
+        from ...projection.trace import TraceRecorder
         res = ResidentExperts(reader, rt.arena, "bench: resident experts")
         return TraceRecorder(res, res.layout.moe_layers)
     if reader.storage.mode != "direct":
