@@ -29,7 +29,8 @@ LAYERS: list[tuple[str, ...]] = [
                                         # the demo model recipes
     ("runtime.py",),
     ("__init__.py",),              # the public API: Runtime, Client, DeviceConfig, errors
-    ("cli/",),                     # every command
+    ("bench/",),                   # the benchmarks' measuring code
+    ("cli/",),                     # every command: argument parsing and dispatch
     ("__main__.py",),              # python -m edgert
 ]
 

@@ -274,7 +274,7 @@ def test_each_policy_is_charged_its_own_measured_bookkeeping():
     """Probes of a cache that never misses, one per policy, set each policy's bookkeeping
     per layer, never less than LRU's; a policy without a probe keeps LRU's; the projection
     charges it per layer."""
-    from edgert.cli.bench import moe_projection as P
+    from edgert.bench import moe_projection as P
     steady = {"resident": 100.0, "100% lru": 90.0, "100% gate": 80.0, "100% stale": 75.0,
               "100% lfu": 95.0}              # lfu measured faster than lru: noise
     table = {n: {"tok_s": v, "tok_s_steady": v} for n, v in steady.items()}
@@ -327,7 +327,7 @@ def test_prefetch_cost_is_fitted_to_the_read_ahead_gain():
     """The read-ahead probe's measured gain over "min lru" sets what a prefetch read costs
     the engine; the fit recovers the cost that produced a gain, whatever the projection's
     error on "min lru" itself, and clamps at zero when read-ahead measured no gain."""
-    from edgert.cli.bench import moe_projection as P
+    from edgert.bench import moe_projection as P
     tr = skewed_trace(n=40)
     cost = CostModel(read_latency_s=0.0, read_Bps=EXTENT / 1e-3, token_s=0.0, layer_s=1e-3,
                      expert_s=0.0, hint_s=0.0, miss_s=1e-4)
@@ -351,7 +351,7 @@ def test_prefetch_cost_is_fitted_to_the_read_ahead_gain():
 
 def test_miss_cost_is_fitted_so_the_probe_projects_as_measured():
     """The "min lru" probe's measured steady tok/s sets a miss's CPU cost by bisection."""
-    from edgert.cli.bench import moe_projection as P
+    from edgert.bench import moe_projection as P
     tr = skewed_trace(n=40)
     cost = CostModel(read_latency_s=0.0, read_Bps=EXTENT / 1e-3, token_s=0.0, layer_s=1e-3,
                      expert_s=0.0, hint_s=0.0)

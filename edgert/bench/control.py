@@ -29,9 +29,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ...config import resolve
-from ...errors import EdgertError
-from ...stats import summary
+from ..config import resolve
+from ..errors import EdgertError
+from ..stats import summary
 from .output import pyplot, save, write_json
 
 WAIT = 120
@@ -183,8 +183,8 @@ def _moe_pack(arg: str | None) -> str:
 
 # --- the benchmark --------------------------------------------------------------------------------
 def main(args) -> int:
-    from ...control.client import Client
-    from ...runtime import Runtime
+    from ..control.client import Client
+    from ..runtime import Runtime
     tmp = tempfile.TemporaryDirectory(prefix="edgert-bench-")
     config = args.config
     if args.threads:

@@ -49,8 +49,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ...config import KvCache, resolve
-from ...stats import summary
+from ..config import KvCache, resolve
+from ..stats import summary
 from .output import pyplot, save, write_json
 
 PROMPT = 1024

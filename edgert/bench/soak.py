@@ -33,9 +33,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ...config import resolve
-from ...errors import EdgertError
-from ...stats import summary
+from ..config import resolve
+from ..errors import EdgertError
+from ..stats import summary
 from .control import TASKS_PACK, Child, _moe_pack, _python
 from .output import pyplot, save, write_json
 from .soak_cases import (RSS_BATCH, WAIT, KvDir, MiB, Served, batch, disconnect, drains,
@@ -99,8 +99,8 @@ def register(sub) -> None:
 
 # --- the benchmark --------------------------------------------------------------------------------
 def main(args) -> int:
-    from ...control.auth import generate as make_keys
-    from ...control.client import Client
+    from ..control.auth import generate as make_keys
+    from ..control.client import Client
     q = args.quick
     n_clients = args.clients or (4 if q else 8)
     n_requests = args.requests or (50 if q else 500)

@@ -17,11 +17,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from ...projection.costmodel import SHAPES, CostModel, ModelShape, prefetch_pays
+from ..projection.costmodel import SHAPES, CostModel, ModelShape, prefetch_pays
 from .moe_lowbit import project_device_rows
-from ...projection.replay import project, project_on_demand, project_resident
-from ...projection.share import share_slots
-from ...projection.trace import RoutingTrace, synthesize
+from ..projection.replay import project, project_on_demand, project_resident
+from ..projection.share import share_slots
+from ..projection.trace import RoutingTrace, synthesize
 
 EXACT = (("lru", {}), ("lfu", {}), ("gate", {"decay": 0.9}), ("stale", {}))
 DEVICE_BUDGETS = (0.1, 0.25, 0.5, 0.75)

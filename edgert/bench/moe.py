@@ -45,9 +45,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ...config import DeviceConfig, resolve, shipped
-from ...errors import EdgertError
-from ...stats import summary
+from ..config import DeviceConfig, resolve, shipped
+from ..errors import EdgertError
+from ..stats import summary
 from . import moe_lowbit as L
 from . import moe_projection as P
 from .output import pyplot, save, write_json
@@ -93,7 +93,7 @@ def ensure_pack(model: Path) -> Path:
     pack = model / "model.edgepack"
     src = max(p.stat().st_mtime for p in model.glob("*.safetensors"))
     if not pack.exists() or pack.stat().st_mtime < src:
-        from ...pack.hf_import import pack_hf
+        from ..pack.hf_import import pack_hf
         pack_hf(str(model), str(pack), progress=False)
     return pack
 
@@ -104,8 +104,8 @@ class OnDemandExperts:
     prefetch = False   # it would ignore hints: the engine does not compute them
 
     def __init__(self, reader, arena):
-        from ...experts.api import ExpertLayout
-        from ...memory import SlotPool
+        from ..experts.api import ExpertLayout
+        from ..memory import SlotPool
         self.layout = ExpertLayout.from_reader(reader)
         self.reader = reader
         self.pool = SlotPool(arena, "bench: on-demand experts", self.layout.slot_bytes)
@@ -149,15 +149,15 @@ class OnDemandExperts:
 
 # --- one run ---------------------------------------------------------------------------------
 def make_provider(rt, pack, spec: dict):
-    from ...experts.api import ExpertLayout, ResidentExperts
-    from ...experts.api import slots_for_budget
-    from ...experts.cache import ExpertCache
-    from ...pack import PackReader
+    from ..experts.api import ExpertLayout, ResidentExperts
+    from ..experts.api import slots_for_budget
+    from ..experts.cache import ExpertCache
+    from ..pack import PackReader
     reader = PackReader(pack, read_mode=rt.config.storage.read_mode)
     if spec["kind"] == "resident":
         return ResidentExperts(reader, rt.arena, "bench: resident experts")
     if spec["kind"] == "record":
-        from ...projection.trace import TraceRecorder
+        from ..projection.trace import TraceRecorder
         res = ResidentExperts(reader, rt.arena, "bench: resident experts")
         return TraceRecorder(res, res.layout.moe_layers)
     if reader.storage.mode != "direct":
@@ -242,9 +242,9 @@ def probe_spec(name: str, min_budget: float = 0.125) -> dict:
 
 
 def measure_read_bandwidth(rt, pack, repeats: int = 3) -> dict:
-    from ...experts.api import ExpertLayout
-    from ...memory import SlotPool
-    from ...pack import PackReader
+    from ..experts.api import ExpertLayout
+    from ..memory import SlotPool
+    from ..pack import PackReader
     reader = PackReader(pack, read_mode=rt.config.storage.read_mode)
     storage = reader.storage
     lay = ExpertLayout.from_reader(reader)
@@ -299,7 +299,7 @@ def contenders(edgert: dict, budgets, full: bool, min_budget: float) -> list[tup
 def main(args) -> int:
     import torch
 
-    from ... import Runtime
+    from .. import Runtime
     cfg = resolve(args.config)
     quick = args.quick
     model = Path(args.model or ("models/out/moe-fine-tiny" if quick else "models/out/moe-fine"))
@@ -438,8 +438,8 @@ def _project_and_report(args, result, cs, cfg, quick, calib_trace, seg_traces, l
 
 
 def _layout(pack):
-    from ...experts.api import ExpertLayout
-    from ...pack import PackReader
+    from ..experts.api import ExpertLayout
+    from ..pack import PackReader
     reader = PackReader(pack, read_mode="buffered")
     try:
         return ExpertLayout.from_reader(reader)
