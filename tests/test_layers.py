@@ -195,6 +195,18 @@ def test_run_time_reads_only_the_cost_model_of_the_projection():
                 and any(t.startswith("edgert.projection") for t in graph[m])]
 
 
+def test_command_line_parsing_stays_in_cli():
+    """The benchmarks measure; their options are parsed in cli/bench.py."""
+    parsing = []
+    for path in sorted((PACKAGE / "bench").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            if any(n.split(".")[0] == "argparse" for n in names):
+                parsing.append(str(path.relative_to(ROOT)))
+    assert not parsing, f"argparse outside cli/: {parsing}"
+
+
 def test_no_empty_packages():
     def empty(pkg: Path) -> bool:   # no module of its own, no subpackage, a blank __init__
         inside = [q for q in pkg.iterdir() if q.name != "__init__.py" and

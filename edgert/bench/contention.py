@@ -15,7 +15,6 @@ row.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import subprocess
 import sys
@@ -31,19 +30,6 @@ from .output import write_json
 
 BUSY = "while True: pass"
 PROMPT = b"import os\ndef main():\n    "
-
-
-def register(sub) -> None:
-    p = sub.add_parser("contention", help="MoE decode and task latency beside busy processes")
-    p.add_argument("--quick", action="store_true", help="fewer tokens and runs; ~1 minute")
-    p.add_argument("--json", metavar="OUT", help="write the raw figures here")
-    p.add_argument("--config", help="device config (default: cpu-dev)")
-    p.add_argument("--tasks", help="an onnx-tasks pack (default: the demo's, built if missing; "
-                                   "--quick: its tiny variant unless the demo pack exists)")
-    p.add_argument("--moe", help="an MoE pack (default: the demo's model when trained, else "
-                                 "the recipe's quick model)")
-    p.add_argument("--child", nargs=2, metavar=("WORK", "PACK"), help=argparse.SUPPRESS)
-    p.set_defaults(func=main)
 
 
 def fair_slowdown(threads: int, others: int, cores: int) -> float:

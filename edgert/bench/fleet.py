@@ -38,20 +38,6 @@ SWITCHES_PER_HOUR = 2
 PREWARM_WAIT_S = 10.0
 
 
-def register(sub) -> None:
-    p = sub.add_parser("fleet", help="fleet server: prewarm prediction, KV sharing, ops/s")
-    p.add_argument("--quick", action="store_true", help="fewer devices, days and seconds")
-    p.add_argument("--json", metavar="OUT", help="write the figures here")
-    p.add_argument("--pack", default="models/out/tasks.edgepack", help="a task pack")
-    p.add_argument("--moe-pack", default="models/out/moe-demo.edgepack",
-                   help="an MoE pack for the KV-sharing figure")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--plot", default="docs/img/bench-fleet.png")
-    p.add_argument("--skip", action="append", default=[], choices=("predict", "kv", "ops"),
-                   help="leave a part out")
-    p.set_defaults(func=main)
-
-
 # --- the workload -------------------------------------------------------------------------
 def workload(tasks: list[str], devices: int, days: int, seed: int) -> list[tuple]:
     """[(t, device, task)] in time order (see the module's docstring)."""

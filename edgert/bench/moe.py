@@ -46,7 +46,6 @@ from pathlib import Path
 import numpy as np
 
 from ..config import DeviceConfig, resolve, shipped
-from ..errors import EdgertError
 from ..stats import summary
 from . import moe_lowbit as L
 from . import moe_projection as P
@@ -55,28 +54,6 @@ from .output import pyplot, save, write_json
 PROMPT = 64
 BUDGETS = (0.25, 0.5, 0.75, 1.0)
 ALPHAS = (0.3, 0.4, 0.5)
-
-
-def register(sub) -> None:
-    p = sub.add_parser("moe", help="MoE decode under expert budgets vs LRU, on-demand, resident")
-    p.add_argument("--quick", action="store_true", help="tiny model, one repeat; under a minute")
-    p.add_argument("--json", metavar="OUT", help="write raw per-repeat figures here")
-    p.add_argument("--config", help="device config YAML (default: cpu-dev)")
-    p.add_argument("--model", help="HF checkpoint dir (default models/out/moe-fine, or "
-                   "moe-fine-tiny with --quick; trained by edgert/recipes/moe.py --shape fine)")
-    p.add_argument("--tokens", type=int, help="decode steps per run")
-    p.add_argument("--repeats", type=int)
-    p.add_argument("--prefetch-min-prob", type=float, default=0.2,
-                   help="edgert prefetches hinted experts with at least this probability")
-    p.add_argument("--plot", default="docs/img/bench-moe.png")
-    p.add_argument("--plot-projection", default="docs/img/bench-moe-projection.png")
-    p.add_argument("--only", metavar="NAMES",
-                   help="comma-separated contenders to measure (e.g. 'resident,min lru,25%% lru'); "
-                        "the probes among them set the costs")
-    p.add_argument("--reproject", metavar="JSON",
-                   help="keep the measured figures of an earlier run's JSON (same model, "
-                        "--tokens, --repeats) and redo only the traces and projections")
-    p.set_defaults(func=main)
 
 
 # --- the model and its pack --------------------------------------------------------------------
@@ -577,14 +554,3 @@ def _plot(res: dict, path: str) -> None:
     fig.suptitle(f"edgert bench moe ({res['config']}, {res['limits']['read_mode']} reads)")
     fig.tight_layout()
     save(fig, path)
-
-
-if __name__ == "__main__":
-    import argparse
-    ap = argparse.ArgumentParser(prog="edgert bench")
-    register(ap.add_subparsers())
-    try:
-        raise SystemExit(main(ap.parse_args(["moe", *sys.argv[1:]])))
-    except EdgertError as e:
-        print(f"edgert bench moe: {type(e).__name__}: {e}", file=sys.stderr)
-        raise SystemExit(2)

@@ -36,7 +36,7 @@ import numpy as np
 from ..config import resolve
 from ..errors import EdgertError
 from ..stats import summary
-from .control import TASKS_PACK, Child, _moe_pack, _python
+from .control import Child, _moe_pack, _python
 from .output import pyplot, save, write_json
 from .soak_cases import (RSS_BATCH, WAIT, KvDir, MiB, Served, batch, disconnect, drains,
                          frames, refused, second_serve, until)
@@ -79,21 +79,6 @@ for line in sys.stdin:
         ms[op].append(1e3 * (time.perf_counter() - t0))
     print(json.dumps({"ms": ms, "errors": errors}), flush=True)
 """
-
-
-
-def register(sub) -> None:
-    p = sub.add_parser("soak", help="the device service under load, faults and hostile callers")
-    p.add_argument("--quick", action="store_true", help="4 clients x 50 requests; under a minute")
-    p.add_argument("--json", metavar="OUT", help="write raw figures here")
-    p.add_argument("--config", help="device config (default: cpu-dev)")
-    p.add_argument("--tasks", default=TASKS_PACK, metavar="PACK")
-    p.add_argument("--moe", metavar="PACK", help="MoE pack (default: the demo's)")
-    p.add_argument("--clients", type=int, metavar="N", help="soak clients (default 8; quick 4)")
-    p.add_argument("--requests", type=int, metavar="M",
-                   help="requests per client per round (default 500; quick 50)")
-    p.add_argument("--plot", default="docs/img/bench-soak.png")
-    p.set_defaults(func=main)
 
 
 

@@ -32,20 +32,6 @@ from .output import pyplot, save, write_json
 SEED = 0
 
 
-def register(sub) -> None:
-    p = sub.add_parser("switch", help="task-switch latency vs a fresh ORT session and others")
-    p.add_argument("--quick", action="store_true", help="fewer repeats; under a minute; no plot")
-    p.add_argument("--json", metavar="OUT", help="write raw per-repeat figures here")
-    p.add_argument("--config", help="device config YAML (default: cpu-dev)")
-    p.add_argument("--pack", default="models/out/tasks.edgepack")
-    p.add_argument("--models", default="models/out/tasks")
-    p.add_argument("--plot", default="docs/img/bench-switch.png")
-    p.add_argument("--pruned-only", action="store_true",
-                   help="only the sparse rows: dense vs pruned independently vs jointly, "
-                        "by activation and by norm importance")
-    p.set_defaults(func=main)
-
-
 def _rss() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
@@ -396,10 +382,3 @@ def _plot(res, path: str) -> None:
     ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
     save(fig, path)
-
-
-if __name__ == "__main__":
-    import argparse
-    ap = argparse.ArgumentParser(prog="edgert bench switch")
-    register(ap.add_subparsers())
-    raise SystemExit(main(ap.parse_args(["switch", *__import__("sys").argv[1:]])))
