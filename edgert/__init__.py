@@ -5,9 +5,9 @@
     m = rt.load("tasks.edgepack")
 """
 from .config import DeviceConfig
-from .errors import (BudgetExceeded, ConfigError, EdgertError, IncompatibleModels, InputMismatch,
-                     PackCorrupt, UnknownTask, UnsupportedModel)
-from .pack.hf_import import CheckpointIncomplete
+from .errors import (BudgetExceeded, CheckpointIncomplete, ConfigError, EdgertError,
+                     IncompatibleModels, InputMismatch, PackCorrupt, UnknownTask,
+                     UnsupportedModel)
 from .kinds.generation import GenerateResult, Generation
 from .runtime import Runtime
 from .control import Client, RemoteError, ServiceUnavailable

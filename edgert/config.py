@@ -1,12 +1,17 @@
-"""DeviceConfig: one YAML file per device class (device_configs/), loaded and validated."""
+"""DeviceConfig: one YAML file per device class (device_configs/), loaded and validated by
+one schema (``ConfigDoc``, msgspec): unknown keys, wrong types, values out of bounds, NaN and
+infinities are refused with one line that names the key."""
 from __future__ import annotations
 
+import math
 import os
 import re
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
+from typing import Annotated, Literal
 
+import msgspec
 import yaml
 
 from .errors import ConfigError
@@ -17,6 +22,7 @@ from .errors import ConfigError
 CONFIG_DIR = resources.files("edgert") / "device_configs"
 DEFAULT_CONFIG = CONFIG_DIR / "cpu-dev.yaml"
 PROVIDERS = ("tensorrt", "cuda", "cpu")
+DEVICES = ("cpu", "cuda")
 DTYPES = ("float32", "float16", "bfloat16")
 READ_MODES = ("direct", "buffered")
 _UNITS = {"": 1, "B": 1, "KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30, "TiB": 1 << 40,
@@ -79,7 +85,7 @@ class KvCache:
 
 @dataclass(frozen=True)
 class Perf:
-    """Vendor figures of a device for the expert-cache projection (edgert/experts/costmodel.py):
+    """Vendor figures of a device for the expert-cache projection (edgert/projection/costmodel.py):
     sustained storage reads (bytes/s) and the latency of one read (s), memory bandwidth
     (bytes/s, what a resident expert costs to stream), dense compute (FLOP/s) and a fixed
     cost per layer (s: kernel launches, synchronisation). A config without the section has
@@ -156,136 +162,192 @@ class DeviceConfig:
             raise ConfigError(f"{source}: {e}") from None
 
 
-def _check_keys(doc, allowed: set[str], where: str) -> dict:
-    if not isinstance(doc, dict):
-        raise ConfigError(f"{where or 'config'}: expected a mapping, got {type(doc).__name__}")
-    for k in doc:
-        if k not in allowed:
-            raise ConfigError(f"unknown key {where + '.' if where else ''}{k} "
-                              f"(known: {', '.join(sorted(allowed))})")
+# ---- the file's schema: every key, its type and bounds, stated once --------------------
+# The YAML document is decoded into these Structs by msgspec (unknown keys refused); the
+# relations between keys (an engine allowance below the total, ...) are checked after, and
+# the result is turned into the dataclasses above, which the rest of edgert reads.
+
+PosInt = Annotated[int, msgspec.Meta(ge=1)]
+PosFloat = Annotated[float, msgspec.Meta(gt=0)]
+NonNegFloat = Annotated[float, msgspec.Meta(ge=0)]
+Size = int | str     # bytes, or text such as "512 MiB" (parse_bytes)
+
+
+class _Section(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
+    pass
+
+
+class MemoryDoc(_Section):
+    total: Size
+    engine: Size = 0
+    experts: Size = 0
+    kv: Size = 0
+    prefault: bool = Budget.prefault
+
+
+class StorageDoc(_Section):
+    read_mode: Literal[READ_MODES] = Storage.read_mode
+    scratch_dir: str | None = Storage.scratch_dir
+
+
+class KvCacheDoc(_Section):
+    prefix: bool = KvCache.prefix
+    chunk_tokens: Annotated[int, msgspec.Meta(ge=16, multiple_of=16)] = KvCache.chunk_tokens
+    host: Size = KvCache.host
+    disk: Size = KvCache.disk
+    dir: str | None = KvCache.dir
+
+
+class PerfDoc(_Section):
+    storage_read_gbps: PosFloat
+    storage_latency_us: NonNegFloat
+    memory_gbps: PosFloat
+    compute_tflops: PosFloat
+    layer_overhead_us: NonNegFloat = 0.0
+
+
+class ServiceDoc(_Section):
+    workers: PosInt = ServiceLimits.workers
+    max_jobs_per_client: PosInt = ServiceLimits.max_jobs_per_client
+    max_jobs: PosInt = ServiceLimits.max_jobs
+    max_tokens_per_client: PosInt = ServiceLimits.max_tokens_per_client
+    max_tokens: PosInt = ServiceLimits.max_tokens
+    max_queued_bytes: Size = ServiceLimits.max_queued_bytes
+    max_batch: PosInt = ServiceLimits.max_batch
+    drain_timeout_s: Annotated[float, msgspec.Meta(ge=0, lt=1e6)] = ServiceLimits.drain_timeout_s
+
+
+class ConfigDoc(_Section):
+    """One device config file (device_configs/*.yaml); docs/internals.md, "Device config"."""
+    name: str
+    memory: MemoryDoc
+    storage: StorageDoc | None = None
+    providers: Annotated[tuple[Literal[PROVIDERS], ...], msgspec.Meta(min_length=1)] = ("cpu",)
+    device: Literal[DEVICES] = "cpu"
+    threads: PosInt | None = None           # None: every core (os.cpu_count())
+    decode_threads: PosInt = 1
+    dtype: Literal[DTYPES] = "float32"
+    server: str | None = ""
+    kv_cache: KvCacheDoc | None = None
+    perf: PerfDoc | None = None
+    service: ServiceDoc | None = None
+
+
+def _path(where: str, key) -> str:
+    return f"{where}[{key}]" if isinstance(key, int) else f"{where}.{key}" if where else key
+
+
+def _refuse_non_finite(node, where: str = "") -> None:
+    """No key of a config takes NaN or an infinity (YAML .nan, .inf): refuse them by key."""
+    if isinstance(node, float) and not math.isfinite(node):
+        raise ConfigError(f"{where or 'config'}: {node} is not a finite number")
+    items = node.items() if isinstance(node, dict) else \
+        enumerate(node) if isinstance(node, list) else ()
+    for k, v in items:
+        _refuse_non_finite(v, _path(where, k))
+
+
+def _value_at(doc, path: str):
+    for part in re.findall(r"[^.\[\]]+", path):
+        try:
+            doc = doc[int(part)] if isinstance(doc, list) else doc[part]
+        except (KeyError, IndexError, TypeError, ValueError):
+            return None
     return doc
 
 
+_CHOICES = {"providers": PROVIDERS, "device": DEVICES, "dtype": DTYPES,
+            "storage.read_mode": READ_MODES}
+_SECTIONS = {"": ConfigDoc, "memory": MemoryDoc, "storage": StorageDoc,
+             "kv_cache": KvCacheDoc, "perf": PerfDoc, "service": ServiceDoc}
+
+
+def _message(e: msgspec.ValidationError, doc) -> str:
+    """msgspec's "Expected `int` >= 1 - at `$.threads`" as one line that leads with the key:
+    "threads: expected int >= 1, got 0"."""
+    text, _, at = str(e).partition(" - at `")
+    where = at.rstrip("`").removeprefix("$").lstrip(".")
+    if m := re.fullmatch(r"Object contains unknown field `(.+)`", text):
+        known = ", ".join(f.name for f in msgspec.structs.fields(_SECTIONS.get(where, ConfigDoc)))
+        return f"unknown key {_path(where, m[1])} (known: {known})"
+    if m := re.fullmatch(r"Object missing required field `(.+)`", text):
+        return f"missing key {_path(where, m[1])}"
+    if text.startswith("Invalid enum value"):      # a Literal: say which values it takes
+        key = re.sub(r"\[\d+\]$", "", where)          # providers[1] -> providers
+        text = f"expected one of {', '.join(_CHOICES[key])}"
+    text = re.sub(r"\barray\b", "a list", re.sub(r"\bobject\b", "a mapping",
+                                                  text.replace("`", "")))
+    text = text[0].lower() + text[1:]
+    if "got" not in text:
+        text += f", got {_value_at(doc, where)!r}"
+    return f"{where or 'config'}: {text}"
+
+
+def _size(value, key: str, positive: bool = False) -> int:
+    n = parse_bytes(value, key)
+    if positive and n <= 0:
+        raise ConfigError(f"{key}: must be positive, got {value!r}")
+    return n
+
+
 def _build(doc, source: str) -> DeviceConfig:
-    top = {"name", "memory", "storage", "providers", "device", "threads", "decode_threads",
-           "dtype", "server", "kv_cache", "perf", "service"}
-    doc = _check_keys(doc, top, "")
-    for key in ("name", "memory"):
-        if key not in doc:
-            raise ConfigError(f"missing key {key}")
-    if isinstance(doc["memory"], dict) and "weights" in doc["memory"]:
+    if isinstance(doc, dict) and isinstance(doc.get("memory"), dict) and \
+            "weights" in doc["memory"]:
         raise ConfigError("memory.weights is no longer used: every model shares the arena "
                           "(memory.total - memory.engine); remove the key (docs/internals.md)")
-    mem = _check_keys(doc["memory"], {"total", "engine", "experts", "kv", "prefault"}, "memory")
-    if "total" not in mem:
-        raise ConfigError("missing key memory.total")
-    total = parse_bytes(mem["total"], "memory.total")
-    parts = {k: parse_bytes(mem.get(k, 0), f"memory.{k}") for k in ("engine", "experts", "kv")}
-    if total <= 0:
-        raise ConfigError(f"memory.total must be positive, got {mem['total']!r}")
-    if parts["engine"] >= total:
-        raise ConfigError(f"memory.engine = {parts['engine']} bytes leaves no arena in "
+    _refuse_non_finite(doc)
+    try:
+        d = msgspec.convert(doc, ConfigDoc)
+    except msgspec.ValidationError as e:
+        raise ConfigError(_message(e, doc)) from None
+    return DeviceConfig(name=d.name, budget=_budget(d.memory),
+                        storage=Storage(*_fields(d.storage or StorageDoc())),
+                        providers=d.providers, device=d.device,
+                        threads=d.threads or os.cpu_count() or 1,
+                        decode_threads=d.decode_threads, dtype=d.dtype, server=d.server or "",
+                        kv_cache=_kv_cache(d.kv_cache), perf=_perf(d.perf),
+                        service=_service(d.service), source=source)
+
+
+def _fields(section) -> tuple:
+    """A section's values in order, a null string as empty."""
+    return tuple("" if v is None else v for v in msgspec.structs.astuple(section))
+
+
+def _budget(m: MemoryDoc) -> Budget:
+    total = _size(m.total, "memory.total", positive=True)
+    engine, experts, kv = (_size(getattr(m, k), f"memory.{k}") for k in ("engine", "experts", "kv"))
+    if engine >= total:
+        raise ConfigError(f"memory.engine = {engine} bytes leaves no arena in "
                           f"memory.total = {total} bytes")
-    for k in ("experts", "kv"):
-        if parts[k] > total - parts["engine"]:
-            raise ConfigError(f"memory.{k} = {parts[k]} bytes exceeds the arena (memory.total "
-                              f"- memory.engine = {total - parts['engine']} bytes)")
-    prefault = mem.get("prefault", False)
-    if not isinstance(prefault, bool):
-        raise ConfigError(f"memory.prefault must be true or false, got {prefault!r}")
-    st = _check_keys(doc.get("storage", {}) or {}, {"read_mode", "scratch_dir"}, "storage")
-    read_mode = st.get("read_mode", "direct")
-    if read_mode not in READ_MODES:
-        raise ConfigError(f"storage.read_mode must be one of {READ_MODES}, got {read_mode!r}")
-    providers = doc.get("providers", ["cpu"])
-    if not isinstance(providers, list) or not providers or \
-            any(p not in PROVIDERS for p in providers):
-        raise ConfigError(f"providers must be a non-empty list of {PROVIDERS}, got {providers!r}")
-    device = doc.get("device", "cpu")
-    if device not in ("cpu", "cuda"):
-        raise ConfigError(f"device must be 'cpu' or 'cuda', got {device!r}")
-    threads = doc.get("threads", os.cpu_count() or 1)
-    decode_threads = doc.get("decode_threads", 1)
-    for key, v in (("threads", threads), ("decode_threads", decode_threads)):
-        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-            raise ConfigError(f"{key} must be a positive integer, got {v!r}")
-    dtype = doc.get("dtype", "float32")
-    if dtype not in DTYPES:
-        raise ConfigError(f"dtype must be one of {DTYPES}, got {dtype!r}")
-    name, server = doc["name"], doc.get("server", "") or ""
-    if not isinstance(name, str) or not isinstance(server, str):
-        raise ConfigError("name and server must be strings")
-    return DeviceConfig(name=name, budget=Budget(total, **parts, prefault=prefault),
-                        storage=Storage(read_mode, str(st.get("scratch_dir", "") or "")),
-                        providers=tuple(providers), device=device, threads=threads,
-                        decode_threads=decode_threads,
-                        dtype=dtype, server=server, kv_cache=_kv_cache(doc), perf=_perf(doc),
-                        service=_service(doc), source=source)
+    for key, n in (("experts", experts), ("kv", kv)):
+        if n > total - engine:
+            raise ConfigError(f"memory.{key} = {n} bytes exceeds the arena (memory.total "
+                              f"- memory.engine = {total - engine} bytes)")
+    return Budget(total, engine, experts, kv, prefault=m.prefault)
 
 
-_PERF_KEYS = {"storage_read_gbps": ("storage_read_Bps", 1e9),
-              "storage_latency_us": ("storage_latency_s", 1e-6),
-              "memory_gbps": ("memory_Bps", 1e9), "compute_tflops": ("compute_flops", 1e12),
-              "layer_overhead_us": ("layer_overhead_s", 1e-6)}
+def _kv_cache(k: KvCacheDoc | None) -> KvCache:
+    k = k or KvCacheDoc()
+    return KvCache(k.prefix, k.chunk_tokens, _size(k.host, "kv_cache.host"),
+                   _size(k.disk, "kv_cache.disk"), os.path.expanduser(k.dir or ""))
 
 
-def _perf(doc) -> Perf | None:
-    if doc.get("perf") is None:
+# the file's units -> Perf's (SI)
+_PERF_SCALE = {"storage_read_gbps": 1e9, "storage_latency_us": 1e-6, "memory_gbps": 1e9,
+               "compute_tflops": 1e12, "layer_overhead_us": 1e-6}
+
+
+def _perf(p: PerfDoc | None) -> Perf | None:
+    if p is None:
         return None
-    sec = _check_keys(doc["perf"], set(_PERF_KEYS), "perf")
-    out = {}
-    for key, (field_name, scale) in _PERF_KEYS.items():
-        if key not in sec:
-            if key == "layer_overhead_us":
-                continue
-            raise ConfigError(f"missing key perf.{key}")
-        v = sec[key]
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0 or \
-                (v == 0 and key not in ("storage_latency_us", "layer_overhead_us")):
-            raise ConfigError(f"perf.{key} must be a positive number, got {v!r}")
-        out[field_name] = float(v) * scale
-    return Perf(**out)
+    return Perf(*(getattr(p, k) * scale for k, scale in _PERF_SCALE.items()))
 
 
-def _kv_cache(doc) -> KvCache:
-    kv = _check_keys(doc.get("kv_cache", {}) or {},
-                     {"prefix", "chunk_tokens", "host", "disk", "dir"}, "kv_cache")
-    prefix = kv.get("prefix", True)
-    if not isinstance(prefix, bool):
-        raise ConfigError(f"kv_cache.prefix must be true or false, got {prefix!r}")
-    chunk = kv.get("chunk_tokens", 256)
-    if not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 16 or chunk % 16:
-        raise ConfigError(f"kv_cache.chunk_tokens must be a positive multiple of 16 (the "
-                          f"page size), got {chunk!r}")
-    d = kv.get("dir", "") or ""
-    if not isinstance(d, str):
-        raise ConfigError(f"kv_cache.dir must be a string, got {d!r}")
-    return KvCache(prefix, chunk, parse_bytes(kv.get("host", 0), "kv_cache.host"),
-                   parse_bytes(kv.get("disk", 0), "kv_cache.disk"), os.path.expanduser(d))
-
-
-def _service(doc) -> ServiceLimits:
-    sec = _check_keys(doc.get("service", {}) or {}, set(ServiceLimits.__dataclass_fields__),
-                      "service")
-    out = {}
-    for key, f in ServiceLimits.__dataclass_fields__.items():
-        if key not in sec:
-            continue
-        v = sec[key]
-        if key == "max_queued_bytes":
-            v = parse_bytes(v, f"service.{key}")
-            ok = v > 0
-        elif f.type == "float":
-            ok = not isinstance(v, bool) and isinstance(v, (int, float)) and 0 <= v < 1e6
-            v = float(v) if ok else v
-        else:
-            ok = isinstance(v, int) and not isinstance(v, bool) and v >= 1
-        if not ok:
-            raise ConfigError(f"service.{key} must be a positive "
-                              f"{'number of seconds' if f.type == 'float' else 'integer'}"
-                              f", got {sec[key]!r}")
-        out[key] = v
-    lim = ServiceLimits(**out)
+def _service(s: ServiceDoc | None) -> ServiceLimits:
+    s = s or ServiceDoc()
+    lim = ServiceLimits(**{**msgspec.structs.asdict(s), "max_queued_bytes": _size(
+        s.max_queued_bytes, "service.max_queued_bytes", positive=True)})
     for per, whole in (("max_jobs_per_client", "max_jobs"),
                        ("max_tokens_per_client", "max_tokens")):
         if getattr(lim, per) > getattr(lim, whole):
@@ -308,5 +370,15 @@ def resolve(cfg=None) -> DeviceConfig:
     return DeviceConfig.load(cfg)
 
 
-__all__ = ["DeviceConfig", "Budget", "Storage", "KvCache", "ServiceLimits", "resolve", "parse_bytes",
-           "DEFAULT_CONFIG"]
+__all__ = [
+    "DEFAULT_CONFIG",
+    "Budget",
+    "ConfigDoc",
+    "DeviceConfig",
+    "KvCache",
+    "Perf",
+    "ServiceLimits",
+    "Storage",
+    "parse_bytes",
+    "resolve",
+]

@@ -28,6 +28,14 @@ class PackCorrupt(EdgertError):
         self.path, self.offset, self.block, self.tensor = path, offset, block, tensor
 
 
+class CheckpointIncomplete(PackCorrupt):
+    """A checkpoint directory lacks a file or tensor its config or index promises.
+
+    A subclass of PackCorrupt: the input to the packer is damaged in the same sense a pack
+    can be, and callers that already handle PackCorrupt keep working.
+    """
+
+
 class BudgetExceeded(EdgertError, MemoryError):
     """A request does not fit the configured memory budget. Raised before allocating."""
 

@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-from edgert.cli.bench.contention import beside, fair_slowdown
+from edgert.bench.contention import beside, fair_slowdown
 from edgert.config import DeviceConfig, resolve
 from edgert.engines.threads import SMALL_STEP, torch_threads, use_torch_threads
 from edgert.errors import ConfigError

@@ -296,7 +296,7 @@ def test_the_heap_is_trimmed_once_the_service_is_idle_not_while_it_works(tiny, l
 
 
 def test_the_heap_arena_cap_leaves_an_operators_setting_alone(monkeypatch):
-    from edgert.memory import heap
+    from edgert import heap
     if heap._MALLOPT is None:
         pytest.skip("not glibc: no mallopt")
     monkeypatch.setenv("MALLOC_ARENA_MAX", "4")

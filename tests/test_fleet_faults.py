@@ -17,7 +17,8 @@ from task_packs import assert_matches, config, tiny  # noqa: F401  (tiny is a fi
 import edgert
 from edgert.control.protocol import ProtocolError, decode_reply, encode_request
 from edgert.server.service import FleetServer
-from edgert.server.store import WriteBehind, open_store
+from edgert.server.backends import open_store
+from edgert.server.store import WriteBehind
 
 
 def top(rt, fp: str) -> str | None:

@@ -12,7 +12,7 @@ pytest.importorskip("transformers")
 import edgert
 from edgert.config import KvCache, parse_bytes
 from edgert.pack.hf_import import pack_hf
-from edgert.server.store import open_store
+from edgert.server.backends import open_store
 from fleet_helpers import ServerThread, wait_for
 from moe_models import device_config, mixtral_config, prompt, save
 

@@ -57,7 +57,7 @@ def test_fresh_venv_outside_the_checkout(wheel, tmp_path):
     probe = ("import importlib.util, edgert; "
              "assert edgert.__file__.startswith(%r), edgert.__file__; "
              "assert importlib.util.find_spec('models') is None; "
-             "import edgert.recipes.bert, edgert.recipes.trained, edgert.cli.bench.switch; "
+             "import edgert.recipes.bert, edgert.recipes.trained, edgert.bench.switch; "
              "print(edgert.Runtime('cpu-dev').config.name)" % str(vsite))
     assert _run([vpy, "-c", probe], cwd=work).split() == ["cpu-dev"]
     out = _run([venv / "bin" / "edgert", "demo", "--quick"], cwd=work)

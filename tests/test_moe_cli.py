@@ -6,7 +6,7 @@ from dataclasses import replace
 import pytest
 
 import edgert
-from edgert.experts.costmodel import default_policy
+from edgert.projection.costmodel import default_policy
 from edgert.cli import main
 
 pytest.importorskip("transformers")

@@ -7,12 +7,12 @@ import pytest
 import torch
 
 from edgert.config import DeviceConfig, shipped
-from edgert.experts import trace as traces
 from edgert.experts.cache import ExpertCache
-from edgert.experts.costmodel import CostModel, ModelShape, prefetch_pays
-from edgert.experts.replay import drive, project, project_on_demand, project_resident
-from edgert.experts.trace import RoutingTrace, synthesize
 from edgert.pack import PackReader
+from edgert.projection import trace as traces
+from edgert.projection.costmodel import CostModel, ModelShape, prefetch_pays
+from edgert.projection.replay import drive, project, project_on_demand, project_resident
+from edgert.projection.trace import RoutingTrace, synthesize
 from test_expert_cache import E, FFN, HID, K, L, arena, write_moe_pack
 
 EXTENT = 3 * FFN * HID * 4
@@ -147,7 +147,7 @@ def test_traces_round_trip(tmp_path):
 def test_recorder_records_what_the_engine_routes(tmp_path):
     pytest.importorskip("transformers")
     from edgert.experts.api import ExpertLayout, ResidentExperts
-    from edgert.experts.trace import TraceRecorder
+    from edgert.projection.trace import TraceRecorder
     from edgert.pack.hf_import import pack_hf
     from moe_models import mixtral_config, prompt, runtime, save
     d = save(mixtral_config(num_local_experts=8, num_hidden_layers=3), tmp_path / "ckpt")
@@ -221,7 +221,7 @@ def test_a_replay_without_prefetch_retimes_exactly(alpha):
 
 
 def test_share_slots_gives_slots_where_they_save_misses():
-    from edgert.experts.share import share_slots
+    from edgert.projection.share import share_slots
     tr = skewed_trace(n=80, layers=2, experts=8, k=2)
     tr.probs[:, 0] = 0.0                       # layer 0 uses experts 0 and 1 only
     tr.probs[:, 0, :2] = 0.5
@@ -236,7 +236,7 @@ def test_share_slots_gives_slots_where_they_save_misses():
 
 def test_prefetch_default_follows_the_device_figures(tmp_path):
     from edgert.experts.api import ExpertLayout
-    from edgert.experts.costmodel import prefetch_default
+    from edgert.projection.costmodel import prefetch_default
     pack = tmp_path / "moe.edgepack"
     write_moe_pack(pack)
     lay = ExpertLayout.from_reader(PackReader(pack, read_mode="buffered"))
@@ -254,7 +254,7 @@ def test_default_policy_follows_the_device_figures(tmp_path):
     without figures (test_moe_cli: a loaded model
     uses it)."""
     from edgert.experts.api import ExpertLayout
-    from edgert.experts.costmodel import default_policy
+    from edgert.projection.costmodel import default_policy
     pack = tmp_path / "moe.edgepack"
     write_moe_pack(pack)
     lay = ExpertLayout.from_reader(PackReader(pack, read_mode="buffered"))
@@ -274,7 +274,7 @@ def test_each_policy_is_charged_its_own_measured_bookkeeping():
     """Probes of a cache that never misses, one per policy, set each policy's bookkeeping
     per layer, never less than LRU's; a policy without a probe keeps LRU's; the projection
     charges it per layer."""
-    from edgert.cli.bench import moe_projection as P
+    from edgert.bench import moe_projection as P
     steady = {"resident": 100.0, "100% lru": 90.0, "100% gate": 80.0, "100% stale": 75.0,
               "100% lfu": 95.0}              # lfu measured faster than lru: noise
     table = {n: {"tok_s": v, "tok_s_steady": v} for n, v in steady.items()}
@@ -327,7 +327,7 @@ def test_prefetch_cost_is_fitted_to_the_read_ahead_gain():
     """The read-ahead probe's measured gain over "min lru" sets what a prefetch read costs
     the engine; the fit recovers the cost that produced a gain, whatever the projection's
     error on "min lru" itself, and clamps at zero when read-ahead measured no gain."""
-    from edgert.cli.bench import moe_projection as P
+    from edgert.bench import moe_projection as P
     tr = skewed_trace(n=40)
     cost = CostModel(read_latency_s=0.0, read_Bps=EXTENT / 1e-3, token_s=0.0, layer_s=1e-3,
                      expert_s=0.0, hint_s=0.0, miss_s=1e-4)
@@ -351,7 +351,7 @@ def test_prefetch_cost_is_fitted_to_the_read_ahead_gain():
 
 def test_miss_cost_is_fitted_so_the_probe_projects_as_measured():
     """The "min lru" probe's measured steady tok/s sets a miss's CPU cost by bisection."""
-    from edgert.cli.bench import moe_projection as P
+    from edgert.bench import moe_projection as P
     tr = skewed_trace(n=40)
     cost = CostModel(read_latency_s=0.0, read_Bps=EXTENT / 1e-3, token_s=0.0, layer_s=1e-3,
                      expert_s=0.0, hint_s=0.0)

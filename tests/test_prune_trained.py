@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from edgert.cli.bench.switch_pruned import ModelSet, heldout_accuracy
+from edgert.bench.switch_pruned import ModelSet, heldout_accuracy
 from edgert.pack import PackReader
 from edgert.pack.onnx_import import pack_onnx
 from edgert.pack.prune import PruneOptions, pruning_summary

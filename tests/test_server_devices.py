@@ -10,7 +10,7 @@ from task_packs import assert_matches, config, tiny  # noqa: F401  (tiny is a fi
 import edgert
 from edgert.control.protocol import decode_reply, encode_request
 from edgert.errors import ConfigError
-from edgert.server.store import open_store
+from edgert.server.backends import open_store
 
 
 @pytest.fixture

@@ -8,7 +8,8 @@ import pytest
 
 from edgert.errors import ConfigError
 from edgert.server.dirstore import DirStore
-from edgert.server.store import WriteBehind, open_store
+from edgert.server.backends import open_store
+from edgert.server.store import WriteBehind
 
 from fleet_helpers import redis_url  # noqa: F401  (fixture)
 

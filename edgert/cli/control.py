@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ConfigError, InputMismatch
-from ..memory.heap import cap_heap_arenas
-from . import named
+from ..heap import cap_heap_arenas
+from .arguments import named
 
 HEAP_ARENAS = 2     # malloc arenas for `edgert serve` (MALLOC_ARENA_MAX, where set, wins)
 
@@ -138,7 +138,7 @@ def _serve(args) -> int:
     check_plain_tcp(bind, args.curve_secret is not None)
     # NOTE: before any thread allocates: glibc gives each new allocating thread an arena of
     # its own (up to 8 per core), which keeps what it freed; the service's RSS climbed 26%
-    # over three soak rounds from that alone (memory/heap.py)
+    # over three soak rounds from that alone (heap.py)
     cap_heap_arenas(HEAP_ARENAS)
     rt = Runtime(args.config, server=args.server, device_id=args.device_id)
     try:

@@ -6,7 +6,7 @@ import os
 import sys
 
 from ..errors import PackCorrupt
-from . import named
+from .arguments import named
 from ..pack.format import DEFAULT_BLOCK_SIZE
 
 

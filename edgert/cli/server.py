@@ -26,8 +26,8 @@ def register(sub) -> None:
 
 def _server(args) -> int:
     from ..control.endpoint import check_endpoint, check_plain_tcp
+    from ..server.backends import open_store
     from ..server.service import FleetServer
-    from ..server.store import open_store
     if (args.curve_secret is None) != (args.allow_dir is None):
         raise ConfigError("--curve-secret and --allow-dir go together")
     if not 0.01 <= args.heartbeat <= 60:

@@ -6,8 +6,8 @@ import time
 
 import numpy as np
 
-from ..errors import EdgertError, InputMismatch
-from . import named
+from ..errors import InputMismatch
+from .arguments import named
 
 DEMO_SEQUENCE = ["lane", "sign", "detect", "parking", "lane", "parking", "sign"]
 
@@ -75,31 +75,6 @@ def _run(args) -> int:
     return 0
 
 
-def _ensure_pack(pack: str, models: str, preset: str = "demo") -> None:
-    """Build the demo task models (the recipe's ``preset``) into ``models`` and pack them into
-    ``pack``, saying what is written; an existing pack newer than its models is used as it is."""
-    from ..recipes.tasks import ViTSpec, ensure_built
-    from ..pack.onnx_import import pack_onnx
-    from ..pack.writer import check_output
-    check_output(pack)
-    if os.path.isdir(models) and os.listdir(models) and \
-            not os.path.exists(os.path.join(models, "models.json")):
-        raise EdgertError(f"--models {models}: a directory with other files in it; the demo "
-                          "writes five ONNX files (about 230 MB) there: name a new or a demo "
-                          "directory")
-    if not os.path.exists(os.path.join(models, "models.json")):
-        print(f"building the demo task models into {models} (five ONNX files"
-              f"{', about 230 MB' if preset == 'demo' else ''})")
-    paths = ensure_built(models, preset)
-    if os.path.exists(pack) and os.path.getmtime(pack) >= max(map(os.path.getmtime,
-                                                                  paths.values())):
-        return
-    print(f"{'repacking (older than its models)' if os.path.exists(pack) else 'packing'} "
-          f"{models} -> {pack}")
-    pack_onnx(paths["base"], {k: v for k, v in paths.items() if k != "base"}, pack,
-              block_size=ViTSpec.from_name(preset).block_bytes)
-
-
 def _fresh_session_ms(path: str, x: np.ndarray, threads: int) -> float:
     """What users do today: a new ONNX Runtime session from the task file, then one run."""
     import onnxruntime as ort
@@ -111,13 +86,14 @@ def _fresh_session_ms(path: str, x: np.ndarray, threads: int) -> float:
 
 
 def _demo(args) -> int:
+    from ..recipes.tasks import ensure_task_pack
     from ..runtime import Runtime
     tag = "-tiny" if args.quick else ""
     if args.pack is None:
         args.pack = f"models/out/tasks{tag}.edgepack"
         os.makedirs("models/out", exist_ok=True)
     args.models = args.models or f"models/out/tasks{tag}"
-    _ensure_pack(args.pack, args.models, "tiny" if args.quick else "demo")
+    ensure_task_pack(args.pack, args.models, "tiny" if args.quick else "demo")
     rt = Runtime(args.config)
     m = rt.load(args.pack, prepack="auto")
     st = m.stats()

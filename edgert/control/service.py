@@ -38,7 +38,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import zmq
 
-from ..memory.heap import give_back_heap
+from ..heap import give_back_heap
 from ..version import __version__
 from . import ops
 from .auth import curve_server, public_keys, start_authenticator
@@ -70,7 +70,7 @@ CURVE_SLACK = 1024         # CURVE wraps each frame in a MESSAGE command (name, 
                            # flags: 33 bytes) and libzmq checks ZMQ_MAXMSGSIZE on that wire
                            # size, so the socket option gets this slack over max_message
 TRIM_IDLE_S = 0.5          # idle this long after work: the C heap's free pages go back to
-                           # the OS (memory/heap.py), so RSS follows what is in use
+                           # the OS (heap.py), so RSS follows what is in use
 
 
 class Service:

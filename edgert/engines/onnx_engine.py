@@ -30,7 +30,7 @@ import onnxruntime as ort
 from onnx import helper
 
 from ..errors import InputMismatch
-from ..memory.heap import give_back_heap
+from ..heap import give_back_heap
 
 log = logging.getLogger(__name__)
 ORT_PROVIDERS = {"tensorrt": "TensorrtExecutionProvider", "cuda": "CUDAExecutionProvider",

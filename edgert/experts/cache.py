@@ -45,7 +45,7 @@ class ExpertCache:
     `prefetch` enables `hint()` loads on the worker thread. `quota`: slots per layer (summing
     to `num_slots`; default: an even split), e.g. from `share.share_slots`. `pool` (slots that are not arena
     memory) and `worker` (what runs the prefetch jobs) are the projection's seams
-    (experts/replay.py: virtual slots, a worker on a virtual clock); defaults are the real ones.
+    (projection/replay.py: virtual slots, a worker on a virtual clock); defaults are the real ones.
     """
 
     def __init__(self, reader, arena, label: str, num_slots: int, policy="gate",

@@ -69,7 +69,7 @@ class ExpertSlots:
         self.label, self.layout, self.policy, self.counters = label, layout, policy, counters
         self.layers = layout.moe_layers
         # other models' cache gives way first. `pool`: a SlotPool-like stand-in (the
-        # projection's virtual slots, experts/replay.py) instead of arena memory.
+        # projection's virtual slots, projection/replay.py) instead of arena memory.
         self.pool = pool = pool if pool is not None else SlotPool(arena, label, layout.slot_bytes)
         arena = pool.arena
         pool.alloc(num_slots, reclaim=True)

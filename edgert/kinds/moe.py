@@ -35,13 +35,13 @@ from edgert.dtypes import torch_dtype
 from edgert.errors import BudgetExceeded, ConfigError, EdgertError, InputMismatch
 from edgert.experts.api import ExpertLayout, lowbit_copy, slots_for_budget
 from edgert.experts.cache import ExpertCache
-from edgert.experts.costmodel import default_policy, prefetch_default
 from edgert.experts.mixed import (DEFAULT_PRECISION_ALPHA, MixedExperts, precision_band,
                                   split_budget)
 from edgert.experts.policies import PolicyName
 from edgert.kv.cache import KVCache
 from edgert.pack.lowbit import PRECISIONS
 from edgert.pack.quant import QuantOptionError
+from edgert.projection.costmodel import default_policy, prefetch_default
 from edgert.kv.paged import PagePool
 from edgert.kv.prefix import extra_keys, model_fingerprint
 

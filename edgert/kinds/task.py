@@ -30,7 +30,7 @@ import numpy as np
 
 from ..engines.onnx_engine import ActivationCost, OnnxEngine, PrepackedSession
 from ..errors import BudgetExceeded, UnsupportedModel
-from ..memory.heap import give_back_heap
+from ..heap import give_back_heap
 from ..stats import summary
 from ..weights.switcher import SwitchResult, TaskSwitcher
 from .base import Call, LoadedModel

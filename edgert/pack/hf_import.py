@@ -14,7 +14,7 @@ import re
 import msgpack
 import numpy as np
 
-from ..errors import PackCorrupt, UnsupportedModel
+from ..errors import CheckpointIncomplete, UnsupportedModel
 from .families import (SUPPORTED_ARCHITECTURES, check_runnable, dense_tensors,  # noqa: F401
                        hub_name, moe_layers, num_experts)
 from .format import DEFAULT_BLOCK_SIZE
@@ -23,14 +23,6 @@ from .quant import check_options as check_quant_options
 from .writer import PackWriter, check_output
 
 _DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
-
-
-class CheckpointIncomplete(PackCorrupt):
-    """A checkpoint directory lacks a file or tensor its config or index promises.
-
-    A subclass of PackCorrupt: the input to the packer is damaged in the same sense a pack
-    can be, and callers that already handle PackCorrupt keep working.
-    """
 
 
 class _Checkpoint:

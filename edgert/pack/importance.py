@@ -22,6 +22,8 @@ from enum import Enum
 import numpy as np
 import onnx
 
+from .reference import run_model
+
 
 class Importance(str, Enum):
     NORM = "norm"
@@ -81,7 +83,6 @@ def activation_scores(model: onnx.ModelProto, weights: dict[str, np.ndarray],
 
     NOTE: every exposed activation of the whole calibration batch is held at once; a
     calibration set is a few samples, so this is a few times the model's working set."""
-    from .prune import run_model
     uses = _uses(model, names)
     wanted = sorted({n.input[0] for ns in uses.values() for n in ns})
     graph_outputs = [o.name for o in model.graph.output]

@@ -44,11 +44,11 @@ from enum import Enum
 import msgpack
 import numpy as np
 import onnx
-from onnx import numpy_helper
 
 from ..errors import InputMismatch
 from .format import block_hash
 from .importance import DEFAULT as DEFAULT_IMPORTANCE, Importance
+from .reference import run_model
 
 SECTION = "pruning"
 WEIGHT_INPUT = {"MatMul": 1, "Gemm": 1, "Conv": 1, "ConvTranspose": 1}  # op -> weight input
@@ -282,29 +282,6 @@ def load_calib(task: str, path: str, model: onnx.ModelProto) -> dict[str, np.nda
         if arr.size == 0:
             raise InputMismatch(f"{where}: input {vi.name!r} is empty")
     return feeds
-
-
-def run_model(model: onnx.ModelProto, feeds: dict[str, np.ndarray],
-              weights: dict[str, np.ndarray] | None = None) -> list[np.ndarray]:
-    """ONNX Runtime on ``model`` (its initializers replaced by ``weights``), one thread."""
-    import onnxruntime as ort
-    if weights is not None:
-        m = onnx.ModelProto()
-        m.CopyFrom(model)
-        del m.graph.initializer[:]
-        m.graph.initializer.extend(numpy_helper.from_array(weights[t.name], t.name)
-                                   for t in model.graph.initializer)
-        model = m
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    opts.intra_op_num_threads = opts.inter_op_num_threads = 1   # deterministic figures
-    try:
-        s = ort.InferenceSession(model.SerializeToString(), opts,
-                                 providers=["CPUExecutionProvider"])
-        return [np.asarray(y) for y in s.run(None, feeds)]
-    except Exception as e:   # ORT's own exception types; the calibration inputs are to blame
-        raise InputMismatch(f"the calibration inputs do not run on the model: "
-                            f"{str(e).splitlines()[0][:300]}") from None
 
 
 def compare(ref: list[np.ndarray], out: list[np.ndarray]) -> OutputError:

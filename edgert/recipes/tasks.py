@@ -315,6 +315,31 @@ def ensure_built(out_dir: str, preset: str = "demo") -> dict[str, str]:
     return build(out_dir, preset)
 
 
+def ensure_task_pack(pack: str, models: str, preset: str = "demo") -> None:
+    """Build the demo task models (the recipe's ``preset``) into ``models`` and pack them into
+    ``pack``, saying what is written; an existing pack newer than its models is used as it is."""
+    from ..errors import EdgertError
+    from ..pack.onnx_import import pack_onnx
+    from ..pack.writer import check_output
+    check_output(pack)
+    if os.path.isdir(models) and os.listdir(models) and \
+            not os.path.exists(os.path.join(models, "models.json")):
+        raise EdgertError(f"--models {models}: a directory with other files in it; the demo "
+                          "writes five ONNX files (about 230 MB) there: name a new or a demo "
+                          "directory")
+    if not os.path.exists(os.path.join(models, "models.json")):
+        print(f"building the demo task models into {models} (five ONNX files"
+              f"{', about 230 MB' if preset == 'demo' else ''})")
+    paths = ensure_built(models, preset)
+    if os.path.exists(pack) and os.path.getmtime(pack) >= max(map(os.path.getmtime,
+                                                                  paths.values())):
+        return
+    print(f"{'repacking (older than its models)' if os.path.exists(pack) else 'packing'} "
+          f"{models} -> {pack}")
+    pack_onnx(paths["base"], {k: v for k, v in paths.items() if k != "base"}, pack,
+              block_size=ViTSpec.from_name(preset).block_bytes)
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default="models/out/tasks")

@@ -345,7 +345,7 @@ def accuracy(path: str, data: dict[str, np.ndarray], weights: dict | None = None
     """Top-1 accuracy of the ONNX model at ``path`` (initializers replaced by ``weights``
     when given) on labelled ``data`` (``image``, ``label``)."""
     import onnx
-    from ..pack.prune import run_model
+    from ..pack.reference import run_model
     logits = run_model(onnx.load(path), {"image": data["image"]}, weights)[0]
     return float(np.mean(np.argmax(logits, axis=1) == data["label"]))
 
@@ -393,7 +393,7 @@ def build(out_dir: str, preset: str = "full", block_l1: float | None = None) -> 
         np.savez(os.path.join(out_dir, "calib", f"{task}.npz"), image=calib)
         with torch.no_grad():                    # the export computes what was trained
             ref = ft(torch.from_numpy(held[0][:16]), task).numpy()
-        from ..pack.prune import run_model
+        from ..pack.reference import run_model
         got = run_model(vit_graph(vit, w), {"image": held[0][:16]})[0]
         assert np.allclose(ref, got, atol=1e-3, rtol=1e-3), float(np.abs(ref - got).max())
         diff, total = changed_blocks(base_w, w, BLOCK_BYTES)

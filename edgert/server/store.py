@@ -6,12 +6,13 @@ values are bytes. Two backends pass one contract suite (tests/test_server_store.
 - ``dir:PATH`` (DirStore): one file per key, crash-safe, for a single server process;
 - ``redis://HOST:PORT/DB`` (RedisStore): one key per value, batched round trips, shared
   by several server processes.
+
+``open_store(spec)`` (backends.py) picks the backend; this module is the interface both
+implement, so it imports neither.
 """
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-
-from ..errors import ConfigError
 
 MAX_KEY = 100            # bytes of one key: a DirStore file name is its hex (<= 255 bytes)
 
@@ -64,19 +65,6 @@ def check_key(key: str) -> bytes:
     if not key or len(b) > MAX_KEY:
         raise ValueError(f"store key {key!r}: 1 to {MAX_KEY} bytes")
     return b
-
-
-def open_store(spec: str) -> Store:
-    """``dir:PATH`` or ``redis://HOST:PORT/DB``; ConfigError names what is wrong."""
-    if spec.startswith("dir:"):
-        from .dirstore import DirStore
-        if not spec[4:]:
-            raise ConfigError("--store dir:PATH needs a path")
-        return DirStore(spec[4:])
-    if spec.startswith(("redis://", "rediss://", "unix://")):
-        from .redisstore import RedisStore
-        return RedisStore(spec)
-    raise ConfigError(f"store {spec!r}: expected dir:PATH or redis://HOST:PORT/DB")
 
 
 class WriteBehind(Store):

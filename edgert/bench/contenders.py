@@ -13,7 +13,7 @@ class Contender:
 
 class EdgertSwitch(Contender):
     def __init__(self, cfg, pack, mode: str, first: str, lm_pack: str | None = None):
-        from ...runtime import Runtime
+        from ..runtime import Runtime
         self.name, self.mode = {"warm": "(a) edgert warm", "cold": "(a) edgert cold",
                                 "mono": "(d) monolithic reload",
                                 "cold+lm": "(e) edgert cold, MoE LM beside"}[mode], mode

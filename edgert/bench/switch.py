@@ -24,26 +24,12 @@ from pathlib import Path
 
 import numpy as np
 
-from ...config import resolve
-from ...stats import summary
+from ..config import resolve
+from ..stats import summary
 from .contenders import Contender, EdgertSwitch
 from .output import pyplot, save, write_json
 
 SEED = 0
-
-
-def register(sub) -> None:
-    p = sub.add_parser("switch", help="task-switch latency vs a fresh ORT session and others")
-    p.add_argument("--quick", action="store_true", help="fewer repeats; under a minute; no plot")
-    p.add_argument("--json", metavar="OUT", help="write raw per-repeat figures here")
-    p.add_argument("--config", help="device config YAML (default: cpu-dev)")
-    p.add_argument("--pack", default="models/out/tasks.edgepack")
-    p.add_argument("--models", default="models/out/tasks")
-    p.add_argument("--plot", default="docs/img/bench-switch.png")
-    p.add_argument("--pruned-only", action="store_true",
-                   help="only the sparse rows: dense vs pruned independently vs jointly, "
-                        "by activation and by norm importance")
-    p.set_defaults(func=main)
 
 
 def _rss() -> int:
@@ -69,7 +55,7 @@ def measure_limits(pack: str, repeats: int) -> dict:
 
     import blake3
 
-    from ...pack.reader import READ_THREADS
+    from ..pack.reader import READ_THREADS
     size = min(os.path.getsize(pack) - 8192, 48 << 20) // (1 << 20) * (1 << 20)
     dst = np.frombuffer(mmap.mmap(-1, size), np.uint8)
     src = np.frombuffer(mmap.mmap(-1, size), np.uint8)
@@ -142,7 +128,7 @@ class FreshSession(Contender):
     def switch(self, task):
         import onnxruntime as ort
 
-        from ...engines.onnx_engine import session_options
+        from ..engines.onnx_engine import session_options
         self.session = None
         gc.collect()
         if self.cold:
@@ -159,7 +145,7 @@ class ResidentSessions(Contender):
     def __init__(self, files, threads):
         import onnxruntime as ort
 
-        from ...engines.onnx_engine import session_options
+        from ..engines.onnx_engine import session_options
         gc.collect()
         before = _rss()
         self.sessions = {t: ort.InferenceSession(p, session_options(threads),
@@ -179,7 +165,7 @@ def steady_state(cfg, pack, files, task, x, runs: int) -> dict:
     the thread count) vs edgert bound weights vs edgert pre-packed, alternated."""
     import onnxruntime as ort
 
-    from ...runtime import Runtime
+    from ..runtime import Runtime
     rt = Runtime(cfg)
     m = rt.load(pack, task=task, prepack="sync")
     opts = ort.SessionOptions()
@@ -218,9 +204,9 @@ def steady_state_bert(cfg, runs: int) -> dict | None:
     import importlib.util
     if importlib.util.find_spec("transformers") is None:
         return None
-    from ...recipes.bert import build
+    from ..recipes.bert import build
 
-    from ...pack.onnx_import import pack_onnx
+    from ..pack.onnx_import import pack_onnx
     path = build("models/out/bert")
     pack = "models/out/bert.edgepack"
     if not os.path.exists(pack) or os.path.getmtime(pack) < os.path.getmtime(path):
@@ -249,7 +235,7 @@ def pruned_rows(cfg, seq: list[str] | None, n: int) -> dict:
     for preset in switch_pruned.MODEL_SETS:
         packs = switch_pruned.ensure_packs(preset)
         if seq is None:
-            from ...pack import PackReader
+            from ..pack import PackReader
             with PackReader(packs["dense"]) as r:
                 seq = _sequence(r.tasks, n)
         out[preset] = switch_pruned.run(cfg, seq, packs, preset)
@@ -258,7 +244,7 @@ def pruned_rows(cfg, seq: list[str] | None, n: int) -> dict:
 
 
 def main(args) -> int:
-    from ..tasks import _ensure_pack
+    from ..recipes.tasks import ensure_task_pack
     cfg = resolve(args.config)
     if args.pruned_only:
         n = 8 if args.quick else 30
@@ -266,9 +252,9 @@ def main(args) -> int:
         write_json({"config": cfg.name, "quick": args.quick,
                     "pruned": pruned_rows(cfg, None, n)}, args.json)
         return 0
-    _ensure_pack(args.pack, args.models)
+    ensure_task_pack(args.pack, args.models)
     lm_pack = _lm_pack(args.quick)
-    from ...pack import PackReader
+    from ..pack import PackReader
     with PackReader(args.pack) as r:
         tasks = r.tasks
     files = {t: os.path.join(args.models, f"{t}.onnx") for t in tasks}
@@ -396,10 +382,3 @@ def _plot(res, path: str) -> None:
     ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
     save(fig, path)
-
-
-if __name__ == "__main__":
-    import argparse
-    ap = argparse.ArgumentParser(prog="edgert bench switch")
-    register(ap.add_subparsers())
-    raise SystemExit(main(ap.parse_args(["switch", *__import__("sys").argv[1:]])))

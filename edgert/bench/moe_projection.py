@@ -1,5 +1,5 @@
 """The projected half of `edgert bench moe`: routing traces of the measured runs replayed
-through the real expert cache on a virtual clock (edgert/experts/replay.py).
+through the real expert cache on a virtual clock (edgert/projection/replay.py).
 
 1. Traces: the benchmark's segments (and the calibration text) decoded once with every
    expert resident and hints on, recording per token and layer the router's probabilities,
@@ -17,11 +17,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from ...experts.costmodel import SHAPES, CostModel, ModelShape, prefetch_pays
+from ..projection.costmodel import SHAPES, CostModel, ModelShape, prefetch_pays
 from .moe_lowbit import project_device_rows
-from ...experts.replay import project, project_on_demand, project_resident
-from ...experts.share import share_slots
-from ...experts.trace import RoutingTrace, synthesize
+from ..projection.replay import project, project_on_demand, project_resident
+from ..projection.share import share_slots
+from ..projection.trace import RoutingTrace, synthesize
 
 EXACT = (("lru", {}), ("lfu", {}), ("gate", {"decay": 0.9}), ("stale", {}))
 DEVICE_BUDGETS = (0.1, 0.25, 0.5, 0.75)

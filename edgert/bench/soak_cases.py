@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ...errors import EdgertError
+from ..errors import EdgertError
 from .control import _python
 
 WAIT = 120
@@ -108,7 +108,7 @@ class Peer:
     def __init__(self, endpoint: str, curve=None, monitor: bool = False):
         import zmq
 
-        from ...control.auth import curve_client
+        from ..control.auth import curve_client
         self.zmq = zmq
         self.sock = zmq.Context.instance().socket(zmq.DEALER)
         self.sock.linger = 0
@@ -120,7 +120,7 @@ class Peer:
         self.next_id, self.final, self.pieces = 1, {}, {}
 
     def send(self, op: str, args: dict, extra=()) -> int | None:
-        from ...control.protocol import encode_request
+        from ..control.protocol import encode_request
         rid, self.next_id = self.next_id, self.next_id + 1
         try:
             self.sock.send_multipart(encode_request(rid, op, args) + list(extra),
@@ -131,7 +131,7 @@ class Peer:
 
     def pump(self, timeout: float) -> None:
         """Take the replies that arrive within ``timeout`` (beats skipped)."""
-        from ...control.protocol import decode_reply
+        from ..control.protocol import decode_reply
         if not self.sock.poll(int(1e3 * timeout)):
             return
         while True:
@@ -258,7 +258,7 @@ def frames(curve: Served, keys: Path, ok_keys: tuple, n_ok: int) -> dict:
 
 
 def curve_limits(curve: Served, ok_keys: tuple) -> dict:
-    from ...control.client import Client
+    from ..control.client import Client
     with Client(curve.endpoint, timeout=WAIT, curve=ok_keys) as c:
         return c.hello()["limits"]
 
@@ -355,7 +355,7 @@ class KvDir:
     def measure(self, prompts: int) -> dict:
         """Each service prefills ``prompts`` distinct prompts at once; the directory's size
         sampled every 5 ms, and after every service stopped (which flushes its writes)."""
-        from ...control.client import Client
+        from ..control.client import Client
         peak, stop, errors = [0], threading.Event(), []
 
         def sample():
@@ -404,7 +404,7 @@ def _dir_bytes(d: Path) -> int:
 
 
 def second_serve(svc: Served, moe: str, config: list, env: dict) -> dict:
-    from ...control.client import Client
+    from ..control.client import Client
     second = Served(["--pack", f"lm={moe}", *config], Path(svc.out).parent / "second", env)
     started = until(lambda: "ready on" in second.out.read_text() or second.proc.poll() is not None,
                     WAIT) and "ready on" in second.out.read_text()

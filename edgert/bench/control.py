@@ -29,13 +29,12 @@ from pathlib import Path
 
 import numpy as np
 
-from ...config import resolve
-from ...errors import EdgertError
-from ...stats import summary
+from ..config import resolve
+from ..errors import EdgertError
+from ..stats import summary
 from .output import pyplot, save, write_json
 
 WAIT = 120
-TASKS_PACK = "models/out/tasks.edgepack"
 MOE_PACKS = ("models/out/moe.edgepack", "models/out/moe/model.edgepack",
              "models/out/moe-demo.edgepack")
 PROMPT = "import os\nimport sys\n\ndef main(argv):\n    "
@@ -80,20 +79,6 @@ print("ready on", s.last_endpoint.decode(), flush=True)
 while True:
     s.send_multipart(s.recv_multipart(copy=False), copy=False)
 """
-
-
-def register(sub) -> None:
-    p = sub.add_parser("control", help="device service round trips and overhead vs in-process")
-    p.add_argument("--quick", action="store_true", help="short runs, one repeat; under a minute")
-    p.add_argument("--json", metavar="OUT", help="write raw per-repeat figures here")
-    p.add_argument("--config", help="device config (default: cpu-dev)")
-    p.add_argument("--tasks", default=TASKS_PACK, metavar="PACK")
-    p.add_argument("--moe", metavar="PACK", help="MoE pack (default: the demo's)")
-    p.add_argument("--threads", type=int, metavar="N",
-                   help="the config's compute threads, for both sides (e.g. 1 on 2 cores: a "
-                        "core left for the service's sockets)")
-    p.add_argument("--plot", default="docs/img/bench-control.png")
-    p.set_defaults(func=main)
 
 
 def with_threads(cfg, threads: int, where: str) -> str:
@@ -183,8 +168,8 @@ def _moe_pack(arg: str | None) -> str:
 
 # --- the benchmark --------------------------------------------------------------------------------
 def main(args) -> int:
-    from ...control.client import Client
-    from ...runtime import Runtime
+    from ..control.client import Client
+    from ..runtime import Runtime
     tmp = tempfile.TemporaryDirectory(prefix="edgert-bench-")
     config = args.config
     if args.threads:

@@ -29,8 +29,8 @@ from pathlib import Path
 import numpy as np
 import zmq
 
-from ...config import KvCache, resolve
-from ...stats import summary
+from ..config import KvCache, resolve
+from ..stats import summary
 
 DEVICES = 32
 WINDOW = 4
@@ -80,8 +80,8 @@ def bench_kv(args) -> dict:
         msg = f"no MoE pack at {args.moe_pack} (tools/demo.sh builds it); KV part skipped"
         print(msg)
         return {"skipped": msg}
-    from ...server.service import FleetServer
-    from ...server.store import open_store
+    from ..server.backends import open_store
+    from ..server.service import FleetServer
     out = {}
     repeats = 2 if args.quick else 5
     stores = ["dir"] + (["redis"] if redis_available() else [])
@@ -178,7 +178,7 @@ def _server(store: str, port: int) -> subprocess.Popen:
 
 
 def bench_ops(args) -> dict:
-    from ...control.protocol import decode_reply, encode_request
+    from ..control.protocol import decode_reply, encode_request
     seconds = 2.0 if args.quick else 5.0
     setups = [("dir", 1)] + ([("redis", 1), ("redis", 2)] if redis_available() else [])
     out = {}

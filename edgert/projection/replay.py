@@ -31,8 +31,8 @@ import torch
 
 from edgert.experts.api import ExpertLayout
 from edgert.experts.cache import SKIP, ExpertCache
-from edgert.experts.costmodel import CostModel, ModelShape
-from edgert.experts.trace import RoutingTrace
+from edgert.projection.costmodel import CostModel, ModelShape
+from edgert.projection.trace import RoutingTrace
 
 
 class VirtualClock:

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ...stats import summary
+from ..stats import summary
 from .contenders import EdgertSwitch
 
 FRACTION = 0.5       # the issue's target fraction
@@ -49,9 +49,9 @@ class ModelSet:
     def ensure_built(self) -> dict[str, str]:
         kind, preset = self.recipe.split(":")
         if kind == "trained":
-            from ...recipes.trained import ensure_built
+            from ..recipes.trained import ensure_built
         else:
-            from ...recipes.tasks import ensure_built
+            from ..recipes.tasks import ensure_built
         return ensure_built(self.models, preset)
 
     def heldout(self, task: str) -> str | None:
@@ -90,9 +90,9 @@ KINDS = {"dense": None,
 def ensure_packs(preset: str = "sparse", fraction: float = FRACTION) -> dict[str, str]:
     """kind -> pack path, packed from the preset's models unless a pack newer than them
     with the same pruning settings exists."""
-    from ...pack import PackReader
-    from ...pack.onnx_import import pack_onnx
-    from ...pack.prune import PruneOptions, pruning_summary
+    from ..pack import PackReader
+    from ..pack.onnx_import import pack_onnx
+    from ..pack.prune import PruneOptions, pruning_summary
     ms = MODEL_SETS[preset]
     models, max_error = ms.models, ms.max_error
     paths = ms.ensure_built()
@@ -126,8 +126,8 @@ def heldout_accuracy(pack: str, ms: ModelSet) -> dict[str, float] | None:
     pack holds them (pruned blocks zero), run in ONNX Runtime on the task's graph; None
     where the model set has no held-out data."""
     import onnx
-    from ...pack import PackReader
-    from ...pack.prune import run_model
+    from ..pack import PackReader
+    from ..pack.reference import run_model
     out = {}
     with PackReader(pack) as r:
         for task in r.tasks:
@@ -148,8 +148,8 @@ def run(cfg, seq: list[str], packs: dict[str, str], preset: str | None = None) -
     """Warm and cold switches of every pack over ``seq``, contenders alternated; bytes read
     from storage, bytes zero-filled, latency, spare-slot memory, each task's recorded
     output error, and (where ``preset``'s model set has held-out data) its accuracy."""
-    from ...pack import PackReader
-    from ...pack.prune import pruning_summary
+    from ..pack import PackReader
+    from ..pack.prune import pruning_summary
     contenders = [(kind, mode, EdgertSwitch(cfg, packs[kind], mode, seq[0]))
                   for kind in packs for mode in ("warm", "cold")]
     raw = {(k, m): {"ms": [], "read": [], "zero": []} for k, m, _ in contenders}

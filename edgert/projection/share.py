@@ -14,8 +14,8 @@ import heapq
 
 import numpy as np
 
-from edgert.experts.costmodel import CostModel, ModelShape
-from edgert.experts.trace import RoutingTrace
+from edgert.projection.costmodel import CostModel, ModelShape
+from edgert.projection.trace import RoutingTrace
 
 _COUNT_ONLY = CostModel(read_latency_s=0.0, read_Bps=float("inf"), token_s=0.0, layer_s=0.0,
                         expert_s=0.0, hint_s=0.0)
@@ -25,7 +25,7 @@ GRID = 9    # even quotas replayed between top-k and all experts
 def miss_curves(trace: RoutingTrace, shape: ModelShape, policy="lru",
                 policy_options: dict | None = None, grid: int = GRID):
     """(quotas [G], misses [L, G]): each layer's demand misses at each even quota."""
-    from edgert.experts.replay import project
+    from edgert.projection.replay import project
     qs = sorted({int(q) for q in np.linspace(shape.top_k, shape.experts, grid).round()})
     misses = np.zeros((shape.layers, len(qs)))
     for j, q in enumerate(qs):

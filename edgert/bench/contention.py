@@ -15,7 +15,6 @@ row.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import subprocess
 import sys
@@ -26,24 +25,11 @@ from pathlib import Path
 
 import numpy as np
 
-from ...config import resolve
+from ..config import resolve
 from .output import write_json
 
 BUSY = "while True: pass"
 PROMPT = b"import os\ndef main():\n    "
-
-
-def register(sub) -> None:
-    p = sub.add_parser("contention", help="MoE decode and task latency beside busy processes")
-    p.add_argument("--quick", action="store_true", help="fewer tokens and runs; ~1 minute")
-    p.add_argument("--json", metavar="OUT", help="write the raw figures here")
-    p.add_argument("--config", help="device config (default: cpu-dev)")
-    p.add_argument("--tasks", help="an onnx-tasks pack (default: the demo's, built if missing; "
-                                   "--quick: its tiny variant unless the demo pack exists)")
-    p.add_argument("--moe", help="an MoE pack (default: the demo's model when trained, else "
-                                 "the recipe's quick model)")
-    p.add_argument("--child", nargs=2, metavar=("WORK", "PACK"), help=argparse.SUPPRESS)
-    p.set_defaults(func=main)
 
 
 def fair_slowdown(threads: int, others: int, cores: int) -> float:
@@ -76,7 +62,7 @@ def beside(n_busy: int, edgert_child: list[str] | None = None):
 @contextmanager
 def policy(name: str):
     """ORT's spin of the pre-packed session under a policy (the config carries the rest)."""
-    from ...engines import onnx_engine
+    from ..engines import onnx_engine
     keep = onnx_engine.SPIN_US
     onnx_engine.SPIN_US = keep if name == "edgert" else None
     try:
@@ -121,7 +107,7 @@ def _load_task(rt, pack: str):
 
 def _child(work: str, pack: str, config) -> int:
     """A second edgert process: the same workload, over and over, until it is killed."""
-    from ...runtime import Runtime
+    from ..runtime import Runtime
     rt = Runtime(config)
     if work == "moe":
         lm = rt.load(pack, expert_budget=1.0)
@@ -133,7 +119,7 @@ def _child(work: str, pack: str, config) -> int:
 
 
 def _packs(args) -> tuple[str, str]:
-    from ..tasks import _ensure_pack
+    from ..recipes.tasks import ensure_task_pack
     from .switch import _lm_pack
     tasks = args.tasks
     if tasks is None:
@@ -141,14 +127,14 @@ def _packs(args) -> tuple[str, str]:
         tag = "-tiny" if quick else ""
         os.makedirs("models/out", exist_ok=True)
         tasks = f"models/out/tasks{tag}.edgepack"
-        _ensure_pack(tasks, f"models/out/tasks{tag}", "tiny" if quick else "demo")
+        ensure_task_pack(tasks, f"models/out/tasks{tag}", "tiny" if quick else "demo")
     return tasks, args.moe or _lm_pack(True)
 
 
 def main(args) -> int:
     if args.child:
         return _child(*args.child, args.config)
-    from ...runtime import Runtime
+    from ..runtime import Runtime
     base = resolve(args.config)
     tasks_pack, moe_pack = _packs(args)
     cores = os.cpu_count() or 1

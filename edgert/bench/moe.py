@@ -45,9 +45,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ...config import DeviceConfig, resolve, shipped
-from ...errors import EdgertError
-from ...stats import summary
+from ..config import DeviceConfig, resolve, shipped
+from ..stats import summary
 from . import moe_lowbit as L
 from . import moe_projection as P
 from .output import pyplot, save, write_json
@@ -55,28 +54,6 @@ from .output import pyplot, save, write_json
 PROMPT = 64
 BUDGETS = (0.25, 0.5, 0.75, 1.0)
 ALPHAS = (0.3, 0.4, 0.5)
-
-
-def register(sub) -> None:
-    p = sub.add_parser("moe", help="MoE decode under expert budgets vs LRU, on-demand, resident")
-    p.add_argument("--quick", action="store_true", help="tiny model, one repeat; under a minute")
-    p.add_argument("--json", metavar="OUT", help="write raw per-repeat figures here")
-    p.add_argument("--config", help="device config YAML (default: cpu-dev)")
-    p.add_argument("--model", help="HF checkpoint dir (default models/out/moe-fine, or "
-                   "moe-fine-tiny with --quick; trained by edgert/recipes/moe.py --shape fine)")
-    p.add_argument("--tokens", type=int, help="decode steps per run")
-    p.add_argument("--repeats", type=int)
-    p.add_argument("--prefetch-min-prob", type=float, default=0.2,
-                   help="edgert prefetches hinted experts with at least this probability")
-    p.add_argument("--plot", default="docs/img/bench-moe.png")
-    p.add_argument("--plot-projection", default="docs/img/bench-moe-projection.png")
-    p.add_argument("--only", metavar="NAMES",
-                   help="comma-separated contenders to measure (e.g. 'resident,min lru,25%% lru'); "
-                        "the probes among them set the costs")
-    p.add_argument("--reproject", metavar="JSON",
-                   help="keep the measured figures of an earlier run's JSON (same model, "
-                        "--tokens, --repeats) and redo only the traces and projections")
-    p.set_defaults(func=main)
 
 
 # --- the model and its pack --------------------------------------------------------------------
@@ -93,7 +70,7 @@ def ensure_pack(model: Path) -> Path:
     pack = model / "model.edgepack"
     src = max(p.stat().st_mtime for p in model.glob("*.safetensors"))
     if not pack.exists() or pack.stat().st_mtime < src:
-        from ...pack.hf_import import pack_hf
+        from ..pack.hf_import import pack_hf
         pack_hf(str(model), str(pack), progress=False)
     return pack
 
@@ -104,8 +81,8 @@ class OnDemandExperts:
     prefetch = False   # it would ignore hints: the engine does not compute them
 
     def __init__(self, reader, arena):
-        from ...experts.api import ExpertLayout
-        from ...memory import SlotPool
+        from ..experts.api import ExpertLayout
+        from ..memory import SlotPool
         self.layout = ExpertLayout.from_reader(reader)
         self.reader = reader
         self.pool = SlotPool(arena, "bench: on-demand experts", self.layout.slot_bytes)
@@ -149,15 +126,15 @@ class OnDemandExperts:
 
 # --- one run ---------------------------------------------------------------------------------
 def make_provider(rt, pack, spec: dict):
-    from ...experts.api import ExpertLayout, ResidentExperts
-    from ...experts.api import slots_for_budget
-    from ...experts.cache import ExpertCache
-    from ...pack import PackReader
+    from ..experts.api import ExpertLayout, ResidentExperts
+    from ..experts.api import slots_for_budget
+    from ..experts.cache import ExpertCache
+    from ..pack import PackReader
     reader = PackReader(pack, read_mode=rt.config.storage.read_mode)
     if spec["kind"] == "resident":
         return ResidentExperts(reader, rt.arena, "bench: resident experts")
     if spec["kind"] == "record":
-        from ...experts.trace import TraceRecorder
+        from ..projection.trace import TraceRecorder
         res = ResidentExperts(reader, rt.arena, "bench: resident experts")
         return TraceRecorder(res, res.layout.moe_layers)
     if reader.storage.mode != "direct":
@@ -242,9 +219,9 @@ def probe_spec(name: str, min_budget: float = 0.125) -> dict:
 
 
 def measure_read_bandwidth(rt, pack, repeats: int = 3) -> dict:
-    from ...experts.api import ExpertLayout
-    from ...memory import SlotPool
-    from ...pack import PackReader
+    from ..experts.api import ExpertLayout
+    from ..memory import SlotPool
+    from ..pack import PackReader
     reader = PackReader(pack, read_mode=rt.config.storage.read_mode)
     storage = reader.storage
     lay = ExpertLayout.from_reader(reader)
@@ -299,7 +276,7 @@ def contenders(edgert: dict, budgets, full: bool, min_budget: float) -> list[tup
 def main(args) -> int:
     import torch
 
-    from ... import Runtime
+    from .. import Runtime
     cfg = resolve(args.config)
     quick = args.quick
     model = Path(args.model or ("models/out/moe-fine-tiny" if quick else "models/out/moe-fine"))
@@ -438,8 +415,8 @@ def _project_and_report(args, result, cs, cfg, quick, calib_trace, seg_traces, l
 
 
 def _layout(pack):
-    from ...experts.api import ExpertLayout
-    from ...pack import PackReader
+    from ..experts.api import ExpertLayout
+    from ..pack import PackReader
     reader = PackReader(pack, read_mode="buffered")
     try:
         return ExpertLayout.from_reader(reader)
@@ -577,14 +554,3 @@ def _plot(res: dict, path: str) -> None:
     fig.suptitle(f"edgert bench moe ({res['config']}, {res['limits']['read_mode']} reads)")
     fig.tight_layout()
     save(fig, path)
-
-
-if __name__ == "__main__":
-    import argparse
-    ap = argparse.ArgumentParser(prog="edgert bench")
-    register(ap.add_subparsers())
-    try:
-        raise SystemExit(main(ap.parse_args(["moe", *sys.argv[1:]])))
-    except EdgertError as e:
-        print(f"edgert bench moe: {type(e).__name__}: {e}", file=sys.stderr)
-        raise SystemExit(2)

@@ -36,7 +36,6 @@ bandwidth, what reading alone costs at the measured rate.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -49,8 +48,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ...config import KvCache, resolve
-from ...stats import summary
+from ..config import KvCache, resolve
+from ..stats import summary
 from .output import pyplot, save, write_json
 
 PROMPT = 1024
@@ -61,21 +60,6 @@ REPLY = 16
 TIGHT_PAGES = 112       # one conversation (<= 98 pages) fits, two do not
 CONTEXTS = (64, 256, 512, 1024, 2048)
 CONTENDERS = ("recompute", "arena", "host", "disk-cold", "fresh-recompute", "fresh-disk")
-
-
-def register(sub) -> None:
-    p = sub.add_parser("kv", help="prefix cache: TTFT from each tier vs recompute; TPOT vs "
-                                  "context")
-    p.add_argument("--quick", action="store_true", help="one repeat, two contexts, no plot")
-    p.add_argument("--json", metavar="OUT", help="write raw per-repeat figures here")
-    p.add_argument("--config", help="device config YAML (default: cpu-dev)")
-    p.add_argument("--model", default="models/out/moe-demo",
-                   help="HF checkpoint dir of the trained demo model")
-    p.add_argument("--repeats", type=int)
-    p.add_argument("--dir", help="disk tier directory (default: a temporary one)")
-    p.add_argument("--plot", default="docs/img/bench-kv.png")
-    p.add_argument("--child", help=argparse.SUPPRESS)     # the fresh process of a repeat
-    p.set_defaults(func=main)
 
 
 # --- setup ------------------------------------------------------------------------------------

@@ -16,8 +16,8 @@ SCHEMES = ("int8", "int4")
 def ensure_packs(model: Path) -> dict[str, str]:
     """{"int8": pack, "mixed": pack} of the benchmark model, packed when missing or older
     than the checkpoint; a shape torch's int4 kernels refuse drops int4 and mixed (said)."""
-    from ...pack.hf_import import pack_hf
-    from ...pack.quant import QuantOptionError
+    from ..pack.hf_import import pack_hf
+    from ..pack.quant import QuantOptionError
     src = max(p.stat().st_mtime for p in model.glob("*.safetensors"))
     out = {}
     for quant in ("int8", "mixed"):
@@ -56,9 +56,9 @@ def load(rt, spec: dict):
     """(model, provider) of a low-bit contender: LRU over the copy's slots in the same
     bytes as the exact contenders, no prefetch (as the `lru` contender); mixed: its two
     caches (LRU) and the default band."""
-    from ...experts.api import ExpertLayout
-    from ...experts.cache import ExpertCache
-    from ...pack import PackReader
+    from ..experts.api import ExpertLayout
+    from ..experts.cache import ExpertCache
+    from ..pack import PackReader
     reader = PackReader(spec["pack"], read_mode=rt.config.storage.read_mode)
     if reader.storage.mode != "direct":
         reader.storage.drop_cache()

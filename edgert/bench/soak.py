@@ -33,10 +33,10 @@ from pathlib import Path
 
 import numpy as np
 
-from ...config import resolve
-from ...errors import EdgertError
-from ...stats import summary
-from .control import TASKS_PACK, Child, _moe_pack, _python
+from ..config import resolve
+from ..errors import EdgertError
+from ..stats import summary
+from .control import Child, _moe_pack, _python
 from .output import pyplot, save, write_json
 from .soak_cases import (RSS_BATCH, WAIT, KvDir, MiB, Served, batch, disconnect, drains,
                          frames, refused, second_serve, until)
@@ -83,25 +83,10 @@ for line in sys.stdin:
 
 
 
-def register(sub) -> None:
-    p = sub.add_parser("soak", help="the device service under load, faults and hostile callers")
-    p.add_argument("--quick", action="store_true", help="4 clients x 50 requests; under a minute")
-    p.add_argument("--json", metavar="OUT", help="write raw figures here")
-    p.add_argument("--config", help="device config (default: cpu-dev)")
-    p.add_argument("--tasks", default=TASKS_PACK, metavar="PACK")
-    p.add_argument("--moe", metavar="PACK", help="MoE pack (default: the demo's)")
-    p.add_argument("--clients", type=int, metavar="N", help="soak clients (default 8; quick 4)")
-    p.add_argument("--requests", type=int, metavar="M",
-                   help="requests per client per round (default 500; quick 50)")
-    p.add_argument("--plot", default="docs/img/bench-soak.png")
-    p.set_defaults(func=main)
-
-
-
 # --- the benchmark --------------------------------------------------------------------------------
 def main(args) -> int:
-    from ...control.auth import generate as make_keys
-    from ...control.client import Client
+    from ..control.auth import generate as make_keys
+    from ..control.client import Client
     q = args.quick
     n_clients = args.clients or (4 if q else 8)
     n_requests = args.requests or (50 if q else 500)

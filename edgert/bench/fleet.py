@@ -29,27 +29,13 @@ from pathlib import Path
 
 import numpy as np
 
-from ...config import DeviceConfig
-from ...stats import summary
+from ..config import DeviceConfig
+from ..stats import summary
 from .output import pyplot, save, write_json
 
 MONDAY = calendar.timegm((2024, 1, 1, 0, 0, 0))      # 2024-01-01 was a Monday
 SWITCHES_PER_HOUR = 2
 PREWARM_WAIT_S = 10.0
-
-
-def register(sub) -> None:
-    p = sub.add_parser("fleet", help="fleet server: prewarm prediction, KV sharing, ops/s")
-    p.add_argument("--quick", action="store_true", help="fewer devices, days and seconds")
-    p.add_argument("--json", metavar="OUT", help="write the figures here")
-    p.add_argument("--pack", default="models/out/tasks.edgepack", help="a task pack")
-    p.add_argument("--moe-pack", default="models/out/moe-demo.edgepack",
-                   help="an MoE pack for the KV-sharing figure")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--plot", default="docs/img/bench-fleet.png")
-    p.add_argument("--skip", action="append", default=[], choices=("predict", "kv", "ops"),
-                   help="leave a part out")
-    p.set_defaults(func=main)
 
 
 # --- the workload -------------------------------------------------------------------------
@@ -85,7 +71,7 @@ def _switches(events: list[tuple]) -> list[tuple]:
 # --- prediction ---------------------------------------------------------------------------
 def spare_budget(pack: str) -> tuple[int, int]:
     """(dense bytes of one task, two tasks' mean changed bytes against each other)."""
-    from ...pack import PackReader
+    from ..pack import PackReader
     with PackReader(pack) as r:
         blocks = {t: {b for s in r.task(t).values() for b in s.blocks} for t in r.tasks}
         dense = sum(s.nbytes for s in r.task(r.tasks[0]).values())
@@ -150,10 +136,10 @@ def _wait(cond, timeout: float) -> bool:
 
 
 def bench_predict(args, devices: int, days: int) -> dict:
-    from ...pack import PackReader
-    from ...server.device import pack_fingerprint
-    from ...server.service import FleetServer
-    from ...server.store import open_store
+    from ..pack import PackReader
+    from ..server.backends import open_store
+    from ..server.device import pack_fingerprint
+    from ..server.service import FleetServer
     with PackReader(args.pack) as r:
         tasks, fp = list(r.tasks), pack_fingerprint(r)
     events = _switches(workload(tasks, devices, days, args.seed))
@@ -196,7 +182,7 @@ def bench_predict(args, devices: int, days: int) -> dict:
 
 def _served_bytes(pack: str, switches: list[tuple]) -> int:
     """Bytes the measured switches changed (what a perfect prewarm would have loaded)."""
-    from ...pack import PackReader
+    from ..pack import PackReader
     with PackReader(pack) as r:
         blocks = {t: {b for s in r.task(t).values() for b in s.blocks} for t in r.tasks}
         cur, total = {}, 0
