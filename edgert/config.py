@@ -112,6 +112,13 @@ class ServiceLimits:
 
 
 @dataclass(frozen=True)
+class Updates:
+    """Signed pack updates (docs/updates.md): ``public_key`` is the PEM file of the fleet's
+    signing key that `edgert update` checks every manifest against ("" = none pinned)."""
+    public_key: str = ""
+
+
+@dataclass(frozen=True)
 class DeviceConfig:
     name: str
     budget: Budget
@@ -125,6 +132,7 @@ class DeviceConfig:
     kv_cache: KvCache = field(default_factory=KvCache)
     perf: Perf | None = None      # figures for the projection (`perf:`)
     service: ServiceLimits = field(default_factory=ServiceLimits)
+    updates: Updates = field(default_factory=Updates)
     source: str = ""              # file it was read from
 
     @staticmethod
@@ -168,7 +176,7 @@ def _check_keys(doc, allowed: set[str], where: str) -> dict:
 
 def _build(doc, source: str) -> DeviceConfig:
     top = {"name", "memory", "storage", "providers", "device", "threads", "decode_threads",
-           "dtype", "server", "kv_cache", "perf", "service"}
+           "dtype", "server", "kv_cache", "perf", "service", "updates"}
     doc = _check_keys(doc, top, "")
     for key in ("name", "memory"):
         if key not in doc:
@@ -220,7 +228,20 @@ def _build(doc, source: str) -> DeviceConfig:
                         providers=tuple(providers), device=device, threads=threads,
                         decode_threads=decode_threads,
                         dtype=dtype, server=server, kv_cache=_kv_cache(doc), perf=_perf(doc),
-                        service=_service(doc), source=source)
+                        service=_service(doc), updates=_updates(doc, source), source=source)
+
+
+def _updates(doc, source: str) -> Updates:
+    sec = _check_keys(doc.get("updates", {}) or {}, {"public_key"}, "updates")
+    key = sec.get("public_key", "") or ""
+    if not isinstance(key, str):
+        raise ConfigError(f"updates.public_key must be a path, got {key!r}")
+    key = os.path.expanduser(key)
+    if key and not os.path.isabs(key) and source and not source.startswith("<"):
+        key = os.path.join(os.path.dirname(os.path.abspath(source)), key)   # beside the config
+    if key and not os.path.isfile(key):
+        raise ConfigError(f"updates.public_key {key}: no such file")
+    return Updates(key)
 
 
 _PERF_KEYS = {"storage_read_gbps": ("storage_read_Bps", 1e9),
