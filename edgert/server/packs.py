@@ -24,14 +24,14 @@ import time
 
 import numpy as np
 
-from ..control.protocol import ProtocolError
+from ..control.protocol import MAX_ARRAYS, ProtocolError
 from ..errors import ConfigError
 from ..pack.reader import PackReader
 from ..update import signed
 
 log = logging.getLogger(__name__)
 REFRESH_S = 1.0          # DIR is listed again at most this often
-MAX_HASHES = 256         # blocks in one pack_blocks request
+MAX_HASHES = MAX_ARRAYS  # blocks in one pack_blocks request: one array frame each
 MAX_REPLY_BYTES = 64 << 20   # bytes of blocks in one reply (the device batches below it)
 PUT_BATCH_BYTES = 16 << 20   # bytes of blocks in one store round trip while publishing
 HASH_HEX = re.compile(r"[0-9a-f]{32}")

@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from ..control.client import Client
+from ..control.protocol import MAX_ARRAYS
 from ..errors import EdgertError
 from ..pack.format import block_hash
 from ..pack.reader import PackReader
@@ -27,7 +28,7 @@ from .graft import graft, missing_blocks
 from .staging import Staging
 
 BATCH_BYTES = 4 << 20      # bytes of blocks per request: a few round trips per MiB-sized task
-MAX_BATCH = 256            # blocks per request (the server's MAX_HASHES)
+MAX_BATCH = MAX_ARRAYS     # blocks per request: one array frame each (the server's MAX_HASHES)
 TIMEOUT_S = 10.0           # a server publishing a new pack may take seconds to answer
 
 

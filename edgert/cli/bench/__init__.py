@@ -4,7 +4,7 @@ from __future__ import annotations
 BENCHES = ("edgert.cli.bench.switch", "edgert.cli.bench.moe",  # each adds its own subcommand
            "edgert.cli.bench.kv",
            "edgert.cli.bench.control", "edgert.cli.bench.soak", "edgert.cli.bench.fleet",
-           "edgert.cli.bench.contention")
+           "edgert.cli.bench.contention", "edgert.cli.bench.update")
 
 
 def register(sub) -> None:
