@@ -177,3 +177,34 @@ def test_a_second_server_on_the_same_redis_serves_the_update(upd, tmp_path, fres
 def test_envelope_garbage_is_refused(blob):
     with pytest.raises(UpdateRefused):
         signed.decode(blob)
+
+
+def test_a_new_signing_key_republishes_what_the_old_one_signed(upd, tmp_path, fresh_dir):
+    """After a key change the store's envelopes are signed again: a device pinned to the
+    new key updates; one pinned to the old key refuses."""
+    from edgert.server.service import FleetServer
+    fleet = Fleet(upd, tmp_path, f"dir:{tmp_path / 'store'}")
+    fleet.publish_v2()
+    fleet.shelf.refresh(force=True)
+    fleet.srv.stop()
+    fleet.thread.join(5)
+    fleet.store.close()
+    from edgert.server.store import open_store
+    fleet.store = open_store(f"dir:{tmp_path / 'store'}")
+    fleet.srv = FleetServer(fleet.store, "tcp://127.0.0.1:0",
+                            packs=(tmp_path / "srv", keys.load_private(upd.other_priv)))
+    fleet.endpoint = fleet.srv.endpoint
+    import threading
+    fleet.thread = threading.Thread(target=fleet.srv.run, daemon=True)
+    fleet.thread.start()
+    try:
+        with pytest.raises(UpdateRefused, match="bad signature"):
+            run_update(fleet)                      # pinned to the old key
+        src = PackSource(fleet.endpoint)
+        try:
+            rep = update(str(fleet.dev), src, keys.load_public(upd.other_pub))
+        finally:
+            src.close()
+        assert rep.updated and rep.version_to == 1
+    finally:
+        fleet.stop()

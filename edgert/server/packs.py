@@ -84,9 +84,9 @@ class PackShelf:
     def _publish(self, path: str) -> None:
         with PackReader(path, read_mode="buffered") as r:
             lineage = signed.lineage_of(r)
-            old = self.store.get(envelope_key(lineage))
-            if old is not None and signed.decode(old).version >= r.generation:
-                self.published.setdefault(lineage.hex(), {"version": r.generation,
+            have = self._stored_version(lineage)
+            if have is not None and have >= r.generation:
+                self.published.setdefault(lineage.hex(), {"version": have,
                                                           "file": os.path.basename(path)})
                 return               # never move a lineage back, nor sign the same twice
             self._put_blocks(r)
@@ -96,6 +96,18 @@ class PackShelf:
                                              "file": os.path.basename(path)}
             self.counters["published"] += 1
             log.info("published %s: lineage %s version %d", path, lineage.hex(), r.generation)
+
+    def _stored_version(self, lineage: bytes) -> int | None:
+        """The version the store holds for ``lineage``, if this server's key signed it (an
+        envelope of another key, after a key change, is replaced)."""
+        raw = self.store.get(envelope_key(lineage))
+        if raw is None:
+            return None
+        try:
+            env = signed.decode(raw)
+        except signed.UpdateRefused:
+            return None
+        return env.version if signed.signed_by(env, self.key.public_key()) else None
 
     def _put_blocks(self, r: PackReader) -> None:
         stored = {}

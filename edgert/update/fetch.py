@@ -59,6 +59,10 @@ class PackSource(Client):
     def latest(self, lineage: bytes) -> bytes:
         return self._call("pack_latest", {"lineage": lineage.hex()})["envelope"]
 
+    def packs(self) -> list[dict]:
+        """What the server publishes: [{lineage, version, file}] (it looks at its DIR first)."""
+        return self._call("pack_list", {})["packs"]
+
     def blocks(self, hashes: list[bytes]) -> list:
         return self._call("pack_blocks", {"hashes": [h.hex() for h in hashes]})["blocks"]
 

@@ -111,14 +111,18 @@ def decode(raw) -> Signed:
     return Signed(lineage, version, manifest, sig)
 
 
+def signed_by(env: Signed, public_key) -> bool:
+    return len(env.signature) == SIGNATURE_BYTES and keys.verify(
+        public_key, env.signature, _message(env.lineage, env.version, env.manifest))
+
+
 def check(env: Signed, public_key, lineage: bytes, local_version: int) -> Manifest:
     """The target manifest, once the envelope is signed by ``public_key``, of ``lineage``,
     and newer than ``local_version``; else UpdateRefused naming the first check that
     failed. The order matters: nothing unsigned is parsed beyond the envelope."""
     if not env.signature:
         raise UpdateRefused("unsigned manifest: the envelope has no signature")
-    if len(env.signature) != SIGNATURE_BYTES or not keys.verify(
-            public_key, env.signature, _message(env.lineage, env.version, env.manifest)):
+    if not signed_by(env, public_key):
         raise UpdateRefused("bad signature: the manifest is not signed by the pinned key")
     if env.lineage != lineage:
         raise UpdateRefused(f"another lineage: the manifest is for {env.lineage.hex()}, this "
