@@ -22,6 +22,8 @@ def register(sub) -> None:
     u.add_argument("--config", metavar="CONFIG", help="device config naming updates.public_key")
     u.add_argument("--batch-bytes", type=int, default=None, metavar="N",
                    help="bytes of blocks per request (default 4 MiB)")
+    u.add_argument("--curve", nargs=2, metavar=("SERVER_KEY", "CLIENT_SECRET"),
+                   help="CurveZMQ: the server's public key and this device's secret key")
     u.add_argument("--json", action="store_true", help="print the report as JSON")
     u.set_defaults(func=_update)
 
@@ -47,7 +49,7 @@ def _update(args) -> int:
     if batch <= 0:
         raise ValueError("--batch-bytes must be positive")
     check_endpoint(args.server)
-    src = fetch.PackSource(args.server)
+    src = fetch.PackSource(args.server, curve=tuple(args.curve) if args.curve else None)
     try:
         rep = fetch.update(args.pack, src, public, batch_bytes=batch)
     except UpdateRefused as e:
