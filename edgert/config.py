@@ -114,8 +114,11 @@ class ServiceLimits:
 @dataclass(frozen=True)
 class Updates:
     """Signed pack updates (docs/updates.md): ``public_key`` is the PEM file of the fleet's
-    signing key that `edgert update` checks every manifest against ("" = none pinned)."""
+    signing key that every manifest is checked against ("" = none pinned); ``check_s`` > 0
+    (with a ``server:``) makes the runtime check that often for newer versions of the
+    packs it has loaded and apply them in the background (0 = only `edgert update`)."""
     public_key: str = ""
+    check_s: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -232,7 +235,10 @@ def _build(doc, source: str) -> DeviceConfig:
 
 
 def _updates(doc, source: str) -> Updates:
-    sec = _check_keys(doc.get("updates", {}) or {}, {"public_key"}, "updates")
+    sec = _check_keys(doc.get("updates", {}) or {}, {"public_key", "check_s"}, "updates")
+    check = sec.get("check_s", 0)
+    if isinstance(check, bool) or not isinstance(check, (int, float)) or not 0 <= check < 1e7:
+        raise ConfigError(f"updates.check_s must be seconds >= 0 (0 = never), got {check!r}")
     key = sec.get("public_key", "") or ""
     if not isinstance(key, str):
         raise ConfigError(f"updates.public_key must be a path, got {key!r}")
@@ -241,7 +247,10 @@ def _updates(doc, source: str) -> Updates:
         key = os.path.join(os.path.dirname(os.path.abspath(source)), key)   # beside the config
     if key and not os.path.isfile(key):
         raise ConfigError(f"updates.public_key {key}: no such file")
-    return Updates(key)
+    if check and not key:
+        raise ConfigError("updates.check_s needs updates.public_key (the key every update "
+                          "is checked against)")
+    return Updates(key, float(check))
 
 
 _PERF_KEYS = {"storage_read_gbps": ("storage_read_Bps", 1e9),

@@ -53,8 +53,8 @@ class UpdateReport:
 class PackSource(Client):
     """The pack ops of a fleet server (Lazy Pirate, as edgert.Client)."""
 
-    def __init__(self, endpoint: str, timeout: float = TIMEOUT_S, curve=None):
-        super().__init__(endpoint, timeout=timeout, retries=1, curve=curve)
+    def __init__(self, endpoint: str, timeout: float = TIMEOUT_S, curve=None, retries: int = 1):
+        super().__init__(endpoint, timeout=timeout, retries=retries, curve=curve)
 
     def latest(self, lineage: bytes) -> bytes:
         return self._call("pack_latest", {"lineage": lineage.hex()})["envelope"]
@@ -74,10 +74,14 @@ def local_state(pack: str):
 
 
 def update(pack: str, source: PackSource, public_key, *, batch_bytes: int = BATCH_BYTES,
-           on_batch=None) -> UpdateReport:
+           on_batch=None, duty: float = 1.0) -> UpdateReport:
     """Bring ``pack`` to the newest signed version ``source`` offers. UpdateRefused for an
     update that fails a check; EdgertError (ServiceUnavailable) for a server gone, after
-    which a later call resumes. ``on_batch(report)`` is called after each staged batch."""
+    which a later call resumes. ``on_batch(report)`` is called after each staged batch.
+    ``duty`` < 1 paces the download for a device that serves meanwhile: after a batch that
+    took t seconds it waits t * (1/duty - 1)."""
+    if not 0 < duty <= 1:
+        raise ValueError(f"duty must be in (0, 1], got {duty!r}")
     t0 = time.perf_counter()
     lineage, local = local_state(pack)
     raw = source.latest(lineage)
@@ -97,8 +101,11 @@ def update(pack: str, source: PackSource, public_key, *, batch_bytes: int = BATC
         rep.resumed_bytes = staging.resumed_bytes
         todo = [h for h in need if h not in staging.have]
         for batch in _batches(todo, need, batch_bytes):
+            tb = time.perf_counter()
             got = source.blocks(batch)
             staging.add(_checked(batch, got, need))
+            if duty < 1:
+                time.sleep((time.perf_counter() - tb) * (1 / duty - 1))
             rep.blocks_downloaded += len(batch)
             rep.bytes_downloaded += sum(need[h] for h in batch)
             if on_batch is not None:

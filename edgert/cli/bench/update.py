@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from ...stats import summary
+from ...update.auto import DUTY, background_priority
 from .output import write_json
 
 ROUNDS_WINDOW_S = 2.0          # seconds of one serving window (idle or during updates)
@@ -92,13 +93,14 @@ class _Server:
         self.p.wait(10)
 
 
-def _update_once(dev_v1: Path, work: Path, endpoint: str, pub, i: int) -> dict:
+def _update_once(dev_v1: Path, work: Path, endpoint: str, pub, i: int,
+                 duty: float = 1.0) -> dict:
     from ...update.fetch import PackSource, update
     dev = work / f"dev-{i}.edgepack"
     shutil.copy(dev_v1, dev)
     src = PackSource(endpoint)
     try:
-        rep = update(str(dev), src, pub)
+        rep = update(str(dev), src, pub, duty=duty)
     finally:
         src.close()
     os.remove(dev)
@@ -148,9 +150,10 @@ def _serving(dev_v1: Path, work: Path, endpoint: str, pub, windows: int) -> dict
             count = [0]
 
             def updates():
+                background_priority()              # as the runtime's updater thread does
                 while not stop.is_set():
                     busy.set()
-                    _update_once(dev_v1, work, endpoint, pub, 1000 + count[0])
+                    _update_once(dev_v1, work, endpoint, pub, 1000 + count[0], duty=DUTY)
                     count[0] += 1
             th = threading.Thread(target=updates) if kind == "update" else None
             if th is not None:
