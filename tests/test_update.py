@@ -131,7 +131,6 @@ def test_refusals_append_nothing_and_the_old_version_serves(upd, tmp_path, fresh
             run_update(fleet)                      # the device is at v1
         else:
             fleet.publish_v2()
-            fleet.shelf.refresh(force=True)
         before = fleet.dev.read_bytes()
         _tamper(fleet, upd, case)
         with pytest.raises(UpdateRefused) as e:
@@ -155,7 +154,6 @@ def test_a_second_server_on_the_same_redis_serves_the_update(upd, tmp_path, fres
     (tmp_path / "a").mkdir()
     a = Fleet(upd, tmp_path / "a", redis_url)
     a.publish_v2()
-    a.shelf.refresh(force=True)
     a.stop()                                       # the publisher is gone
     b_root = tmp_path / "b"
     b_root.mkdir()
@@ -185,7 +183,6 @@ def test_a_new_signing_key_republishes_what_the_old_one_signed(upd, tmp_path, fr
     from edgert.server.service import FleetServer
     fleet = Fleet(upd, tmp_path, f"dir:{tmp_path / 'store'}")
     fleet.publish_v2()
-    fleet.shelf.refresh(force=True)
     fleet.srv.stop()
     fleet.thread.join(5)
     fleet.store.close()

@@ -48,7 +48,6 @@ def test_background_update_then_load_the_new_version(upd, tmp_path, fresh_dir):
 def test_background_refusal_changes_nothing(upd, tmp_path, fresh_dir):
     fleet = Fleet(upd, tmp_path, f"dir:{tmp_path / 'store'}")
     fleet.publish_v2()
-    fleet.shelf.refresh(force=True)
     with PackReader(fleet.srv_pack) as r:
         m = r.manifest
     fleet.store.put(envelope_key(fleet.lineage()), signed.sign(

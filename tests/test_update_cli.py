@@ -39,6 +39,7 @@ def test_pack_onnx_append_then_update_from_the_command_line(upd, tmp_path, capsy
                      f"lane={upd.lane_v2}"]) == 0
         out = capsys.readouterr().out
         assert "version 1" in out and "new blocks" in out
+        fleet.shelf.refresh(force=True)
         with PackReader(fleet.srv_pack) as r:
             assert r.generation == 1 and r.verify() == []
             assert fleet.srv_pack.read_bytes()[:size] == upd.v1.read_bytes()   # append only

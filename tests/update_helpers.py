@@ -71,6 +71,7 @@ class Fleet:
 
     def publish_v2(self) -> None:
         append_onnx(self.srv_pack, {"lane": self.upd.lane_v2})
+        self.shelf.refresh(force=True)          # published now, not at the watcher's turn
 
     def lineage(self) -> bytes:
         from edgert.update.signed import lineage_of
@@ -85,5 +86,6 @@ class Fleet:
 
 @pytest.fixture
 def fresh_dir(monkeypatch):
-    """Every request looks at the pack directory again (no REFRESH_S wait in tests)."""
-    monkeypatch.setattr(shelf, "REFRESH_S", 0.0)
+    """The server's watcher looks at the pack directory often (tests publish with
+    ``shelf.refresh(force=True)`` where they need it at once)."""
+    monkeypatch.setattr(shelf, "REFRESH_S", 0.05)

@@ -57,13 +57,10 @@ def ship_update(ota: dict, ep: str, cfg) -> None:
     try:
         old = c.load(ota["device"], name="tasks", task="lane", prepack="off")
         before = old.run({"image": x})["logits"]
-        time.sleep(1.1)                          # the server lists its pack dir every second
         src = PackSource(ep)
         try:
-            t0 = time.perf_counter()
-            pub = src.packs()                    # the server publishes version 1 (signs it)
-            print(f"server publishes {pub[0]['file']} version {pub[0]['version']} "
-                  f"({time.perf_counter() - t0:.2f} s to read, store and sign)")
+            waited = src.wait_published(1, 60)   # the server watches its pack directory
+            print(f"the server signed and published version 1 (the device waited {waited:.1f} s)")
             rep = update(ota["device"], src, keys.load_public(ota["pub"]))
         finally:
             src.close()

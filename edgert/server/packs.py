@@ -5,9 +5,11 @@ Every ``*.edgepack`` in DIR is read (its manifest, and every block verified once
 published); per lineage the newest version is published: its stored blocks under
 ``blk:<hash hex>`` (only those the store lacks), then its signed envelope under
 ``pk:<lineage hex>``, in that order, so no device sees a manifest whose blocks are not
-there. DIR is looked at again at most every REFRESH_S when a device asks, so an
-``edgert pack ... --append`` into DIR is served without a restart. The store is the
-truth a device reads: a second server on the same Redis serves the same versions.
+there. DIR is read at start (before the server says it is ready), then watched by a
+thread of its own every REFRESH_S, so an ``edgert pack ... --append`` into DIR is served
+without a restart and the server's loop never waits on publishing: until a new version is
+in the store, devices get the previous one. The store is the truth a device reads: a
+second server on the same Redis serves the same versions.
 
 ops (protocol v1, as the rest of the fleet server):
 
@@ -20,7 +22,9 @@ from __future__ import annotations
 import logging
 import os
 import re
+import threading
 import time
+import weakref
 
 import numpy as np
 
@@ -30,7 +34,7 @@ from ..pack.reader import PackReader
 from ..update import signed
 
 log = logging.getLogger(__name__)
-REFRESH_S = 1.0          # DIR is listed again at most this often
+REFRESH_S = 1.0          # DIR is listed again this often
 MAX_HASHES = MAX_ARRAYS  # blocks in one pack_blocks request: one array frame each
 MAX_REPLY_BYTES = 64 << 20   # bytes of blocks in one reply (the device batches below it)
 PUT_BATCH_BYTES = 16 << 20   # bytes of blocks in one store round trip while publishing
@@ -56,7 +60,17 @@ class PackShelf:
         self.published: dict[str, dict] = {}            # lineage hex -> {version, file}
         self.counters = {"published": 0, "blocks_put": 0, "bytes_put": 0, "blocks_served": 0,
                          "bytes_served": 0}
+        self._lock = threading.Lock()            # one refresh at a time
+        self._stop = threading.Event()
         self.refresh(force=True)
+        self._thread = threading.Thread(target=_watch, args=(weakref.ref(self), self._stop),
+                                        daemon=True, name="edgert-packs")
+        self._thread.start()
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread is not threading.current_thread():
+            self._thread.join(30)             # NOTE: a publish in progress finishes its batch
 
     def ops(self) -> dict:
         return {"pack_latest": self._latest, "pack_blocks": self._blocks,
@@ -64,11 +78,17 @@ class PackShelf:
 
     # --- publishing --------------------------------------------------------------------
     def refresh(self, force: bool = False) -> None:
-        now = time.monotonic()
-        if not force and now - self._checked < REFRESH_S:
-            return
-        self._checked = now
+        with self._lock:
+            now = time.monotonic()
+            if not force and now - self._checked < REFRESH_S:
+                return
+            self._checked = now
+            self._refresh()
+
+    def _refresh(self) -> None:
         for name in sorted(os.listdir(self.dir)):
+            if self._stop.is_set():
+                return
             path = os.path.join(self.dir, name)
             if not name.endswith(".edgepack") or not os.path.isfile(path):
                 continue
@@ -140,7 +160,6 @@ class PackShelf:
         lineage = args.get("lineage")
         if not isinstance(lineage, str) or not HASH_HEX.fullmatch(lineage):
             raise ProtocolError("bad_request", "'lineage' must be 32 lowercase hex digits")
-        self.refresh()
         env = self.store.get(f"pk:{lineage}")
         if env is None:
             raise ProtocolError("unknown_model", f"no pack of lineage {lineage} on this server")
@@ -162,9 +181,20 @@ class PackShelf:
         return {"blocks": [None if g is None else np.frombuffer(g, np.uint8) for g in got]}
 
     def _list(self, args: dict) -> dict:
-        self.refresh()
         return {"packs": [{"lineage": k, **v} for k, v in sorted(self.published.items())]}
 
     def stats(self) -> dict:
         return {"dir": self.dir, "lineages": len(self.published), **self.counters}
 
+
+
+def _watch(ref, stop: threading.Event) -> None:
+    while not stop.wait(REFRESH_S):
+        shelf = ref()
+        if shelf is None:
+            return
+        try:
+            shelf.refresh()
+        except OSError as e:           # NOTE: DIR gone or unreadable: keep serving the store
+            log.warning("--packs: cannot list %s: %s", shelf.dir, e)
+        del shelf

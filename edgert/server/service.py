@@ -174,6 +174,8 @@ class FleetServer:
         """Close the socket and the context (idempotent)."""
         if self._ctx.closed:
             return
+        if getattr(self, "packs", None) is not None:
+            self.packs.close()
         r = getattr(self, "_router", None)
         if r is not None:
             r.close(0)

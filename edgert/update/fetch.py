@@ -60,8 +60,19 @@ class PackSource(Client):
         return self._call("pack_latest", {"lineage": lineage.hex()})["envelope"]
 
     def packs(self) -> list[dict]:
-        """What the server publishes: [{lineage, version, file}] (it looks at its DIR first)."""
+        """What the server publishes: [{lineage, version, file}]."""
         return self._call("pack_list", {})["packs"]
+
+    def wait_published(self, version: int, timeout: float) -> float:
+        """Seconds until the server lists a pack at ``version`` or newer (a publisher
+        waiting for its server to pick up an append); EdgertError after ``timeout``."""
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < timeout:
+            if any(p["version"] >= version for p in self.packs()):
+                return time.monotonic() - t0
+            time.sleep(0.05)
+        raise EdgertError(f"{self.endpoint} did not publish version {version} within "
+                          f"{timeout} s")
 
     def blocks(self, hashes: list[bytes]) -> list:
         return self._call("pack_blocks", {"hashes": [h.hex() for h in hashes]})["blocks"]
