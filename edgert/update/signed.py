@@ -77,7 +77,7 @@ class Signed:
 
 
 def _message(lineage: bytes, version: int, manifest: bytes) -> bytes:
-    return DOMAIN + lineage + struct.pack("<Q", version) + manifest
+    return DOMAIN + lineage + struct.pack("<Q", version) + manifest   # u64: room to grow
 
 
 def sign(key, lineage: bytes, manifest: Manifest) -> Signed:
@@ -102,7 +102,7 @@ def decode(raw) -> Signed:
     manifest, sig = doc.get("manifest"), doc.get("signature")
     if not isinstance(lineage, bytes) or len(lineage) != HASH_BYTES:
         raise UpdateRefused(f"manifest envelope: lineage is not {HASH_BYTES} bytes")
-    if type(version) is not int or not 0 <= version < 1 << 63:
+    if type(version) is not int or not 0 <= version < 1 << 32:   # the footer's u32
         raise UpdateRefused("manifest envelope: version is not a non-negative integer")
     if not isinstance(manifest, bytes):
         raise UpdateRefused("manifest envelope: manifest is not bytes")
