@@ -173,3 +173,39 @@ def test_append_keeps_a_loaded_model_on_its_version(upd, tmp_path):
                               m.run({"image": upd.x}, task="sign")["logits"])
     finally:
         rt.close()
+
+
+def test_update_through_curve(upd, tmp_path, capsys):
+    """A server behind CURVE serves updates only to devices whose key it allows."""
+    import threading
+
+    from edgert.control.auth import generate
+    from edgert.server.service import FleetServer
+    from edgert.server.store import open_store
+    srv_pub, srv_sec = generate(tmp_path / "curve", "server")
+    dev_pub, dev_sec = generate(tmp_path / "curve", "car")
+    allow = tmp_path / "allow"
+    allow.mkdir()
+    shutil.copy(dev_pub, allow / "car.key")
+    (tmp_path / "srv").mkdir()
+    shutil.copy(upd.v1, tmp_path / "srv" / "tasks.edgepack")
+    from edgert.pack.append import append_onnx
+    append_onnx(tmp_path / "srv" / "tasks.edgepack", {"lane": upd.lane_v2})
+    dev = tmp_path / "dev.edgepack"
+    shutil.copy(upd.v1, dev)
+    store = open_store(f"dir:{tmp_path / 'store'}")
+    srv = FleetServer(store, "tcp://127.0.0.1:0", curve_secret=str(srv_sec),
+                      allow_dir=str(allow), packs=(tmp_path / "srv",
+                                                   keys.load_private(upd.priv)))
+    th = threading.Thread(target=srv.run, daemon=True)
+    th.start()
+    try:
+        argv = ["update", str(dev), "--server", srv.endpoint, "--public-key", str(upd.pub)]
+        assert main(argv + ["--curve", str(srv_pub), str(dev_sec)]) == 0
+        assert "version 0 -> 1" in capsys.readouterr().out
+        other_pub, other_sec = generate(tmp_path / "curve", "stranger")
+        one_line(capsys, argv + ["--curve", str(srv_pub), str(other_sec)], "pack_latest")
+    finally:
+        srv.stop()
+        th.join(5)
+        store.close()
