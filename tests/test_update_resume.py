@@ -13,6 +13,8 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
+
 from fleet_helpers import wait_for
 from task_packs import assert_matches, config
 from update_helpers import Fleet, fresh_dir, upd  # noqa: F401  (fixtures)
@@ -169,3 +171,29 @@ def test_update_while_the_service_serves_then_reload(upd, tmp_path, fresh_dir):
         rt.close()
         fleet.stop()
     assert errors == []
+
+
+def test_one_update_and_one_appender_at_a_time(upd, tmp_path, fresh_dir):
+    from edgert.errors import EdgertError
+    from edgert.pack import PackWriter
+    from edgert.update.fetch import _update_lock
+    fleet = Fleet(upd, tmp_path, f"dir:{tmp_path / 'store'}")
+    try:
+        fleet.publish_v2()
+        src = PackSource(fleet.endpoint)
+        pub = keys.load_public(upd.pub)
+        with _update_lock(str(fleet.dev)):                     # another updater holds it
+            with pytest.raises(EdgertError, match="another update of it is running"):
+                update(str(fleet.dev), src, pub)
+        w = PackWriter.append(fleet.dev)                       # another appender holds it
+        try:
+            with pytest.raises(EdgertError, match="another process is appending"):
+                update(str(fleet.dev), src, pub)
+        finally:
+            w.abort()
+        assert update(str(fleet.dev), src, pub).updated        # then it goes through
+        src.close()
+        with PackReader(fleet.dev) as r:
+            assert r.verify() == [] and r.generation == 1
+    finally:
+        fleet.stop()

@@ -1,6 +1,7 @@
 """PackWriter: write a new pack (temporary file + rename) or append to an existing one."""
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 
@@ -49,6 +50,13 @@ class PackWriter:
         self.path = os.fspath(path)
         self._tmp = None
         self._f = open(self.path, "r+b")
+        try:                 # NOTE: one appender at a time (a CLI append and an update, say)
+            fcntl.flock(self._f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self._f.close()
+            from ..errors import EdgertError
+            raise EdgertError(f"{self.path}: another process is appending to it; try again "
+                              "when it is done") from None
         # NOTE: drop any torn tail left by an earlier crashed append; the footer we keep is
         # the newest valid one, so nothing committed is lost.
         self._f.truncate(reader.file_end)

@@ -13,7 +13,10 @@ run resumes from the staging file.
 """
 from __future__ import annotations
 
+import fcntl
+import os
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -93,6 +96,26 @@ def update(pack: str, source: PackSource, public_key, *, batch_bytes: int = BATC
     took t seconds it waits t * (1/duty - 1)."""
     if not 0 < duty <= 1:
         raise ValueError(f"duty must be in (0, 1], got {duty!r}")
+    with _update_lock(pack):
+        return _update(pack, source, public_key, batch_bytes, on_batch, duty)
+
+
+@contextmanager
+def _update_lock(pack: str):
+    """One update of a pack at a time (the runtime's updater and `edgert update`, say):
+    an flock on ``PACK.lock``, released when the process ends however it ends."""
+    fd = os.open(f"{pack}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise EdgertError(f"{pack}: another update of it is running") from None
+        yield
+    finally:
+        os.close(fd)
+
+
+def _update(pack, source, public_key, batch_bytes, on_batch, duty) -> UpdateReport:
     t0 = time.perf_counter()
     lineage, local = local_state(pack)
     raw = source.latest(lineage)

@@ -201,7 +201,7 @@ def main(args) -> int:
     from ...recipes.retrain import retrain
     from ...update import keys
     files = _models(args.models)
-    repeats, windows = (3, 2) if args.quick else (7, 5)
+    repeats, windows = (3, 2) if args.quick else (7, 10)
     with tempfile.TemporaryDirectory(prefix="edgert-bench-update-") as tmp:
         work = Path(tmp)
         (work / "srv").mkdir()
