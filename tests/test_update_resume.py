@@ -126,7 +126,8 @@ def test_torn_staging_record_is_cut_and_refetched(upd, tmp_path, fresh_dir):
 
 def test_update_while_the_service_serves_then_reload(upd, tmp_path, fresh_dir):
     fleet = Fleet(upd, tmp_path, f"dir:{tmp_path / 'store'}")
-    rt = edgert.Runtime(config())
+    # NOTE: during the reload both versions run requests: engine room for two
+    rt = edgert.Runtime(config(extra="32 MiB"))
     m = rt.load(fleet.dev, name="tasks", prepack="off")
     svc = Service(rt, "tcp://127.0.0.1:0", models={"tasks": m},
                   pack_dirs=[fleet.dev.parent]).start()
