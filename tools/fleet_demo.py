@@ -3,7 +3,9 @@
     python tools/fleet_demo.py TASK_PACK MOE_PACK CONFIG WORKDIR
 
 Device A's switches teach the server; device B gets a hint and prewarms it; a prefix A
-computed is reused by B; then the server is stopped and both devices serve on."""
+computed is reused by B; a retrained lane task is published as a signed new version of the
+task pack and a device's copy updated (only the blocks that differ) while a model serves
+it; then the server is stopped and both devices serve on."""
 from __future__ import annotations
 
 import os
