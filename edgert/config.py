@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import typing
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -118,6 +119,16 @@ class ServiceLimits:
 
 
 @dataclass(frozen=True)
+class Updates:
+    """Signed pack updates (docs/updates.md): ``public_key`` is the PEM file of the fleet's
+    signing key that every manifest is checked against ("" = none pinned); ``check_s`` > 0
+    (with a ``server:``) makes the runtime check that often for newer versions of the
+    packs it has loaded and apply them in the background (0 = only `edgert update`)."""
+    public_key: str = ""
+    check_s: float = 0.0
+
+
+@dataclass(frozen=True)
 class DeviceConfig:
     name: str
     budget: Budget
@@ -131,6 +142,7 @@ class DeviceConfig:
     kv_cache: KvCache = field(default_factory=KvCache)
     perf: Perf | None = None      # figures for the projection (`perf:`)
     service: ServiceLimits = field(default_factory=ServiceLimits)
+    updates: Updates = field(default_factory=Updates)
     source: str = ""              # file it was read from
 
     @staticmethod
@@ -217,6 +229,11 @@ class ServiceDoc(_Section):
     drain_timeout_s: Annotated[float, msgspec.Meta(ge=0, lt=1e6)] = ServiceLimits.drain_timeout_s
 
 
+class UpdatesDoc(_Section):
+    public_key: str | None = ""             # PEM file of the fleet's signing key; "" = none
+    check_s: Annotated[float, msgspec.Meta(ge=0, lt=1e7)] = 0.0   # 0 = only `edgert update`
+
+
 class ConfigDoc(_Section):
     """One device config file (device_configs/*.yaml); docs/internals.md, "Device config"."""
     name: str
@@ -231,6 +248,7 @@ class ConfigDoc(_Section):
     kv_cache: KvCacheDoc | None = None
     perf: PerfDoc | None = None
     service: ServiceDoc | None = None
+    updates: UpdatesDoc | None = None
 
 
 def _path(where: str, key) -> str:
@@ -258,8 +276,18 @@ def _value_at(doc, path: str):
 
 _CHOICES = {"providers": PROVIDERS, "device": DEVICES, "dtype": DTYPES,
             "storage.read_mode": READ_MODES}
-_SECTIONS = {"": ConfigDoc, "memory": MemoryDoc, "storage": StorageDoc,
-             "kv_cache": KvCacheDoc, "perf": PerfDoc, "service": ServiceDoc}
+def _sections() -> dict[str, type]:
+    """Key path -> the Struct of that section, read off ConfigDoc (so a new one is not
+    forgotten)."""
+    out: dict[str, type] = {"": ConfigDoc}
+    for f in msgspec.structs.fields(ConfigDoc):
+        for t in typing.get_args(f.type) or (f.type,):
+            if isinstance(t, type) and issubclass(t, msgspec.Struct):
+                out[f.name] = t
+    return out
+
+
+_SECTIONS = _sections()
 
 
 def _message(e: msgspec.ValidationError, doc) -> str:
@@ -306,7 +334,8 @@ def _build(doc, source: str) -> DeviceConfig:
                         threads=d.threads or os.cpu_count() or 1,
                         decode_threads=d.decode_threads, dtype=d.dtype, server=d.server or "",
                         kv_cache=_kv_cache(d.kv_cache), perf=_perf(d.perf),
-                        service=_service(d.service), source=source)
+                        service=_service(d.service), updates=_updates(d.updates, source),
+                        source=source)
 
 
 def _fields(section) -> tuple:
@@ -325,6 +354,19 @@ def _budget(m: MemoryDoc) -> Budget:
             raise ConfigError(f"memory.{key} = {n} bytes exceeds the arena (memory.total "
                               f"- memory.engine = {total - engine} bytes)")
     return Budget(total, engine, experts, kv, prefault=m.prefault)
+
+
+def _updates(u: UpdatesDoc | None, source: str) -> Updates:
+    u = u or UpdatesDoc()
+    key = os.path.expanduser(u.public_key or "")
+    if key and not os.path.isabs(key) and source and not source.startswith("<"):
+        key = os.path.join(os.path.dirname(os.path.abspath(source)), key)   # beside the config
+    if key and not os.path.isfile(key):
+        raise ConfigError(f"updates.public_key {key}: no such file")
+    if u.check_s and not key:
+        raise ConfigError("updates.check_s needs updates.public_key (the key every update "
+                          "is checked against)")
+    return Updates(key, float(u.check_s))
 
 
 def _kv_cache(k: KvCacheDoc | None) -> KvCache:

@@ -46,6 +46,11 @@ class Runtime:
         self._closed = False
         if spec:
             self.fleet = FleetDevice(self, spec, device_id=device_id, curve=server_curve)
+        self.updater = None
+        if spec and self.config.updates.check_s > 0:    # docs/updates.md
+            from .update.auto import AutoUpdater
+            self.updater = AutoUpdater(self, endpoints_of(spec), self.config.updates.public_key,
+                                       self.config.updates.check_s, curve=server_curve)
 
     def set_torch_threads(self) -> None:
         """Give torch the config's thread count, once (torch's setting is process-wide)."""
@@ -130,7 +135,8 @@ class Runtime:
         """The arena with every byte attributed to its holder, the models, the fleet server."""
         from .server.device import no_server_stats
         return {"config": self.config.name, "arena": self.arena.stats(), "models": self.models(),
-                "server": self.fleet.stats() if self.fleet is not None else no_server_stats()}
+                "server": self.fleet.stats() if self.fleet is not None else no_server_stats(),
+                **({"updates": self.updater.stats()} if self.updater is not None else {})}
 
     def close(self) -> None:
         """Send what the server is still owed (bounded), close every model, then unpin the
@@ -140,6 +146,8 @@ class Runtime:
             live = list(self._models.values())
         for m in live:
             m.close()               # NOTE: first: a KV writer's last chunks go to the link
+        if self.updater is not None:
+            self.updater.close()
         if self.fleet is not None:
             self.fleet.close()
         self.arena.close()

@@ -16,7 +16,7 @@ RUNNABLE = sorted(p.stem for p in BENCH.glob("*.py") if "\ndef main(" in p.read_
 
 
 def test_the_runnable_benchmarks_are_the_expected_ones():
-    assert RUNNABLE == ["contention", "control", "fleet", "kv", "moe", "soak", "switch"]
+    assert RUNNABLE == ["contention", "control", "fleet", "kv", "moe", "soak", "switch", "update"]
 
 
 @pytest.mark.parametrize("name", RUNNABLE)

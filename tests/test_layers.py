@@ -23,7 +23,8 @@ LAYERS: list[tuple[str, ...]] = [
     ("memory/",),                  # arena, slots, storage
     ("pack/",),                    # format, reader, writers, importers, pruning
     ("engines/",),                 # compute only
-    ("weights/", "experts/", "kv/"),   # mechanisms: each a consumer of the arena
+    ("weights/", "experts/", "kv/", "update/"),   # mechanisms: each a consumer of the
+                                                  # arena; signed pack versions
     ("projection/",),              # the expert cache's offline projection and cost model
     ("kinds/", "server/", "recipes/"),  # the models; the fleet (server and device link);
                                         # the demo model recipes

@@ -69,5 +69,5 @@ $py -m edgert client "$ep" shutdown > /dev/null
 wait "$serve"                     # the service's own exit status: 0 when it stopped cleanly
 tail -1 "$run/serve.log"
 echo
-echo "== 8. a fleet: a server and two devices on loopback (prewarm hints, a shared prefix, the server stopped)"
+echo "== 8. a fleet: a server and two devices on loopback (prewarm hints, a shared prefix, a signed task update, the server stopped)"
 $py tools/fleet_demo.py "$pack" "$moe.edgepack" "$cfg" "$run"

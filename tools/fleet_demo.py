@@ -3,9 +3,13 @@
     python tools/fleet_demo.py TASK_PACK MOE_PACK CONFIG WORKDIR
 
 Device A's switches teach the server; device B gets a hint and prewarms it; a prefix A
-computed is reused by B; then the server is stopped and both devices serve on."""
+computed is reused by B; a retrained lane task is published as a signed new version of the
+task pack and a device's copy updated (only the blocks that differ) while a model serves
+it; then the server is stopped and both devices serve on."""
 from __future__ import annotations
 
+import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -25,13 +29,68 @@ def until(cond, timeout=10.0):
     return cond()
 
 
+def prepare_update(task_pack: str, work: str) -> dict:
+    """The server's pack directory (a copy of the task pack, version 0), a signing key, and
+    a device's copy of the pack."""
+    from edgert.update import keys
+    d = os.path.join(work, "fleet-updates")
+    shutil.rmtree(d, ignore_errors=True)
+    os.makedirs(os.path.join(d, "packs"))
+    shutil.copy(task_pack, os.path.join(d, "packs", "tasks.edgepack"))
+    shutil.copy(task_pack, os.path.join(d, "device-tasks.edgepack"))
+    priv, pub = keys.generate(os.path.join(d, "keys"))
+    return {"dir": d, "packs": os.path.join(d, "packs"), "key": priv, "pub": pub,
+            "device": os.path.join(d, "device-tasks.edgepack")}
+
+
+def ship_update(ota: dict, ep: str, cfg) -> None:
+    """Retrain lane, publish it as version 1, update the device's copy while a model serves
+    it, then load the new version: lane equals ONNX Runtime on the retrained file."""
+    import onnxruntime as ort
+
+    from edgert.update.append import append_onnx
+    from edgert.recipes.retrain import retrain
+    from edgert.update import keys
+    from edgert.update.fetch import PackSource, update
+    lane = retrain(ota["dir"], "lane", "demo")
+    append_onnx(os.path.join(ota["packs"], "tasks.edgepack"), {"lane": lane})
+    x = np.random.default_rng(2).standard_normal((1, 3, 112, 112)).astype(np.float32)
+    c = edgert.Runtime(cfg)
+    try:
+        old = c.load(ota["device"], name="tasks", task="lane", prepack="off")
+        before = old.run({"image": x})["logits"]
+        src = PackSource(ep)
+        try:
+            waited = src.wait_published(1, 60)   # the server watches its pack directory
+            print(f"the server signed and published version 1 (the device waited {waited:.1f} s)")
+            rep = update(ota["device"], src, keys.load_public(ota["pub"]))
+        finally:
+            src.close()
+        print(f"update of the task pack, version {rep.version_from} -> {rep.version_to} "
+              f"(lane retrained): {rep.bytes_downloaded / 1e6:.2f} MB downloaded for "
+              f"{rep.changed_bytes / 1e6:.2f} MB of changed blocks (pack "
+              f"{os.path.getsize(os.path.join(ota['packs'], 'tasks.edgepack')) / 1e6:.1f} MB), "
+              f"signature checked, {rep.seconds:.2f} s")
+        same = np.array_equal(old.run({"image": x})["logits"], before)
+        new = c.load(ota["device"], name="tasks-v1", task="lane", prepack="off")
+        want = ort.InferenceSession(lane, providers=["CPUExecutionProvider"]).run(
+            None, {"image": x})[0]
+        err = float(np.abs(new.run({"image": x})["logits"] - want).max())
+        print(f"the loaded model served version 0 throughout: {same}; version 1 loaded: lane "
+              f"max |diff| vs ONNX Runtime on the retrained file {err:.1e}")
+    finally:
+        c.close()
+
+
 def main(task_pack: str, moe_pack: str, config: str, work: str) -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     ep = f"tcp://127.0.0.1:{port}"
+    ota = prepare_update(task_pack, work)
     srv = subprocess.Popen([sys.executable, "-m", "edgert", "server", "--bind", ep,
-                            "--store", f"dir:{work}/fleet-store", "--heartbeat", "0.5"],
+                            "--store", f"dir:{work}/fleet-store", "--heartbeat", "0.5",
+                            "--packs", ota["packs"], "--signing-key", ota["key"]],
                            stdout=subprocess.PIPE, text=True)
     print(srv.stdout.readline().strip())
     base = resolve(config)
@@ -68,6 +127,8 @@ def main(task_pack: str, moe_pack: str, config: str, work: str) -> int:
         tier = lb.stats()["kv"]["prefix"]["tiers"]["server"]
         print(f"B reuses A's 512-token prefix: {tier['hit_tokens']} tokens from the server, "
               f"{tier['bytes_read'] / 1e6:.2f} MB; same tokens as A: {got == want}")
+
+        ship_update(ota, ep, base)
 
         srv.terminate()                           # the server goes away mid-step
         srv.wait(10)

@@ -18,6 +18,7 @@ COMMAND_MODULES = (
     "edgert.cli.bench",     # bench switch | moe
     "edgert.cli.control",   # serve, client, keys
     "edgert.cli.server",    # server
+    "edgert.cli.update",    # update
 )
 
 

@@ -13,7 +13,7 @@ TASKS_PACK = "models/out/tasks.edgepack"     # the demo's task pack (tools/demo.
 def register(sub) -> None:
     p = sub.add_parser("bench", help="measure edgert against named baselines")
     benches = p.add_subparsers(dest="bench", required=True)
-    for add in (_switch, _moe, _kv, _control, _soak, _fleet, _contention):
+    for add in (_switch, _moe, _kv, _control, _soak, _fleet, _contention, _update):
         add(benches)
 
 
@@ -126,3 +126,16 @@ def _contention(sub) -> None:
                                  "the recipe's quick model)")
     p.add_argument("--child", nargs=2, metavar=("WORK", "PACK"), help=argparse.SUPPRESS)
     p.set_defaults(func=partial(_run, "edgert.bench.contention"))
+
+
+def _update(sub) -> None:
+    p = sub.add_parser("update", help="signed differential pack updates: bytes moved vs "
+                       "blocks changed, update time, serving latency during an update")
+    p.add_argument("--models", default="models/out/tasks", help="the demo task models "
+                   "(built there by the recipe when missing)")
+    p.add_argument("--quick", action="store_true", help="fewer repeats and windows")
+    p.add_argument("--json", metavar="OUT", help="write the figures here")
+    p.add_argument("--server-nice", type=int, default=19, metavar="N",
+                   help="nice value of the server process (default 19: on a fleet it runs "
+                   "on another machine; here it should take only CPU the device leaves)")
+    p.set_defaults(func=partial(_run, "edgert.bench.update"))

@@ -100,12 +100,14 @@ def register(sub) -> None:
     o.add_argument("--path")
     c.set_defaults(func=_client)
 
-    k = sub.add_parser("keys", help="CurveZMQ key pairs for `edgert serve --curve-secret`")
+    k = sub.add_parser("keys", help="CurveZMQ key pairs (generate) and pack signing keys (signing)")
     ks = k.add_subparsers(dest="keys_op", required=True, metavar="OP")
     g = ks.add_parser("generate", help="write NAME.key (public) and NAME.key_secret (0600)")
     g.add_argument("dir", metavar="DIR")
     g.add_argument("--name", default="edgert")
     g.set_defaults(func=_keys)
+    from .keys import add_signing
+    add_signing(ks)
 
 
 # --- serve --------------------------------------------------------------------------------------

@@ -15,9 +15,11 @@ def register(sub) -> None:
     psub = p.add_subparsers(dest="pack_kind", required=True)
     o = psub.add_parser("onnx", help="pack fine-tuned ONNX variants of one backbone",
                         description="Pack task models that share one graph into one pack.")
-    o.add_argument("--base", required=True, metavar="BASE.onnx")
+    o.add_argument("--base", metavar="BASE.onnx", help="the shared backbone (not with --append)")
     o.add_argument("--task", action="append", required=True, metavar="NAME=FILE.onnx")
-    o.add_argument("-o", "--out", required=True, metavar="OUT.edgepack")
+    o.add_argument("-o", "--out", metavar="OUT.edgepack")
+    o.add_argument("--append", metavar="PACK", help="add or replace these tasks in PACK as its "
+                   "next version (only new blocks are appended; docs/updates.md)")
     o.add_argument("--block-size", type=int, default=DEFAULT_BLOCK_SIZE,
                    help="bytes per block, a multiple of 4096 (default 65536)")
     o.add_argument("--align-tol", type=float, default=0.0,
@@ -85,6 +87,10 @@ def _prune_options(args):
 def _run_onnx(args) -> int:
     from ..pack.onnx_import import pack_onnx
     from ..pack.prune import describe, pruning_summary
+    if args.append is not None:
+        return _append_onnx(args)
+    if args.base is None or args.out is None:
+        raise ValueError("--base BASE.onnx and -o OUT.edgepack are needed (or --append PACK)")
     prune = _prune_options(args)
     rep = pack_onnx(args.base, named(args.task, "--task", "NAME=FILE.onnx"), args.out,
                     block_size=args.block_size, align_tol=args.align_tol, prune=prune)
@@ -100,6 +106,22 @@ def _run_onnx(args) -> int:
         from ..pack.reader import PackReader
         with PackReader(args.out) as r:
             print("\n".join(describe(pruning_summary(r))))
+    return 0
+
+
+def _append_onnx(args) -> int:
+    from ..update.append import append_onnx
+    for flag, given in (("--base", args.base), ("-o", args.out),
+                        ("--align-tol", args.align_tol), ("--prune-blocks", args.prune_blocks)):
+        if given:
+            raise ValueError(f"{flag} does not go with --append (the pack keeps its base)")
+    bad = _open_error(args.append)
+    if bad:
+        raise ValueError(bad)
+    s = append_onnx(args.append, named(args.task, "--task", "NAME=FILE.onnx"))
+    print(f"appended to {args.append}: version {s['generation']}, tasks "
+          f"{', '.join(s['tasks'])}, {s['blocks_added']} new blocks "
+          f"({s['bytes_added'] / 2**20:.2f} MiB)")
     return 0
 
 

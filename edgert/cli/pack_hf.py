@@ -14,7 +14,9 @@ def add_hf_parser(pack_subparsers) -> None:
                     "save_original_format=False). A tensor the engine would not use, or a "
                     "missing one, is refused by name.")
     p.add_argument("model_dir", metavar="MODEL_DIR")
-    p.add_argument("-o", "--out", required=True, metavar="OUT.edgepack")
+    p.add_argument("-o", "--out", metavar="OUT.edgepack")
+    p.add_argument("--append", metavar="PACK", help="a retrained checkpoint of PACK's "
+                   "architecture as PACK's next version (only blocks that differ are appended)")
     p.add_argument("--block-size", type=int, default=DEFAULT_BLOCK_SIZE,
                    help="bytes per block of non-expert tensors (multiple of 4096)")
     p.add_argument("--quant", metavar="int8|int4|mixed",
@@ -29,6 +31,15 @@ def add_hf_parser(pack_subparsers) -> None:
 
 def _run_hf(args) -> int:
     from ..pack.hf_import import pack_hf
+    if (args.out is None) == (args.append is None):
+        raise ValueError("give one of -o OUT.edgepack or --append PACK")
+    if args.append is not None:
+        from ..update.append import append_hf
+        s = append_hf(args.append, args.model_dir, progress=not args.quiet, quant=args.quant,
+                      group_size=args.group_size)
+        print(f"appended to {args.append}: version {s['generation']}, "
+              f"{s['bytes_added'] / 2**20:.2f} MiB of new blocks")
+        return 0
     s = pack_hf(args.model_dir, args.out, block_size=args.block_size, progress=not args.quiet,
                 quant=args.quant, group_size=args.group_size)
     print(f"{args.out}: {s['family']}, {s['experts']} experts "

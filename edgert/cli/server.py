@@ -21,6 +21,10 @@ def register(sub) -> None:
                    "allowed in")
     s.add_argument("--heartbeat", metavar="SECONDS", type=float, default=1.0,
                    help="how often devices beat; silent for 3 of them, a device is forgotten")
+    s.add_argument("--packs", metavar="DIR", help="serve signed updates of the packs in DIR "
+                   "(docs/updates.md); needs --signing-key")
+    s.add_argument("--signing-key", metavar="FILE", help="the signing.key of `edgert keys "
+                   "signing`")
     s.set_defaults(func=_server)
 
 
@@ -33,10 +37,19 @@ def _server(args) -> int:
     if not 0.01 <= args.heartbeat <= 60:
         raise ConfigError("--heartbeat must be between 0.01 and 60 seconds")
     check_plain_tcp(check_endpoint(args.bind), args.curve_secret is not None)
+    packs = None
+    if (args.packs is None) != (args.signing_key is None):
+        raise ConfigError("--packs and --signing-key go together")
+    if args.packs is not None:
+        import os
+        from ..update.keys import load_private
+        if not os.path.isdir(args.packs):
+            raise ConfigError(f"--packs {args.packs}: not a directory")
+        packs = (args.packs, load_private(args.signing_key))
     store = open_store(args.store)
     try:
         srv = FleetServer(store, args.bind, curve_secret=args.curve_secret,
-                          allow_dir=args.allow_dir, heartbeat_s=args.heartbeat)
+                          allow_dir=args.allow_dir, heartbeat_s=args.heartbeat, packs=packs)
 
         def stop(signum, frame):
             srv.stop()

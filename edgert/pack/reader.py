@@ -375,13 +375,23 @@ class PackReader:
                 changes.append("the path now names another file")
         except FileNotFoundError:
             changes.append("the path no longer exists")
-        if now.st_size != size:
+        # NOTE: an append (a new version: edgert/update/) keeps every committed byte, so a
+        # reader of the old version may go on: the file grew and our footer is intact
+        appended = now.st_size > size and self._footer_intact()
+        if now.st_size != size and not appended:
             changes.append(f"size {size} -> {now.st_size} bytes")
-        if now.st_mtime_ns != mtime:
+        if now.st_mtime_ns != mtime and not appended:
             changes.append("modified")
         if changes:
             raise self._corrupt(f"pack file changed since it was opened ({', '.join(changes)}); "
                                 "open it again (rt.load) to use the new contents")
+
+    def _footer_intact(self) -> bool:
+        try:
+            raw = os.pread(self.storage.fd, FOOTER_SIZE, self.footer_offset)
+            return Footer.decode(raw) == self.footer
+        except (OSError, ValueError):
+            return False
 
     # --- offline tools (verify, inspect) -------------------------------------------------
     def read_block(self, idx: int, *, tensor: str | None = None) -> bytes:

@@ -1,6 +1,7 @@
 """PackWriter: write a new pack (temporary file + rename) or append to an existing one."""
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 
@@ -49,6 +50,13 @@ class PackWriter:
         self.path = os.fspath(path)
         self._tmp = None
         self._f = open(self.path, "r+b")
+        try:                 # NOTE: one appender at a time (a CLI append and an update, say)
+            fcntl.flock(self._f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self._f.close()
+            from ..errors import EdgertError
+            raise EdgertError(f"{self.path}: another process is appending to it; try again "
+                              "when it is done") from None
         # NOTE: drop any torn tail left by an earlier crashed append; the footer we keep is
         # the newest valid one, so nothing committed is lost.
         self._f.truncate(reader.file_end)
@@ -66,6 +74,10 @@ class PackWriter:
     @property
     def block_size(self) -> int:
         return self._m.block_size
+
+    @property
+    def generation(self) -> int:
+        return self._m.generation
 
     @property
     def config(self) -> dict:
@@ -136,6 +148,35 @@ class PackWriter:
     def add_extent(self, buffer) -> int:
         """Store one extent of any length (e.g. all of an expert's tensors); its block index."""
         return self._write_extent(memoryview(buffer).cast("B"))
+
+    def find(self, h: bytes, length: int) -> BlockEntry | None:
+        """The stored entry of a block with hash ``h`` and ``length`` bytes, if any."""
+        idx = self._by_hash.get(h)
+        ent = None if idx is None else self._m.blocks[idx]
+        return ent if ent is not None and ent.length == length else None
+
+    def store_raw(self, data) -> BlockEntry:
+        """Store ``data`` as one extent, as it is (no zero-block detection), unless a block
+        of that hash and length is stored; its entry. For a manifest built outside the
+        writer (`replace_manifest`, edgert/update/graft.py)."""
+        data = memoryview(data).cast("B")
+        ent = self.find(block_hash(data), len(data))
+        if ent is not None:
+            return ent
+        start = align_up(self._pos)
+        self._f.seek(self._pos)
+        self._f.write(b"\0" * (start - self._pos))
+        self._f.write(data)
+        self._pos = start + len(data)
+        ent = BlockEntry(block_hash(data), start, len(data))
+        self._by_hash[ent.hash] = len(self._m.blocks)
+        self._m.blocks.append(ent)
+        return ent
+
+    def replace_manifest(self, manifest: Manifest) -> None:
+        """Commit ``manifest`` instead of the one built so far; every stored entry in it
+        must come from this pack (`find`, `store_raw`)."""
+        self._m = manifest
 
     def add_task(self, name: str, tensors: dict[str, TensorSpec]) -> None:
         if not isinstance(name, str) or not name:

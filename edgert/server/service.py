@@ -58,7 +58,9 @@ class FleetServer:
     """Serves one endpoint from one store. ``run()`` until ``stop()`` (thread-safe)."""
 
     def __init__(self, store: Store, bind: str = "tcp://127.0.0.1:0", *, curve_secret=None,
-                 allow_dir=None, heartbeat_s: float = HEARTBEAT_S):
+                 allow_dir=None, heartbeat_s: float = HEARTBEAT_S, packs=None):
+        """``packs``: (DIR, Ed25519 private key) to serve signed pack updates
+        (edgert/server/packs.py), or None."""
         if (curve_secret is None) != (allow_dir is None):
             raise ValueError("--curve-secret and --allow-dir go together")
         # NOTE: a store only this process uses keeps small state in memory (store.WriteBehind)
@@ -88,6 +90,15 @@ class FleetServer:
                      "switch": self._switch, "snapshot": self._snapshot, "stats": self._stats,
                      "kv_lookup": self._kv_lookup, "kv_get": self._kv_get, "kv_put": self._kv_put}
         self.kv_quota = KV_QUOTA
+        self.packs = None
+        if packs is not None:
+            from .packs import PackShelf
+            try:
+                self.packs = PackShelf(packs[0], packs[1], self.store)
+            except BaseException:
+                self._close()
+                raise
+            self._ops.update(self.packs.ops())
 
     # --- loop ----------------------------------------------------------------------------
     def run(self) -> None:
@@ -163,6 +174,8 @@ class FleetServer:
         """Close the socket and the context (idempotent)."""
         if self._ctx.closed:
             return
+        if getattr(self, "packs", None) is not None:
+            self.packs.close()
         r = getattr(self, "_router", None)
         if r is not None:
             r.close(0)
@@ -279,7 +292,8 @@ class FleetServer:
 
     def _stats(self, args: dict) -> dict:
         return {"endpoint": self.endpoint, "live_devices": sorted(self.live),
-                "counters": dict(self.counters), "store": self.store.stats()}
+                "counters": dict(self.counters), "store": self.store.stats(),
+                **({"packs": self.packs.stats()} if self.packs is not None else {})}
 
 
 def _hex(v, what: str) -> str:

@@ -74,7 +74,9 @@ class WriteBehind(Store):
     loses at most the last FLUSH_S of learning, never a half-written value."""
 
     FLUSH_S = 0.5
-    PASS = "kv:"              # chunks go straight through (large; they carry TTLs)
+    # KV chunks and pack blocks go straight through (large); so do signed pack envelopes
+    # (a device must see what the store holds, and another process may publish them)
+    PASS = ("kv:", "blk:", "pk:")
 
     def __init__(self, inner: Store):
         import threading
