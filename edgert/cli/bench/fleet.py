@@ -111,9 +111,10 @@ def replay(pack: str, switches: list[tuple], devices: int, server: str | None) -
         rts.append(rt)
         first = next(task for _, dd, task in switches if dd == d)
         models.append(rt.load(pack, name="tasks", task=first, prepack="off"))
-    if server:
+    if server:                                # connected, and the snapshot's hints prewarmed
         for rt in rts:
             _wait(lambda: rt.stats()["server"]["connected"], 10)
+            rt.fleet.wait_prewarmed(PREWARM_WAIT_S)
     times, from_mem, seen = [], [], set()
     for t, d, task in switches:
         m, rt = models[d], rts[d]
