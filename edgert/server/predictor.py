@@ -61,11 +61,14 @@ def _norm(d: dict) -> dict:
     return {k: v / s for k, v in d.items()} if s > 0 else {}
 
 
-def _around(table: dict, h: int, bins: int) -> dict:
+def _around(table: dict, h: int, bins: int, skip: str | None = None) -> dict:
     out: dict[str, float] = {}
+    here, lo, hi = str(h), str((h - 1) % bins), str((h + 1) % bins)
     for task, counts in table.items():
-        v = counts.get(str(h), 0.0) + NEIGHBOUR * (counts.get(str((h - 1) % bins), 0.0)
-                                                   + counts.get(str((h + 1) % bins), 0.0))
+        if task == skip:
+            continue
+        get = counts.get
+        v = get(here, 0.0) + NEIGHBOUR * (get(lo, 0.0) + get(hi, 0.0))
         if v > 0:
             out[task] = v
     return out
@@ -84,23 +87,33 @@ def trans_probs(st: dict, current: str | None) -> dict:
     return _norm(dict(st["trans"].get(current, {}))) if current is not None else {}
 
 
-def _signals(st: dict, current: str | None, t: float) -> dict[str, dict]:
-    sig = {"day": daily_probs(st, t), "profile": profile_probs(st, t),
-           "trans": trans_probs(st, current)}
-    if current is not None:          # a hint never names the active task
-        sig = {k: _norm({t_: p for t_, p in v.items() if t_ != current})
-               for k, v in sig.items()}
-    return sig
+def _signals(st: dict, current: str | None, h: int) -> dict[str, dict]:
+    """Each signal's probabilities at hour of the week ``h``, the active task left out (a
+    hint never names it). Unnormalised counts: ``_mix`` normalises each once."""
+    row = st["trans"].get(current, {}) if current is not None else {}
+    return {"day": _around(st["day"], h % DAY, DAY, current),
+            "profile": _around(st["profile"], h, WEEK, current),
+            "trans": {k: v for k, v in row.items() if k != current}}
+
+
+def _mix(st: dict, sig: dict[str, dict]) -> dict:
+    score, out, wsum = st["score"], {}, 0.0
+    for name, counts in sig.items():
+        total = sum(counts.values())
+        if total <= 0:
+            continue
+        w = score[name]
+        wsum += w
+        for task, v in counts.items():
+            out[task] = out.get(task, 0.0) + w * v / total
+    return {k: v / wsum for k, v in out.items()} if wsum > 0 else {}
 
 
 def predict(st: dict, current: str | None, t: float) -> dict:
     """Probability of each task being the next switch, from one state."""
-    sig = _signals(upgrade(st), current, t)
-    w = {k: st["score"][k] for k, v in sig.items() if v}
-    if sum(w.values()) == 0:
-        return {}
-    keys = set().union(*(sig[k] for k in w))
-    return _norm({task: sum(w[k] * sig[k].get(task, 0.0) for k in w) for task in keys})
+    if "unit" not in st:
+        upgrade(st)
+    return _mix(st, _signals(st, current, hour_of_week(t)))
 
 
 def _add(counts: dict, key: str, unit: float) -> None:
@@ -121,16 +134,24 @@ def _rescale(st: dict) -> None:
     st["unit"] = 1.0
 
 
-def observe(st: dict, task: str, t: float) -> None:
-    """Fold in a switch to ``task`` at time ``t``: score the signals first, then learn."""
-    upgrade(st)
-    prev = st["last"]
-    for name, probs in _signals(st, prev, t).items():
-        if probs:
-            s = st["score"]
-            s[name] = (1 - SCORE_EMA) * s[name] + SCORE_EMA * probs.get(task, 0.0)
+_LAST = object()
+
+
+def observe(st: dict, task: str, t: float, prev=_LAST) -> None:
+    """Fold in a switch from ``prev`` (default: the state's last task) to ``task`` at time
+    ``t``: score the signals first, then learn. The fleet's state is told each device's own
+    ``prev``: its "last" is whatever any device did last, no task a device switched from."""
+    if "unit" not in st:
+        upgrade(st)
+    if prev is _LAST:
+        prev = st["last"]
+    h, s = hour_of_week(t), st["score"]
+    for name, counts in _signals(st, prev, h).items():
+        total = sum(counts.values())
+        if total > 0:
+            s[name] = (1 - SCORE_EMA) * s[name] + SCORE_EMA * counts.get(task, 0.0) / total
     st["unit"] /= DECAY
-    u, h = st["unit"], hour_of_week(t)
+    u = st["unit"]
     _add(st["profile"].setdefault(task, {}), str(h), u)
     _add(st["day"].setdefault(task, {}), str(h % DAY), u)
     if prev is not None:

@@ -165,21 +165,24 @@ def bench_predict(args, devices: int, days: int) -> dict:
         store = open_store(f"dir:{tmp}/store")
         srv = FleetServer(store, "tcp://127.0.0.1:0")
         thread = threading.Thread(target=srv.run, daemon=True)
-        thread.start()
         try:
             prev: dict[int, str] = {}
-            for t, d, task in history:           # the fleet's history, as reported
-                dev = f"bench-{d}"
+            for t, d, task in history:           # the fleet's history, as reported (before
+                dev = f"bench-{d}"               # the loop runs: its ops are not thread-safe)
                 srv.live[dev] = time.monotonic() + 1e9
                 srv._switch({"device": dev, "model": fp, "task": task, "t": t,
                              "current": prev.get(d)})
                 prev[d] = task
             srv.live.clear()
+            thread.start()
             alone = replay(args.pack, measured, devices, None)
             pred = replay(args.pack, measured, devices, srv.endpoint)
         finally:
             srv.stop()
-            thread.join(5)
+            if thread.is_alive():
+                thread.join(5)
+            else:
+                srv._close()
             store.close()
     served_bytes = _served_bytes(args.pack, measured)
     return {"devices": devices, "days": days, "history_switches": len(history),

@@ -65,9 +65,23 @@ class Redis:
                 time.sleep(0.02)
         r.close()
 
+    def cpu_s(self) -> float:
+        """CPU seconds the redis-server process has used."""
+        return _cpu_s(self.p.pid)
+
     def stop(self) -> None:
         self.p.terminate()
         self.p.wait(5)
+
+
+def _cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process (Linux /proc; 0 elsewhere)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return 0.0
 
 
 def redis_available() -> bool:
@@ -188,7 +202,13 @@ def bench_ops(args) -> dict:
             ports = [_free_port() for _ in range(n)]
             procs = [_server(red.url if red else f"dir:{tmp}/ops", p) for p in ports]
             try:
-                out[f"{kind}x{n}"] = _load(ports, seconds, encode_request, decode_reply)
+                cpu0 = [_cpu_s(p.pid) for p in procs], red.cpu_s() if red else 0.0
+                r = _load(ports, seconds, encode_request, decode_reply)
+                cpu1 = [_cpu_s(p.pid) for p in procs], red.cpu_s() if red else 0.0
+                # NOTE: CPU per op holds on a shared machine where ops/s does not
+                r["server_cpu_us_per_op"] = 1e6 * (sum(cpu1[0]) - sum(cpu0[0])) / max(1, r["ops"])
+                r["redis_cpu_us_per_op"] = 1e6 * (cpu1[1] - cpu0[1]) / max(1, r["ops"])
+                out[f"{kind}x{n}"] = r
             finally:
                 for p in procs:
                     p.terminate()
@@ -197,7 +217,9 @@ def bench_ops(args) -> dict:
                     red.stop()
     for k, r in out.items():
         print(f"server ops/s, {DEVICES} devices, {k}: {r['ops_per_s']:.0f} "
-              f"({r['errors']} errors)")
+              f"({r['errors']} errors; CPU per op: servers {r['server_cpu_us_per_op']:.0f} us, "
+              f"Redis {r['redis_cpu_us_per_op']:.0f} us; load average "
+              f"{os.getloadavg()[0]:.1f})")
     return {"by_setup": out, "server_ops_per_s": {k: r["ops_per_s"] for k, r in out.items()}}
 
 
