@@ -1,11 +1,12 @@
 """RedisStore (``redis://HOST:PORT/DB``): one Redis key per value, under ``edgert:``.
 
 Look-ups of many keys are one MGET; writes of many (and counters beside them) one
-pipeline without MULTI; TTLs are Redis's own (``PX``). Where atomicity matters across
-server processes: ``merge`` (WATCH/MULTI, retried) and ``charge`` (one Lua script). Several server processes may share one Redis: every piece of state is in it,
-counters use INCR. For KV chunks, run Redis with a ``maxmemory`` and
-``maxmemory-policy volatile-lru`` (chunks carry TTLs, state does not, so only chunks are
-evicted) or ``allkeys-lru`` on a Redis that holds nothing but chunks.
+pipeline without MULTI; a server's burst of requests one pipeline (``RedisBatch``); TTLs
+are Redis's own (``PX``). Several server processes may share one Redis: every piece of
+state is in it. Where atomicity matters across them: ``merge`` (WATCH/MULTI, retried),
+``charge`` (one Lua script), counters (INCRBY). For KV chunks, run Redis with a
+``maxmemory`` and ``maxmemory-policy volatile-lru`` (chunks carry TTLs, state does not,
+so only chunks are evicted) or ``allkeys-lru`` on a Redis that holds nothing but chunks.
 """
 from __future__ import annotations
 

@@ -20,6 +20,14 @@ its last (in a switch reply or a beat) asks for a snapshot. A device that misses
 ``LIVENESS`` heartbeats is forgotten (Paranoid Pirate); its next request is refused with
 ``unregistered`` and it registers again. All state but liveness is in the store, so a
 restarted server, or a second one on the same Redis, carries on.
+
+Round trips to the store: a live device's seq, hints and predictors are kept in memory
+(a device talks to one server at a time; they are read afresh when it registers) and
+written through; beat, switch, snapshot and kv_lookup put their store calls in one batch
+per burst of requests (``Store.batch``: one Redis pipeline) answered in order once it has
+run. The fleet-wide predictor is folded in every ``WriteBehind.FLUSH_S`` (``Store.merge``,
+atomic across servers), so a killed server loses at most that long of the fleet's
+learning, never a device's.
 """
 from __future__ import annotations
 
