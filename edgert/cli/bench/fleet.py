@@ -115,7 +115,7 @@ def replay(pack: str, switches: list[tuple], devices: int, server: str | None) -
         for rt in rts:
             _wait(lambda: rt.stats()["server"]["connected"], 10)
             rt.fleet.wait_prewarmed(PREWARM_WAIT_S)
-    times, from_mem, seen = [], [], set()
+    times, from_mem, read, seen = [], [], [], set()
     for t, d, task in switches:
         m, rt = models[d], rts[d]
         if d not in seen:                     # the load made the first task active
@@ -127,10 +127,12 @@ def replay(pack: str, switches: list[tuple], devices: int, server: str | None) -
         res = m.switch(task)
         times.append(1e3 * res.seconds)
         from_mem.append(res.from_storage == 0)
+        read.append(res.bytes_read)
         if rt.fleet is not None:              # the idle time until the next switch
             _wait(lambda: rt.fleet.seq > seq, PREWARM_WAIT_S)
             rt.fleet.wait_prewarmed(PREWARM_WAIT_S)
     srv = [rt.stats()["server"] for rt in rts]
+    storage = [m.storage.stats() for m in models]
     for rt in rts:
         rt.close()
     used = sum(s.get("used_prewarm_bytes", 0) for s in srv)
@@ -138,7 +140,11 @@ def replay(pack: str, switches: list[tuple], devices: int, server: str | None) -
             "switch_ms": summary(times), "switch_ms_raw": times,
             "prewarmed_bytes": sum(s["prewarmed_bytes"] for s in srv),
             "wrong_guess_bytes": sum(s["unused_prewarm_bytes"] for s in srv),
-            "used_prewarm_bytes": used, "hints_used": sum(s["hints_used"] for s in srv)}
+            "used_prewarm_bytes": used, "hints_used": sum(s["hints_used"] for s in srv),
+            "bytes_read_per_switch": summary(read),
+            "read_path": {"requested": cfg.storage.read_mode,
+                          "used": sorted({st["mode"] for st in storage}),
+                          "fallback": sorted({st["fallback_reason"] for st in storage} - {""})}}
 
 
 def _wait(cond, timeout: float) -> bool:
@@ -220,6 +226,7 @@ def main(args) -> int:
         out["predict"] = p = bench_predict(args, devices, days)
         for k in ("prewarm_hit_rate", "switch_p50_ms", "switch_p99_ms", "wrong_guess_bytes"):
             out[k] = p[k]
+        out["switch_read_path"] = p["alone"]["read_path"]
         a, b = p["switch_p99_ms"]["without"], p["switch_p99_ms"]["with"]
         print(f"prediction ({devices} devices, {p['predicted']['switches']} switches on the "
               f"last of {days} days):")
@@ -230,6 +237,13 @@ def main(args) -> int:
         print(f"  switch p99 ms       with {b:.2f}  without {a:.2f}  ratio {a / max(b, 1e-9):.1f}x")
         print(f"  prewarmed, unused   {p['wrong_guess_bytes'] / 1e6:.1f} MB (switches changed "
               f"{p['switched_bytes'] / 1e6:.1f} MB)")
+        rp, br = p["alone"]["read_path"], p["alone"]["bytes_read_per_switch"]
+        print(f"  reads               {', '.join(rp['used'])} (the device config's "
+              f"storage.read_mode: {rp['requested']}, as every config in device_configs/: "
+              f"a read costs what the storage costs, no page cache between)"
+              + (f"; fell back: {'; '.join(rp['fallback'])}" if rp["fallback"] else ""))
+        print(f"  bytes read a switch without: p50 {br['p50'] / 1e6:.1f} MB, p99 "
+              f"{br['p99'] / 1e6:.1f} MB")
     if "kv" not in args.skip:
         out["kv"] = k = bench_kv(args)
         out["kv_shared_ttft_speedup"] = k.get("kv_shared_ttft_speedup")
