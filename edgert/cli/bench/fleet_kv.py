@@ -191,6 +191,17 @@ def _server(store: str, port: int) -> subprocess.Popen:
     return p
 
 
+def _stop(p: subprocess.Popen) -> None:
+    """A clean stop (the server writes its state back: on a dir: store an fsync per key,
+    seconds on a busy disk), killed only if it hangs."""
+    p.terminate()
+    try:
+        p.wait(60)
+    except subprocess.TimeoutExpired:
+        p.kill()
+        p.wait(5)
+
+
 def bench_ops(args) -> dict:
     from ...control.protocol import decode_reply, encode_request
     seconds = 2.0 if args.quick else 5.0
@@ -211,8 +222,7 @@ def bench_ops(args) -> dict:
                 out[f"{kind}x{n}"] = r
             finally:
                 for p in procs:
-                    p.terminate()
-                    p.wait(5)
+                    _stop(p)
                 if red:
                     red.stop()
     for k, r in out.items():
