@@ -159,16 +159,16 @@ def test_a_slow_server_is_not_waited_for(server, packs):
     ids = prompt(N, seed=7)
     publish(server.endpoint, packs[0], ids)
     rt, lm = device(server.endpoint, "b", packs[0])
-    fast = server.srv._ops["kv_lookup"]
+    fast = server.srv._queued["kv_lookup"]      # a look-up as the server's loop makes it
 
-    def slow(args):
+    def slow(args, batch):
         time.sleep(0.6)                 # past LOOKUP_TIMEOUT_S (0.25 s)
-        return fast(args)
-    server.srv._ops["kv_lookup"] = slow
+        return fast(args, batch)
+    server.srv._queued["kv_lookup"] = slow
     for _ in range(2):
         np.testing.assert_array_equal(run(lm, ids), reference(packs[0], ids))
     assert server_tier(lm)["hit_tokens"] == 0
-    server.srv._ops["kv_lookup"] = fast
+    server.srv._queued["kv_lookup"] = fast
     time.sleep(1.5)                     # the late answers arrive and are skipped
     np.testing.assert_array_equal(run(lm, ids), reference(packs[0], ids))
     rt.close()

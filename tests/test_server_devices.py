@@ -227,3 +227,20 @@ def test_a_curve_server_admits_allowed_devices_only(store, tiny, tmp_path):
     finally:
         srv.stop()
         t.join(5)
+
+
+def test_a_hinted_prewarm_keeps_the_wanted_blocks_it_already_holds(tiny):
+    with edgert.Runtime(config(weights=500 * 1024 + 80 * 4096)) as rt:
+        m = rt.load(tiny.pack, name="tasks", task="detect", prepack="off")
+        m.switch("lane")                 # detect's blocks kept in spare slots, then lane's
+        m.switch("sign")                 # (newer): a full cache, detect's the oldest
+        sw, blocks = m.switcher, m.reader.blocks
+        assert sw.cache.pool.try_alloc(reclaim=False) is None     # full
+        before = {b for b in range(len(blocks)) if sw.cache.contains(blocks[b].hash)}
+        want = set(sw.plan([("parking", 0.6), ("detect", 0.4)])[0])
+        kept = want & before
+        assert kept and want - before    # some wanted blocks held, some to read
+        got = m.prewarm_weighted([("parking", 0.6), ("detect", 0.4)])
+        assert not set(got) & before     # nothing it held was read again
+        assert set(got) == want - before
+        assert all(sw.cache.contains(blocks[b].hash) for b in want)

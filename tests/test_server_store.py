@@ -61,6 +61,49 @@ def test_sizes_in_one_call(store):
     assert store.sizes(["kv:b", "kv:none", "kv:a"]) == [3, None, 10]
 
 
+def test_put_incr_writes_and_counts_together(store):
+    assert store.put_incr({"pred:a": b"1", "hints:a": b"2"}, {"seq:a": 1}) == {"seq:a": 1}
+    assert store.put_incr({"pred:a": b"3"}, {"seq:a": 1, "seq:b": 5}) == {"seq:a": 2,
+                                                                         "seq:b": 5}
+    assert store.get_many(["pred:a", "hints:a", "seq:a"]) == [b"3", b"2", b"2"]
+
+
+def test_merge_reads_modifies_and_writes(store):
+    assert store.merge("pred:fleet", lambda old: (old or b"") + b"a") == b"a"
+    assert store.merge("pred:fleet", lambda old: old + b"b") == b"ab"
+    assert store.get("pred:fleet") == b"ab"
+
+
+def test_a_charge_stops_at_the_limit_and_the_window_starts_again(store):
+    assert store.charge("kvq:d", 60, 100, window_s=0.5)
+    assert store.charge("kvq:d", 40, 100, window_s=0.5)          # exactly at the limit
+    assert not store.charge("kvq:d", 1, 100, window_s=0.5)       # past it: refused,
+    assert store.get("kvq:d") == b"100"                          # the counter unchanged
+    assert not store.charge("kvq:e", 101, 100, window_s=0.5)     # per key; one too large
+    assert store.charge("kvq:e", 100, 100, window_s=0.5)
+    time.sleep(0.8)                                              # the window is over
+    assert store.get("kvq:d") is None
+    assert store.charge("kvq:d", 100, 100, window_s=0.5)
+
+
+def test_merges_from_two_clients_lose_nothing(redis_url):  # noqa: F811
+    """Two server processes folding into one shared key (the fleet's predictor)."""
+    import threading
+    a, b = open_store(redis_url), open_store(redis_url)
+
+    def add(s):
+        for _ in range(100):
+            s.merge("pred:n", lambda old: str(int(old or b"0") + 1).encode())
+    ts = [threading.Thread(target=add, args=(s,)) for s in (a, b)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    assert a.get("pred:n") == b"200"
+    a.close()
+    b.close()
+
+
 def test_stats_report_keys_and_bytes(store):
     store.put("kv:big", b"x" * 100_000)
     st = store.stats()

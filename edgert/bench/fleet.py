@@ -97,10 +97,11 @@ def replay(pack: str, switches: list[tuple], devices: int, server: str | None) -
         rts.append(rt)
         first = next(task for _, dd, task in switches if dd == d)
         models.append(rt.load(pack, name="tasks", task=first, prepack="off"))
-    if server:
+    if server:                                # connected, and the snapshot's hints prewarmed
         for rt in rts:
             _wait(lambda: rt.stats()["server"]["connected"], 10)
-    times, from_mem, seen = [], [], set()
+            rt.fleet.wait_prewarmed(PREWARM_WAIT_S)
+    times, from_mem, read, seen = [], [], [], set()
     for t, d, task in switches:
         m, rt = models[d], rts[d]
         if d not in seen:                     # the load made the first task active
@@ -112,10 +113,12 @@ def replay(pack: str, switches: list[tuple], devices: int, server: str | None) -
         res = m.switch(task)
         times.append(1e3 * res.seconds)
         from_mem.append(res.from_storage == 0)
+        read.append(res.bytes_read)
         if rt.fleet is not None:              # the idle time until the next switch
             _wait(lambda: rt.fleet.seq > seq, PREWARM_WAIT_S)
             rt.fleet.wait_prewarmed(PREWARM_WAIT_S)
     srv = [rt.stats()["server"] for rt in rts]
+    storage = [m.storage.stats() for m in models]
     for rt in rts:
         rt.close()
     used = sum(s.get("used_prewarm_bytes", 0) for s in srv)
@@ -123,7 +126,11 @@ def replay(pack: str, switches: list[tuple], devices: int, server: str | None) -
             "switch_ms": summary(times), "switch_ms_raw": times,
             "prewarmed_bytes": sum(s["prewarmed_bytes"] for s in srv),
             "wrong_guess_bytes": sum(s["unused_prewarm_bytes"] for s in srv),
-            "used_prewarm_bytes": used, "hints_used": sum(s["hints_used"] for s in srv)}
+            "used_prewarm_bytes": used, "hints_used": sum(s["hints_used"] for s in srv),
+            "bytes_read_per_switch": summary(read),
+            "read_path": {"requested": cfg.storage.read_mode,
+                          "used": sorted({st["mode"] for st in storage}),
+                          "fallback": sorted({st["fallback_reason"] for st in storage} - {""})}}
 
 
 def _wait(cond, timeout: float) -> bool:
@@ -150,21 +157,24 @@ def bench_predict(args, devices: int, days: int) -> dict:
         store = open_store(f"dir:{tmp}/store")
         srv = FleetServer(store, "tcp://127.0.0.1:0")
         thread = threading.Thread(target=srv.run, daemon=True)
-        thread.start()
         try:
             prev: dict[int, str] = {}
-            for t, d, task in history:           # the fleet's history, as reported
-                dev = f"bench-{d}"
+            for t, d, task in history:           # the fleet's history, as reported (before
+                dev = f"bench-{d}"               # the loop runs: its ops are not thread-safe)
                 srv.live[dev] = time.monotonic() + 1e9
                 srv._switch({"device": dev, "model": fp, "task": task, "t": t,
                              "current": prev.get(d)})
                 prev[d] = task
             srv.live.clear()
+            thread.start()
             alone = replay(args.pack, measured, devices, None)
             pred = replay(args.pack, measured, devices, srv.endpoint)
         finally:
             srv.stop()
-            thread.join(5)
+            if thread.is_alive():
+                thread.join(5)
+            else:
+                srv._close()
             store.close()
     served_bytes = _served_bytes(args.pack, measured)
     return {"devices": devices, "days": days, "history_switches": len(history),
@@ -202,6 +212,7 @@ def main(args) -> int:
         out["predict"] = p = bench_predict(args, devices, days)
         for k in ("prewarm_hit_rate", "switch_p50_ms", "switch_p99_ms", "wrong_guess_bytes"):
             out[k] = p[k]
+        out["switch_read_path"] = p["alone"]["read_path"]
         a, b = p["switch_p99_ms"]["without"], p["switch_p99_ms"]["with"]
         print(f"prediction ({devices} devices, {p['predicted']['switches']} switches on the "
               f"last of {days} days):")
@@ -212,6 +223,13 @@ def main(args) -> int:
         print(f"  switch p99 ms       with {b:.2f}  without {a:.2f}  ratio {a / max(b, 1e-9):.1f}x")
         print(f"  prewarmed, unused   {p['wrong_guess_bytes'] / 1e6:.1f} MB (switches changed "
               f"{p['switched_bytes'] / 1e6:.1f} MB)")
+        rp, br = p["alone"]["read_path"], p["alone"]["bytes_read_per_switch"]
+        print(f"  reads               {', '.join(rp['used'])} (the device config's "
+              f"storage.read_mode: {rp['requested']}, as every config in device_configs/: "
+              f"a read costs what the storage costs, no page cache between)"
+              + (f"; fell back: {'; '.join(rp['fallback'])}" if rp["fallback"] else ""))
+        print(f"  bytes read a switch without: p50 {br['p50'] / 1e6:.1f} MB, p99 "
+              f"{br['p99'] / 1e6:.1f} MB")
     if "kv" not in args.skip:
         out["kv"] = k = bench_kv(args)
         out["kv_shared_ttft_speedup"] = k.get("kv_shared_ttft_speedup")

@@ -152,6 +152,13 @@ class TaskModel(LoadedModel):
         with self._lock:
             self._check_open()
             order, _ = self.switcher.plan([(t, w) for t, w in weighted if t in self.tasks])
+            # NOTE: wanted blocks already resident are touched first (no read): else the
+            # first loads evict them as least recently used and they are read back later
+            cached = self.switcher.cache.contains
+            blocks = self.reader.blocks
+            here = [b for b in order if cached(blocks[b].hash)]
+            self.switcher.prefetch(here[::-1])
+            order = [b for b in order if not cached(blocks[b].hash)]
         got: list[int] = []
         for i in range(0, len(order), PREWARM_STEP):
             if self._waiting or stop():

@@ -149,6 +149,18 @@ class DirStore(Store):
             _fsync_dir(self.data)
             return n
 
+    def charge(self, key: str, by: int, limit: int, window_s: float) -> bool:
+        now = time.time()
+        with self._lock:
+            live = self._live(key, now)
+            old = int(self._read(key) or b"0") if live else 0
+            if old + by > limit:
+                return False
+            expiry = self._index[key][0] if live and self._index[key][0] else now + window_s
+            self._write(key, str(old + by).encode(), expiry)
+            _fsync_dir(self.data)
+            return True
+
     def stats(self) -> dict:
         with self._lock:
             return {"backend": "dir", "spec": self.spec, "keys": len(self._index),

@@ -47,17 +47,72 @@ class Store(ABC):
         """Add ``by`` to the counter at ``key`` (0 when absent) atomically; the new value."""
 
     @abstractmethod
+    def charge(self, key: str, by: int, limit: int, window_s: float) -> bool:
+        """Add ``by`` to the counter at ``key`` unless that takes it past ``limit`` (then
+        False, the counter unchanged), atomically; a counter lives ``window_s`` from its
+        first charge (a quota per window), then starts again from 0."""
+
+    @abstractmethod
     def stats(self) -> dict:
         """``backend``, ``keys``, ``bytes`` (memory or disk the store uses)."""
 
+    def put_incr(self, items: dict[str, bytes], counters: dict[str, int]) -> dict[str, int]:
+        """Write ``items`` and add to ``counters`` in one round trip (the two not atomic
+        together); the counters' new values."""
+        self.put_many(items)
+        return {k: self.incr(k, by) for k, by in counters.items()}
+
+    def merge(self, key: str, fn) -> bytes:
+        """Replace the value at ``key`` with ``fn(old)`` (old: None when absent), atomically
+        against other processes sharing the store; the new value. ``fn`` may run more than
+        once (a backend retries when another process wrote meanwhile)."""
+        new = fn(self.get(key))
+        self.put(key, new)
+        return new
+
     def close(self) -> None:
         pass
+
+    def batch(self) -> Batch:
+        """Calls to queue and make in one round trip (``Batch``)."""
+        return Batch(self)
 
     def get(self, key: str) -> bytes | None:
         return self.get_many([key])[0]
 
     def put(self, key: str, value: bytes, ttl_s: float | None = None) -> None:
         self.put_many({key: value}, ttl_s)
+
+
+class Batch:
+    """Store calls of several requests made in one round trip: each call returns a getter
+    that gives its result (or raises its error) once ``run()`` has been called. This one
+    makes each call at once (a store without round trips); RedisStore's queues them in one
+    pipeline. Getters are valid only after ``run()``."""
+
+    def __init__(self, store: Store):
+        self.store = store
+
+    def _now(self, fn, *args):
+        try:
+            got = fn(*args)
+        except Exception as e:       # NOTE: handed to the one request that made the call
+            def fail(e=e):
+                raise e
+            return fail
+        return lambda: got
+
+    def sizes(self, keys: list[str]):
+        return self._now(self.store.sizes, keys)
+
+    def put_incr(self, items: dict[str, bytes], counters: dict[str, int]):
+        return self._now(self.store.put_incr, items, counters)
+
+    def run(self) -> None:
+        pass
+
+    def __len__(self) -> int:
+        return 0
 
 
 def check_key(key: str) -> bytes:
@@ -74,9 +129,10 @@ class WriteBehind(Store):
     loses at most the last FLUSH_S of learning, never a half-written value."""
 
     FLUSH_S = 0.5
-    # KV chunks and pack blocks go straight through (large); so do signed pack envelopes
-    # (a device must see what the store holds, and another process may publish them)
-    PASS = ("kv:", "blk:", "pk:")
+    # KV chunks and quota counters go straight through (they carry TTLs; chunks are
+    # large); so do pack blocks and signed pack envelopes (a device must see what the store
+    # holds, and another process may publish them)
+    PASS = ("kv:", "kvq:", "blk:", "pk:")
 
     def __init__(self, inner: Store):
         import threading
@@ -122,6 +178,18 @@ class WriteBehind(Store):
     def keys(self, prefix: str) -> list[str]:
         self.flush()
         return self.inner.keys(prefix)
+
+    def charge(self, key: str, by: int, limit: int, window_s: float) -> bool:
+        if not key.startswith(self.PASS):
+            raise ValueError(f"store key {key!r}: a charged counter's key starts with kvq:")
+        return self.inner.charge(key, by, limit, window_s)
+
+    def merge(self, key: str, fn) -> bytes:
+        with self._lock:
+            self._load([key])
+            new = self._mem[key] = bytes(fn(self._mem[key]))
+            self._dirty.add(key)
+            return new
 
     def incr(self, key: str, by: int = 1) -> int:
         with self._lock:
