@@ -76,6 +76,10 @@ def register(sub) -> None:
     p.add_argument("--reproject", metavar="JSON",
                    help="keep the measured figures of an earlier run's JSON (same model, "
                         "--tokens, --repeats) and redo only the traces and projections")
+    p.add_argument("--peer", choices=["llama.cpp"],
+                   help="instead of the contenders: edgert against llama.cpp on the same model "
+                        "(GGUF f32/Q8_0/Q4_0 vs exact/int8/int4), resident and under the memory "
+                        "of edgert's 25%% run (moe_peer.py; needs the 'peers' extra)")
     p.set_defaults(func=main)
 
 
@@ -315,6 +319,14 @@ def main(args) -> int:
     text = (model / "heldout.txt").read_bytes()
     n_tok = args.tokens or (24 if quick else 192)
     repeats = args.repeats or (1 if quick else 3)
+    if args.peer:
+        from .moe_peer import run_peer
+        print(f"edgert bench moe --peer {args.peer}: {model}, {repeats} x {n_tok} greedy decode "
+              f"steps after a {PROMPT}-byte prompt, {cfg.threads} threads each side", flush=True)
+        write_json({"peer": args.peer, "model": str(model), "tokens": n_tok,
+                    "result": run_peer(model, pack, low_packs, args.config, cfg.threads,
+                                       list(text[:PROMPT]), n_tok, repeats)}, args.json)
+        return 0
     rt = Runtime(cfg)
     torch.set_num_threads(cfg.threads)
     span = PROMPT + n_tok + 1
