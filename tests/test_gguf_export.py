@@ -9,8 +9,9 @@ import pytest
 gguf = pytest.importorskip("gguf")
 pytest.importorskip("transformers")
 
-from edgert.cli.bench.gguf_export import rope_rows, write_gguf  # noqa: E402
-from moe_models import mixtral_config, save  # noqa: E402
+from moe_models import mixtral_config, save
+
+from edgert.cli.bench.gguf_export import rope_rows, write_gguf
 
 H, F, E, HEADS, KVH = 64, 32, 4, 4, 2
 

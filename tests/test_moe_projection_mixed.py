@@ -7,13 +7,13 @@ from dataclasses import replace
 
 import pytest
 import torch
+from test_moe_projection import EXTENT, SHAPE, skewed_trace
 
 from edgert.errors import BudgetExceeded
 from edgert.experts.costmodel import CostModel
 from edgert.experts.mixed import precision_band, split_budget
 from edgert.experts.replay import project
 from edgert.experts.replay_mixed import project_mixed, summary
-from test_moe_projection import EXTENT, SHAPE, skewed_trace
 
 COST = CostModel(read_latency_s=1e-4, read_Bps=EXTENT / 2e-3, token_s=1e-3, layer_s=5e-4,
                  expert_s=2e-4, hint_s=0.0, route_s=3e-5)

@@ -46,7 +46,7 @@ class _Checkpoint:
         self.files = {}
         for f in sorted(model_dir.glob("*.safetensors")):
             h = safe_open(str(f), "np")
-            for k in h.keys():
+            for k in h.keys():  # noqa: SIM118 (safe_open is not a dict)
                 self.files[k] = h
 
     def get(self, name: str) -> np.ndarray:

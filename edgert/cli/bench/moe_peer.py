@@ -33,7 +33,7 @@ N_CTX = 512
 
 def _run(args: dict, timeout: float = 600) -> dict:
     p = subprocess.run([sys.executable, "-m", "edgert.cli.bench.moe_peer_run", json.dumps(args)],
-                       capture_output=True, text=True, timeout=timeout,
+                       check=False, capture_output=True, text=True, timeout=timeout,
                        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
     if p.returncode != 0:
         tail = (p.stderr.strip().splitlines() or [f"exit {p.returncode}"])[-1]
