@@ -53,9 +53,12 @@ def _llama(a: dict):
                 verbose=False)
     load = time.perf_counter() - t
 
+    n_vocab = llm.n_vocab()
+
     def step(ids):
-        llm.eval(ids)
-        return int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        llm.eval(ids)    # NOTE: without logits_all the wrapper keeps no scores: read the C buffer
+        return int(np.argmax(np.ctypeslib.as_array(llm._ctx.get_logits_ith(-1),
+                                                   shape=(n_vocab,))))
     return load, step
 
 
