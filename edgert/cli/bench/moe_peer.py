@@ -6,10 +6,14 @@ Same prompt (64 bytes of held-out text), same greedy decode of N tokens, same th
 (the device config's), each contender in a fresh process (moe_peer_run.py), alternated over
 the repeats; figures: decode tok/s, time to first token, peak resident memory.
 (a) Fully resident: every expert in edgert's arena; llama.cpp with its file mapped.
-(b) Under one memory budget: edgert with its experts at 25% of the float experts' bytes
-    (budget B = what that run's process added to its resident memory at its peak); llama.cpp
-    in a memory cgroup limited to B, page cache included (it maps its model file, so the
-    kernel keeps what fits and reads the rest again, its own expert cache). The cgroup is
+(b) Under one memory budget: edgert with its experts at 25% of the float experts' bytes;
+    llama.cpp in a memory cgroup, page cache included (it maps its model file, so the kernel
+    keeps what fits and reads the rest again, its own expert cache), limited to either
+    figure of that edgert run: B_budget, the peak of what edgert's budget governs (arena:
+    dense weights, expert slots, KV pages; plus charged engine memory; edgert's own torch
+    heap is outside it, while the cgroup counts llama.cpp's compute buffers: a bias against
+    llama.cpp), and B_process, what edgert's whole process added to its resident memory at
+    its peak (interpreter-level allocations of torch included: a bias for llama.cpp). The cgroup is
     made under this process's own memory cgroup (v2: ``memory.max``; v1:
     ``memory.limit_in_bytes``) and removed after; where none can be made the budget rows are
     skipped with the reason printed.
@@ -157,32 +161,40 @@ def run_peer(model: Path, pack: str, low_packs: dict, cfg_arg, threads: int, pro
         ll = {**common, "side": "llama", "path": ggufs[q], "n_ctx": N_CTX}
         frac = _budget_fraction(packs, prec)
         runs = {"edgert resident": [], "llama.cpp resident": [], "edgert 25%": [],
-                "llama.cpp in cgroup": []}
+                "llama.cpp, B_budget": [], "llama.cpp, B_process": []}
         note = None
         for r in range(repeats):
             order = [("edgert resident", {**ed, "budget": 1.0}),
                      ("llama.cpp resident", ll), ("edgert 25%", {**ed, "budget": frac})]
             for name, a in order[r % 3:] + order[:r % 3]:
                 runs[name].append(_run(a))
-            b = _added(runs["edgert 25%"][-1])
-            if b is None:
+            e = runs["edgert 25%"][-1]
+            if "error" in e:
                 continue
-            try:
-                cg = MemoryCgroup(b)
-            except OSError as e:
-                note = f"skipped: cannot make a memory cgroup here ({e})"
-                continue
-            try:
-                res = _run({**ll, "cgroup": cg.path})
-                res.update(limit=b, cgroup_peak=cg.peak(), oom_kills=cg.oom_kills(),
-                           cgroup=cg.version)
-                runs["llama.cpp in cgroup"].append(res)
-            finally:
-                cg.close()
+            for name, b in (("llama.cpp, B_budget", e["budgeted_peak"]),
+                            ("llama.cpp, B_process", _added(e))):
+                res, note = _in_cgroup(ll, b)
+                if res is not None:
+                    runs[name].append(res)
         out[f"{prec} vs {q}"] = {"runs": runs, "budget_fraction": frac, "cgroup_note": note,
                                  "gguf_bytes": os.path.getsize(ggufs[q])}
         _print_pair(prec, q, out[f"{prec} vs {q}"])
     return out
+
+
+def _in_cgroup(args: dict, limit: int) -> tuple[dict | None, str | None]:
+    """(llama.cpp's run in a memory cgroup of ``limit`` bytes, None), or (None, why not)."""
+    try:
+        cg = MemoryCgroup(limit)
+    except OSError as e:
+        return None, f"skipped: cannot make a memory cgroup here ({e})"
+    try:
+        res = _run({**args, "cgroup": cg.path})
+        res.update(limit=limit, cgroup_peak=cg.peak(), oom_kills=cg.oom_kills(),
+                   cgroup=cg.version)
+        return res, None
+    finally:
+        cg.close()
 
 
 def _added(res: dict) -> int | None:
@@ -207,19 +219,23 @@ def _print_pair(prec: str, q: str, d: dict) -> None:
         ok = [r for r in rs if "error" not in r]
         if not ok:
             why = rs[0]["error"] if rs else (d["cgroup_note"] or "not run")
+            if rs and "limit" in rs[0]:
+                why += (f" (limit {rs[0]['limit'] / 1e6:.1f} MB, OOM kills "
+                        f"{sum(r.get('oom_kills', 0) for r in rs)})")
             print(f"  {name:22s} {why}")
             continue
         agree = np.mean([np.mean(np.asarray(r["tokens"]) == np.asarray(ref)) for r in ok]) \
             if ref else float("nan")
         added = np.median([r["peak_rss"] - r["rss_before"] for r in ok])
         extra = ""
-        if name == "llama.cpp in cgroup":
+        if name.startswith("llama.cpp, B_"):
             extra = (f"  (limit {ok[0]['limit'] / 1e6:.1f} MB, cgroup {ok[0]['cgroup']} peak "
                      f"{(_med(ok, 'cgroup_peak') or 0) / 1e6:.1f} MB, OOM kills "
                      f"{sum(r['oom_kills'] for r in ok)})")
         print(f"  {name:22s} {_med(ok, 'tok_s'):8.1f} {1e3 * _med(ok, 'ttft_s'):8.1f} "
               f"{_med(ok, 'peak_rss') / 1e6:12.1f} {added / 1e6:9.1f}  {agree:.3f}{extra}")
-    for a, b in (("edgert resident", "llama.cpp resident"), ("edgert 25%", "llama.cpp in cgroup")):
+    for a, b in (("edgert resident", "llama.cpp resident"), ("edgert 25%", "llama.cpp, B_budget"),
+                 ("edgert 25%", "llama.cpp, B_process")):
         x, y = _med(runs[a], "tok_s"), _med(runs[b], "tok_s")
         if x and y:
             print(f"  {a} / {b}: {x / y:.2f}x decode tok/s")

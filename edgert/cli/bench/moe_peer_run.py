@@ -9,7 +9,9 @@ tok/s over the remaining tokens, the process's resident memory before loading an
 (VmHWM: anonymous and file-mapped pages, so llama.cpp's mapped model counts), the tokens.
 With ``cgroup`` (a memory cgroup directory made by the parent) the process joins it after
 its imports, so the cgroup's limit bounds what loading and decoding add (the model file's
-page cache included), not the interpreter that was already resident.
+page cache included), not the interpreter that was already resident. edgert also reports
+``budgeted_peak``: the peak of what its budget governs (arena: dense weights, expert slots,
+KV pages; plus the engine memory it charged).
 """
 from __future__ import annotations
 
@@ -82,6 +84,8 @@ def _edgert(a: dict):
     def step(ids):
         return int(torch.as_tensor(seq.feed(ids)).argmax())
     step.keep = (rt, lm, seq)            # alive until the process ends
+    step.budgeted = lambda: rt.arena.stats()["peak_bytes"] + \
+        rt.arena.stats()["engine"]["peak"]
     return load, step
 
 
@@ -97,9 +101,11 @@ def run(a: dict) -> dict:
         tok = step([tok])
         times.append(time.perf_counter() - t)
         out.append(tok)
+    budgeted = getattr(step, "budgeted", None)
     return {"load_s": load, "ttft_s": ttft, "tok_s": len(times) / sum(times) if times else None,
             "step_ms_p50": 1e3 * sorted(times)[len(times) // 2] if times else None,
-            "rss_before": base, "peak_rss": _status("VmHWM"), "tokens": out}
+            "rss_before": base, "peak_rss": _status("VmHWM"), "tokens": out,
+            "budgeted_peak": budgeted() if budgeted else None}
 
 
 if __name__ == "__main__":
