@@ -2,8 +2,10 @@
 with like: the checkpoint's float32 against GGUF f32, edgert's int8 experts against Q8_0 and
 its int4 experts against Q4_0 (each quantizes the expert weights only; gguf_export.py).
 
-Same prompt (64 bytes of held-out text), same greedy decode of N tokens, same thread count
-(the device config's), each contender in a fresh process (moe_peer_run.py), alternated over
+Same prompt (64 bytes of held-out text), same greedy decode of N tokens, same threads (the
+device config's `threads` for the prompt, `decode_threads` for a decode step: on 2 shared
+cores llama.cpp decoding this model with 2 threads ran at 0.9 tok/s beside a busy process
+and at 40 with 1), each contender in a fresh process (moe_peer_run.py), alternated over
 the repeats; figures: decode tok/s, time to first token, peak resident memory.
 (a) Fully resident: every expert in edgert's arena; llama.cpp with its file mapped.
 (b) Under one memory budget: edgert with its experts at 25% of the float experts' bytes;
@@ -142,8 +144,8 @@ def _budget_fraction(packs: dict, precision: str) -> float:
     return min(1.0, BUDGET * exact / mine)
 
 
-def run_peer(model: Path, pack: str, low_packs: dict, cfg_arg, threads: int, prompt: list[int],
-             tokens: int, repeats: int) -> dict:
+def run_peer(model: Path, pack: str, low_packs: dict, cfg_arg, threads: int,
+             decode_threads: int, prompt: list[int], tokens: int, repeats: int) -> dict:
     try:
         import llama_cpp  # noqa: F401
     except ImportError as e:
@@ -151,7 +153,8 @@ def run_peer(model: Path, pack: str, low_packs: dict, cfg_arg, threads: int, pro
         return {"skipped": str(e)}
     ggufs = ensure_gguf(model)
     packs = {"exact": pack, "int8": low_packs.get("int8"), "int4": low_packs.get("mixed")}
-    common = {"prompt": prompt, "tokens": tokens, "threads": threads}
+    common = {"prompt": prompt, "tokens": tokens, "threads": threads,
+              "decode_threads": decode_threads}
     out = {}
     for prec, q in PAIRS:
         if packs[prec] is None:

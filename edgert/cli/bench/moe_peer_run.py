@@ -3,7 +3,9 @@ memory is its own): load, prefill the prompt, decode greedily, print one JSON li
 
     python -m edgert.cli.bench.moe_peer_run '{"side": "llama" | "edgert", ...}'
 
-Both sides do the same work per token: one forward step of one token, then the argmax of
+Threads as edgert's device config has them: ``threads`` for a prompt, ``decode_threads`` for
+a decode step (llama.cpp's ``n_threads_batch`` and ``n_threads``). Both sides do the same
+work per token: one forward step of one token, then the argmax of
 its logits. Figures: load seconds, time to first token (prefill + first argmax), decode
 tok/s over the remaining tokens, the process's resident memory before loading and its peak
 (VmHWM: anonymous and file-mapped pages, so llama.cpp's mapped model counts), the tokens.
@@ -51,7 +53,7 @@ def _llama(a: dict):
     _join(a.get("cgroup"))
     t = time.perf_counter()
     llm = Llama(model_path=a["path"], n_ctx=a["n_ctx"], n_batch=a["n_ctx"],
-                n_threads=a["threads"], n_threads_batch=a["threads"], use_mmap=True,
+                n_threads=a["decode_threads"], n_threads_batch=a["threads"], use_mmap=True,
                 verbose=False)
     load = time.perf_counter() - t
 
