@@ -292,6 +292,16 @@ def main(args) -> int:
     text = (model / "heldout.txt").read_bytes()
     n_tok = args.tokens or (24 if quick else 192)
     repeats = args.repeats or (1 if quick else 3)
+    if args.peer:
+        from .moe_peer import run_peer
+        print(f"edgert bench moe --peer {args.peer}: {model}, {repeats} x {n_tok} greedy decode "
+              f"steps after a {PROMPT}-byte prompt, {cfg.threads} threads for a prompt and "
+              f"{cfg.decode_threads} for a decode step each side", flush=True)
+        write_json({"peer": args.peer, "model": str(model), "tokens": n_tok,
+                    "result": run_peer(model, pack, low_packs, args.config, cfg.threads,
+                                       cfg.decode_threads, list(text[:PROMPT]), n_tok,
+                                       repeats)}, args.json)
+        return 0
     rt = Runtime(cfg)
     torch.set_num_threads(cfg.threads)
     span = PROMPT + n_tok + 1

@@ -97,10 +97,10 @@ def bytes_ratio(scheme: str, group: int = 64) -> float:
 
 
 def project_device_rows(trs, shape, perf, budgets, project_over, cost_for) -> dict:
-    """Projected LRU over int8 / int4 experts at each budget's bytes (16-bit shapes): the
-    expert bytes shrink, so the same bytes hold 1/ratio as many experts and a miss reads
-    ratio as many bytes. NOTE: the cost model streams the copy's bytes for compute and does
-    not charge dequantization; mixed precision is not projected."""
+    """Projected LRU over int8 / int4 experts, and mixed precision, at each budget's bytes
+    (16-bit shapes): the expert bytes shrink, so the same bytes hold 1/ratio as many experts
+    and a miss reads ratio as many bytes. NOTE: the cost model streams the copy's bytes for
+    compute and does not charge dequantization."""
     out = {}
     for scheme in SCHEMES:
         r = bytes_ratio(scheme)
@@ -109,4 +109,59 @@ def project_device_rows(trs, shape, perf, budgets, project_over, cost_for) -> di
         for b in budgets:
             out[f"{round(100 * b)}% {scheme} lru"] = project_over(
                 trs, s, cost, {"kind": "cache", "budget": min(1.0, b / r), "policy": "lru"})
+    cost = cost_for(perf, shape)
+    for b in budgets:
+        out[f"{round(100 * b)}% mixed"] = project_over(trs, shape, cost,
+                                                       mixed_spec(b, shape, perf, cost_for))
     return out
+
+
+def mixed_spec(budget: float, shape, perf, cost_for) -> dict:
+    """A projected mixed contender: LRU in both caches, the default band, int4 copies."""
+    r = bytes_ratio("int4")
+    low = replace(shape, expert_bytes=int(shape.expert_bytes * r))
+    return {"kind": "mixed", "budget": budget, "low_bytes": low.expert_bytes,
+            "low_expert_s": cost_for(perf, low).expert_s}
+
+
+def project_mixed_spec(tr, shape, cost, spec: dict, slots: int) -> dict:
+    """One projected mixed contender on one trace (`slots` full-precision slots' bytes)."""
+    from ..errors import BudgetExceeded
+    from ..projection.replay_mixed import project_mixed, summary
+    try:
+        p = project_mixed(tr, shape, cost, slots * shape.expert_bytes, spec["low_bytes"],
+                          spec["low_expert_s"])
+    except BudgetExceeded:        # fewer bytes than top-k slots at each precision
+        return {"tok_s": float("nan"), "tok_s_steady": float("nan")}
+    return summary(p)
+
+
+def own_budget_rows(trs, cal, shape, cfg, project_over, choose, cost_for) -> dict:
+    """The config's own expert cache (`memory.experts`), as a fraction of the shape's 16-bit
+    experts (at most all of them): exact LRU, edgert exact, int8 / int4 LRU and mixed."""
+    total = shape.total_experts * shape.expert_bytes
+    f = min(1.0, cfg.budget.experts / total)
+    cost = cost_for(cfg.perf, shape)
+    table = {"lru": project_over(trs, shape, cost, {"kind": "cache", "budget": f,
+                                                    "policy": "lru"}),
+             "edgert": project_over(trs, shape, cost, choose(cal, shape, cost, f))}
+    for scheme in SCHEMES:
+        r = bytes_ratio(scheme)
+        s = replace(shape, expert_bytes=int(shape.expert_bytes * r))
+        table[f"{scheme} lru"] = project_over(
+            trs, s, cost_for(cfg.perf, s), {"kind": "cache", "budget": min(1.0, f / r),
+                                            "policy": "lru"})
+    table["mixed"] = project_over(trs, shape, cost, mixed_spec(f, shape, cfg.perf, cost_for))
+    return {"bytes": cfg.budget.experts, "fraction": f, "table": table}
+
+
+def print_own(cfg: str, sname: str, own: dict) -> None:
+    t = own["table"]
+    lru = t["lru"]["tok_s"]
+    print(f"PROJECTED {cfg}, {sname}, the config's own expert cache "
+          f"({own['bytes'] / 2**30:.2f} GiB = {100 * own['fraction']:.1f}% of the 16-bit "
+          f"experts): " + "; ".join(
+              f"{n} {a['tok_s']:.2f} tok/s ({a['tok_s'] / lru:.2f}x"
+              + (f", {100 * a['low_precision_share']:.0f}% at int4"
+                 if a.get("low_precision_share") is not None else "") + ")"
+              for n, a in t.items()))

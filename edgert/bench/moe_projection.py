@@ -18,10 +18,10 @@ from __future__ import annotations
 import numpy as np
 
 from ..projection.costmodel import SHAPES, CostModel, ModelShape, prefetch_pays
-from .moe_lowbit import project_device_rows
 from ..projection.replay import project, project_on_demand, project_resident
 from ..projection.share import share_slots
 from ..projection.trace import RoutingTrace, synthesize
+from .moe_lowbit import own_budget_rows, print_own, project_device_rows, project_mixed_spec
 
 EXACT = (("lru", {}), ("lfu", {}), ("gate", {"decay": 0.9}), ("stale", {}))
 DEVICE_BUDGETS = (0.1, 0.25, 0.5, 0.75)
@@ -47,6 +47,8 @@ def project_spec(tr: RoutingTrace, shape: ModelShape, cost: CostModel, spec: dic
         return project_resident(tr, shape, cost)
     if kind == "on-demand":
         return project_on_demand(tr, shape, cost)
+    if kind == "mixed":
+        return project_mixed_spec(tr, shape, cost, spec, slots_of(spec["budget"], shape))
     cost = cost.for_policy(spec["policy"])
     opts = dict(spec.get("options") or {})
     if spec["policy"] == "belady":
@@ -306,7 +308,9 @@ def project_devices(traces, calib, configs, shapes: dict, budgets, alphas, quick
             out[cfg.name][sname] = {"edgert": {f"{round(100 * b)}%": _spec_json(e)
                                                for b, e in edgert.items()},
                                     "prefetch_pays": prefetch_pays(cost, shape),
-                                    "cost": dict(cost.__dict__), "table": table}
+                                    "cost": dict(cost.__dict__), "table": table,
+                                    "own": own_budget_rows(trs, cal, shape, cfg, project_over,
+                                                           choose, CostModel.for_device)}
     return out
 
 
@@ -375,6 +379,8 @@ def print_devices(dev: dict) -> None:
                       f"{_f(a.get('effective_hit_rate'), '7.3f')} "
                       f"{(a.get('bytes_per_token') or 0) / 1e6:8.1f} "
                       f"{1e3 * (a.get('stall_per_token_s') or 0):9.1f} {_f(ratio, '6.2f')}x")
+            if "own" in d:
+                print_own(cfg, sname, d["own"])
 
 
 def plot_devices(dev: dict, path: str, save, pyplot) -> None:

@@ -243,6 +243,14 @@ def pruned_rows(cfg, seq: list[str] | None, n: int) -> dict:
     return out
 
 
+def quant_rows(cfg, seq: list[str], pack: str, models: str) -> dict:
+    """The low-bit rows (switch_quant.py), printed."""
+    from . import switch_quant
+    rows = switch_quant.run(cfg, seq, pack, models)
+    switch_quant.print_rows(rows)
+    return rows
+
+
 def main(args) -> int:
     from ..recipes.tasks import ensure_task_pack
     cfg = resolve(args.config)
@@ -260,6 +268,12 @@ def main(args) -> int:
     files = {t: os.path.join(args.models, f"{t}.onnx") for t in tasks}
     n, repeats, runs = (8, 3, 10) if args.quick else (30, 7, 40)
     seq = _sequence(tasks, n)
+    if args.quant_only:
+        print(f"edgert bench switch --quant-only: {n} switches, config {cfg.name}")
+        write_json({"config": cfg.name, "quick": args.quick, "sequence": seq,
+                    "quant": quant_rows(cfg, seq, args.pack, args.models)}, args.json)
+        return 0
+    lm_pack = _lm_pack(args.quick)
     print(f"edgert bench switch{' --quick' if args.quick else ''}: {len(tasks)} tasks, "
           f"{n} switches, config {cfg.name}, {cfg.threads} ORT threads")
     limits = measure_limits(args.pack, repeats)
@@ -316,6 +330,7 @@ def main(args) -> int:
                             "mean_read_bytes": sum(r.bytes_read for r in timed) / max(reads, 1)}
     _print(result, warm_c.name, cold_c.name, fresh_w.name, fresh_c.name, beside.name)
     result["pruned"] = pruned_rows(cfg, seq, n)
+    result["quant"] = quant_rows(cfg, seq, args.pack, args.models)
     write_json(result, args.json)
     if not args.quick:
         _plot(result, args.plot)

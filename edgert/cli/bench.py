@@ -33,6 +33,9 @@ def _switch(sub) -> None:
     p.add_argument("--pruned-only", action="store_true",
                    help="only the sparse rows: dense vs pruned independently vs jointly, "
                         "by activation and by norm importance")
+    p.add_argument("--quant-only", action="store_true",
+                   help="only the low-bit rows: the task pack float vs quantized by ONNX "
+                        "Runtime (int8, int4), bytes per switch and latency")
     p.set_defaults(func=partial(_run, "edgert.bench.switch"))
 
 
@@ -55,6 +58,10 @@ def _moe(sub) -> None:
     p.add_argument("--reproject", metavar="JSON",
                    help="keep the measured figures of an earlier run's JSON (same model, "
                         "--tokens, --repeats) and redo only the traces and projections")
+    p.add_argument("--peer", choices=["llama.cpp"],
+                   help="instead of the contenders: edgert against llama.cpp on the same model "
+                        "(GGUF f32/Q8_0/Q4_0 vs exact/int8/int4), resident and under the memory "
+                        "of edgert's 25%% run (bench/moe_peer.py; needs the 'peers' extra)")
     p.set_defaults(func=partial(_run, "edgert.bench.moe"))
 
 

@@ -33,7 +33,7 @@ def register(sub) -> None:
                         "the same blocks and switches move fewer bytes")
     o.add_argument("--calib", action="append", default=[], metavar="NAME=FILE.npz",
                    help="calibration inputs of a task (arrays named by model input, batch "
-                        "allowed); one per task with --prune-blocks")
+                        "allowed); one per task with --prune-blocks or --quant qdq")
     o.add_argument("--importance", choices=["activation", "norm"],
                    help="with --prune-blocks: how blocks are ranked; activation (default): "
                         "weights scaled by the RMS of the input features they multiply on the "
@@ -47,6 +47,14 @@ def register(sub) -> None:
     o.add_argument("--max-error", type=float, metavar="E",
                    help="with --prune-blocks: lower a task's fraction until its relative "
                         "output error |y - y_dense| / |y_dense| is at most E")
+    o.add_argument("--quant", metavar="int8|qdq|int4",
+                   help="quantize the base and every task with ONNX Runtime's quantizer first "
+                        "(lossy; each task's output error is recorded): int8 = dynamic int8, "
+                        "qdq = static QDQ int8 (needs --calib per task), int4 = MatMulNBits "
+                        "4-bit weights")
+    o.add_argument("--group-size", type=int, metavar="N",
+                   help="with --quant int4: inputs per 4-bit scale, a power of two >= 16 "
+                        "(default 32)")
     o.set_defaults(func=_run_onnx)
     from .pack_hf import add_hf_parser
     add_hf_parser(psub)
@@ -71,7 +79,8 @@ def _prune_options(args):
     a flag that needs it)."""
     from ..pack.prune import PruneOptions
     if args.prune_blocks is None:
-        for flag, given in (("--joint", args.joint), ("--calib", args.calib),
+        for flag, given in (("--joint", args.joint),
+                            ("--calib", args.calib and args.quant is None),
                             ("--max-error", args.max_error is not None),
                             ("--importance", args.importance is not None),
                             ("--prune-scope", args.prune_scope is not None)):
@@ -84,6 +93,18 @@ def _prune_options(args):
                         **({"scope": args.prune_scope} if args.prune_scope else {}))
 
 
+def _quant_options(args, prune):
+    """OnnxQuant from --quant/--group-size (and --calib when not pruning), else None."""
+    from ..pack.onnx_quant import OnnxQuant
+    from ..pack.quant import QuantOptionError
+    if args.quant is None:
+        if args.group_size is not None:
+            raise QuantOptionError("--group-size needs --quant int4")
+        return None
+    calib = {} if prune is not None else named(args.calib, "--calib", "NAME=FILE.npz")
+    return OnnxQuant(args.quant, args.group_size, calib)
+
+
 def _run_onnx(args) -> int:
     from ..pack.onnx_import import pack_onnx
     from ..pack.prune import describe, pruning_summary
@@ -92,8 +113,10 @@ def _run_onnx(args) -> int:
     if args.base is None or args.out is None:
         raise ValueError("--base BASE.onnx and -o OUT.edgepack are needed (or --append PACK)")
     prune = _prune_options(args)
+    quant = _quant_options(args, prune)
     rep = pack_onnx(args.base, named(args.task, "--task", "NAME=FILE.onnx"), args.out,
-                    block_size=args.block_size, align_tol=args.align_tol, prune=prune)
+                    block_size=args.block_size, align_tol=args.align_tol, prune=prune,
+                    quant=quant)
     print(f"wrote {args.out}: {len(rep.tasks)} tasks, {rep.blocks_stored} distinct blocks")
     for t in rep.tasks:
         line = f"  {t.name}: {t.blocks} blocks"
@@ -102,10 +125,13 @@ def _run_onnx(args) -> int:
                      f"max output error {t.max_output_error:.3g} on {t.outputs_checked} "
                      f"random inputs")
         print(line)
-    if prune is not None:
+    if prune is not None or quant is not None:
+        from ..pack.onnx_quant import describe as describe_quant
         from ..pack.reader import PackReader
         with PackReader(args.out) as r:
-            print("\n".join(describe(pruning_summary(r))))
+            lines = describe(pruning_summary(r)) if prune is not None else \
+                describe_quant(r.config["quant"])
+        print("\n".join(lines))
     return 0
 
 
@@ -173,7 +199,8 @@ def _mib(n: int) -> str:
 def _run_inspect(args) -> int:
     from ..pack.prune import describe, pruning_summary
     from ..pack.stats import summary
-    s, rc = _read_pack(args.pack, lambda r: {**summary(r), "pruning": pruning_summary(r)})
+    s, rc = _read_pack(args.pack, lambda r: {**summary(r), "pruning": pruning_summary(r),
+                                             "quant": r.config.get("quant")})
     if rc:
         return rc
     if args.json:
@@ -211,6 +238,9 @@ def _run_inspect(args) -> int:
         print(f"  task {t}: {_mib(s['task_bytes'][t])} dense")
     if s["pruning"]:
         print("  " + "\n  ".join(describe(s["pruning"])))
+    if s.get("quant"):
+        from ..pack.onnx_quant import describe as describe_quant
+        print("  " + "\n  ".join(describe_quant(s["quant"])))
     tasks = s["tasks"]
     if len(tasks) > 1:
         w = max(len(t) for t in tasks) + 2

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,9 +22,12 @@ import onnx
 from onnx import numpy_helper
 
 from ..errors import IncompatibleModels
-from .format import DEFAULT_BLOCK_SIZE, block_hash
 from . import prune as pruning
+from .format import DEFAULT_BLOCK_SIZE, block_hash
+from .onnx_quant import OnnxQuant, quantize_files
+from .onnx_quant import check_options as check_quant
 from .prune import PruneOptions, TaskPruning
+from .reference import load_model, random_inputs
 from .writer import PackWriter, check_output
 
 log = logging.getLogger(__name__)
@@ -45,13 +49,6 @@ class TaskReport:
 class PackReport:
     tasks: list[TaskReport] = field(default_factory=list)
     blocks_stored: int = 0
-
-
-def load_model(path) -> onnx.ModelProto:
-    try:
-        return onnx.load(str(path))
-    except Exception as e:
-        raise IncompatibleModels(f"cannot read ONNX model {path}: {e}") from None
 
 
 def skeleton_of(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -105,23 +102,6 @@ def align_to_base(arr: np.ndarray, base: np.ndarray, block_size: int, tol: float
     return flat.reshape(arr.shape), snapped
 
 
-def random_inputs(model: onnx.ModelProto, rng: np.random.Generator) -> dict[str, np.ndarray]:
-    init = {t.name for t in model.graph.initializer}
-    feeds = {}
-    for vi in model.graph.input:
-        if vi.name in init:
-            continue
-        tt = vi.type.tensor_type
-        shape = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else 1
-                 for d in tt.shape.dim]
-        dtype = onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type)
-        if np.dtype(dtype).kind == "f":
-            feeds[vi.name] = rng.standard_normal(shape).astype(dtype)
-        else:
-            feeds[vi.name] = rng.integers(0, 2, size=shape).astype(dtype)
-    return feeds
-
-
 def output_error(original: onnx.ModelProto, weights: dict[str, np.ndarray], trials: int = 3) -> float:
     """Max abs output difference between the original model and one with ``weights``."""
     import onnxruntime as ort
@@ -145,14 +125,29 @@ def output_error(original: onnx.ModelProto, weights: dict[str, np.ndarray], tria
 
 def pack_onnx(base_path, tasks: dict[str, str | Path], out_path, *,
               block_size: int = DEFAULT_BLOCK_SIZE, align_tol: float = 0.0,
-              prune: PruneOptions | None = None) -> PackReport:
+              prune: PruneOptions | None = None, quant: OnnxQuant | None = None) -> PackReport:
+    """Pack ``tasks`` (name -> ONNX file) sharing the graph of ``base_path``. With ``quant``
+    every file is first quantized by ONNX Runtime (onnx_quant.py) and the quantized files are
+    packed; quantized files given as they are pack like float ones."""
     if not (isinstance(align_tol, (int, float)) and align_tol >= 0):   # NaN fails too
         raise ValueError(f"align_tol must be >= 0 (0 = lossless), got {align_tol!r}")
     if not tasks:
         raise ValueError("at least one --task NAME=FILE is needed")
+    check_quant(quant, tasks, align_tol=align_tol, prune=prune)
     if prune is not None:
         _check_calib_names(prune, tasks)
     check_output(os.fspath(out_path))                 # before reading any model
+    if quant is None:
+        return _pack(base_path, tasks, out_path, block_size, align_tol, prune, None)
+    out_dir = os.path.dirname(os.path.abspath(os.fspath(out_path)))
+    with tempfile.TemporaryDirectory(prefix=".edgert-quant-", dir=out_dir) as tmp:
+        qbase, qtasks, record = quantize_files(base_path, tasks, quant, tmp)
+        record["base"] = Path(base_path).name
+        return _pack(qbase, qtasks, out_path, block_size, align_tol, prune, record)
+
+
+def _pack(base_path, tasks, out_path, block_size: int, align_tol: float,
+          prune: PruneOptions | None, quant_record: dict | None) -> PackReport:
     base = load_model(base_path)
     base_w = initializers(base)
     report = PackReport()
@@ -188,13 +183,16 @@ def pack_onnx(base_path, tasks: dict[str, str | Path], out_path, *,
         if prune is not None:
             w.sections[pruning.SECTION] = pruning.encode_section(
                 prune, {r.name: r.pruning for r in report.tasks})
-        w.config = {"base": Path(base_path).name, "align_tol": float(align_tol),
+        w.config = {"base": (quant_record or {}).get("base", Path(base_path).name),
+                    "align_tol": float(align_tol),
                     "inputs": [vi.name for vi in base.graph.input
                                if vi.name not in base_w],
                     "outputs": [vi.name for vi in base.graph.output],
                     "alignment": {r.name: {"snapped_blocks": r.snapped,
                                            "max_output_error": r.max_output_error}
                                   for r in report.tasks}}
+        if quant_record is not None:
+            w.config["quant"] = quant_record
         report.blocks_stored = w.block_count
     return report
 
