@@ -47,6 +47,7 @@ from edgert.kv.prefix import extra_keys, model_fingerprint
 
 from edgert.engines.moe_layers import (MoeConfig, Rotary, apply_rope, attention, causal_mask,
                                        layer_norm, rms_norm, rms_normalize, route, swiglu)
+from edgert.engines.compile import for_model as compiled_for
 from edgert.engines.moe_step import expert_terms, split_qkv
 from edgert.engines.sampling import check_sampling, sample
 from edgert.engines.threads import use_torch_threads
@@ -137,7 +138,8 @@ class MoeLM(LoadedModel):
         # the decode step of engines/moe_step.py (False: the per-expert loop it replaced,
         # kept for the low-bit kernels and as the benchmark's "before")
         self.fast_decode = True
-        self._expert_terms = expert_terms
+        self._expert_terms = compiled_for(expert_terms, f"{name}: expert step", rt.config,
+                                          self.device.type)
         self.counters = {"prefill_tokens": 0, "decode_tokens": 0, "prefill_s": 0.0, "decode_s": 0.0}
 
     # --- loading --------------------------------------------------------------------------
@@ -542,6 +544,7 @@ class MoeLM(LoadedModel):
             return {"name": self.name, "kind": self.kind, "device": str(self.device),
                     "experts": self.provider.stats(), "kv": self.kv.stats(),
                     "weights_bytes": self._weight_bytes, **c, "memory": self.memory(),
+                    "compile": getattr(self._expert_terms, "stats", lambda: None)(),
                     "decode_tokens_per_s": c["decode_tokens"] / c["decode_s"]
                     if c["decode_s"] else 0.0}
 
