@@ -135,8 +135,9 @@ class MoeLM(LoadedModel):
         self.tokenizer = tokenizer_for(reader.sections, reader.config)
         self._next_moe = {l: next((m for m in self.cfg.moe_layers if m > l), None)
                           for l in range(self.cfg.num_layers)}
-        # the decode step of engines/moe_step.py (False: the per-expert loop it replaced,
-        # kept for the low-bit kernels and as the benchmark's "before")
+        # the step of engines/moe_step.py (False: the step before it, separate q/k/v and
+        # gate/up products; the per-expert loop stays for the low-bit kernels). Read per step:
+        # `edgert bench moe-step` flips it to measure both in one process
         self.fast_decode = True
         self._expert_terms = compiled_for(expert_terms, f"{name}: expert step", rt.config,
                                           self.device.type)
@@ -278,7 +279,7 @@ class MoeLM(LoadedModel):
         """Queries [H, T, D], keys and values [Hk, T, D] of x [T, hidden], with the family's
         q/k norms (OLMoE: over the whole projection, then clip_qkv; Qwen3-MoE: per head)."""
         c, w = self.cfg, self.w
-        fused = w.get(_QKV.format(p.split(".")[2]))
+        fused = w.get(_QKV.format(p.split(".")[2])) if self.fast_decode else None
         if fused is not None:           # one product over q, k, v stored back to back
             q, k, v = split_qkv(F.linear(x, fused), c.num_heads, c.num_kv_heads, c.head_dim)
         else:

@@ -1,0 +1,84 @@
+"""`edgert bench moe-step`: the MoE decode step before issue 22, the fused step, and the
+fused step compiled (`compile: on`), side by side in one process, at each expert budget.
+
+Each run prefills a 64-token prompt (untimed), then decodes `--tokens` greedy tokens; the
+rows of one repeat alternate (the starting row rotates) so load on a shared machine hits
+them alike. Printed: tokens/s (median over repeats, and each repeat), the compiled row's
+compile time (its first call, apart from decode time: a warm-up run pays it), and
+whether every row produced the same tokens as the "before" row (they must).
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import replace
+
+from ..config import resolve
+from .output import write_json
+
+PROMPT = list(range(32, 96))
+ROWS = ("before", "fused", "compiled")
+
+
+def _load(rt, pack, budget, row):
+    lm = rt.load(pack, expert_budget=budget, prefix_cache=False)
+    lm.fast_decode = row != "before"
+    return lm
+
+
+def _decode(lm, tokens: int) -> tuple[float, list[int]]:
+    with lm.sequence() as s:
+        tok = int(s.feed(PROMPT).argmax())
+        out, t0 = [], time.perf_counter()
+        for _ in range(tokens):
+            tok = int(s.feed([tok]).argmax())
+            out.append(tok)
+        return tokens / (time.perf_counter() - t0), out
+
+
+def main(args) -> int:
+    import torch
+
+    from .. import Runtime
+    cfg = resolve(args.config)
+    budgets = [float(b) for b in args.budgets.split(",")]
+    rows = ROWS[:2] if args.no_compile else ROWS
+    runtimes = {r: Runtime(replace(cfg, compile="on" if r == "compiled" else "off"))
+                for r in rows}
+    torch.set_num_threads(cfg.threads)
+    result = {"config": cfg.name, "pack": args.pack, "tokens": args.tokens, "rows": {}}
+    print(f"edgert bench moe-step: {args.pack}, {args.tokens} decode steps x {args.repeats} "
+          f"repeats, config {cfg.name} ({cfg.threads} threads); shared machine: noisy")
+    for b in budgets:
+        models = {r: _load(runtimes[r], args.pack, b, r) for r in rows}
+        compile_s = None
+        for r, lm in models.items():                  # warm-up; the compiled row compiles here
+            t0 = time.perf_counter()
+            _decode(lm, 8)
+            if r == "compiled":
+                st = lm.stats()["compile"]
+                compile_s = st["compile_s"]
+                print(f"  {round(100 * b)}%: compiled row warm-up {time.perf_counter() - t0:.1f}"
+                      f" s (compile {compile_s if compile_s is None else round(compile_s, 1)} s"
+                      f"{'; FAILED: ' + st['failed'] if st['failed'] else ''})", flush=True)
+        tps = {r: [] for r in rows}
+        same = True
+        for k in range(args.repeats):
+            order = rows[k % len(rows):] + rows[:k % len(rows)]
+            toks = {}
+            for r in order:
+                t, toks[r] = _decode(models[r], args.tokens)
+                tps[r].append(t)
+            same &= all(toks[r] == toks["before"] for r in rows)
+        for lm in models.values():
+            lm.close()
+        med = {r: statistics.median(v) for r, v in tps.items()}
+        result["rows"][f"{round(100 * b)}%"] = {"tok_s": tps, "median": med,
+                                               "compile_s": compile_s, "same_tokens": same}
+        print(f"  budget {round(100 * b)}% of experts; same tokens in every row: {same}")
+        for r in rows:
+            ratio = med[r] / med["before"]
+            runs = ", ".join(f"{t:.0f}" for t in tps[r])
+            print(f"    {r:9s} {med[r]:7.1f} tok/s  ({ratio:.2f}x before; runs {runs})")
+    write_json(result, args.json)
+    return 0
