@@ -12,6 +12,8 @@ import cProfile
 import pstats
 import time
 
+from dataclasses import replace
+
 import torch
 
 import edgert
@@ -24,9 +26,14 @@ def main() -> None:
     ap.add_argument("--budget", type=float, default=1.0)
     ap.add_argument("--steps", type=int, default=128)
     ap.add_argument("--config", default="cpu-dev")
+    ap.add_argument("--before", action="store_true", help="the step before issue 22")
+    ap.add_argument("--compile", action="store_true", help="config compile: on")
+    ap.add_argument("--quiet", action="store_true", help="counts only, no tables")
     a = ap.parse_args()
-    rt = edgert.Runtime(resolve(a.config))
+    cfg = resolve(a.config)
+    rt = edgert.Runtime(replace(cfg, compile="on" if a.compile else "off"))
     lm = rt.load(a.pack, expert_budget=a.budget)
+    lm.fast_decode = not a.before
     with lm.sequence() as s:
         logits = s.feed(list(range(32, 96)))
         tok = int(logits.argmax())
@@ -44,12 +51,16 @@ def main() -> None:
         prof.disable()
         st = pstats.Stats(prof)
         print(f"python calls per token: {st.total_calls / a.steps:.0f}")
-        st.sort_stats("tottime").print_stats(12)
+        if not a.quiet:
+            st.sort_stats("tottime").print_stats(12)
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as p:
             for _ in range(a.steps):
                 tok = int(s.feed([tok]).argmax())
         ev = p.key_averages()
-        print(ev.table(sort_by="self_cpu_time_total", row_limit=18))
+        if not a.quiet:
+            print(ev.table(sort_by="self_cpu_time_total", row_limit=18))
+        if a.compile:
+            print("compile:", lm.stats()["compile"])
         ops = sum(e.count for e in ev if e.key.startswith("aten::"))
         print(f"aten ops per token (all levels): {ops / a.steps:.0f}; linear per token: "
               f"{sum(e.count for e in ev if e.key == 'aten::linear') / a.steps:.0f}")

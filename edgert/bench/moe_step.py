@@ -42,7 +42,9 @@ def main(args) -> int:
     from .. import Runtime
     cfg = resolve(args.config)
     budgets = [float(b) for b in args.budgets.split(",")]
-    rows = ROWS[:2] if args.no_compile else ROWS
+    args.tokens = args.tokens or (32 if args.quick else 128)
+    args.repeats = args.repeats or (1 if args.quick else 3)
+    rows = ROWS[:2] if args.no_compile or args.quick else ROWS
     runtimes = {r: Runtime(replace(cfg, compile="on" if r == "compiled" else "off"))
                 for r in rows}
     torch.set_num_threads(cfg.threads)

@@ -120,8 +120,9 @@ def _moe_step(sub) -> None:
     p.add_argument("--pack", default="models/out/moe-demo.edgepack",
                    help="an MoE pack (default: the demo model's)")
     p.add_argument("--config", help="device config (default: cpu-dev)")
-    p.add_argument("--tokens", type=int, default=128, help="decode steps per run")
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--quick", action="store_true", help="32 steps, one repeat, no compile")
+    p.add_argument("--tokens", type=int, help="decode steps per run (default 128)")
+    p.add_argument("--repeats", type=int, help="default 3")
     p.add_argument("--budgets", default="1.0,0.5", help="expert budgets (fractions)")
     p.add_argument("--no-compile", action="store_true", help="skip the compiled rows")
     p.add_argument("--json", metavar="OUT", help="write the raw figures here")

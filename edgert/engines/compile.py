@@ -11,8 +11,8 @@
   (`Compiled.compile_s`), never counted as decode time by callers that read it.
 - Any failure (no C++ compiler, an unsupported op, a backend error) logs one line with the
   reason and the function runs eagerly from then on, with the same results.
-- Compiled artefacts go to ``<scratch_dir>/torch-compile`` (inductor's cache directory), so
-  a restarted process reuses them; the directory is pruned to `CACHE_CAP` bytes, oldest
+- Compiled artefacts go to ``<scratch_dir>/torch-compile`` (inductor's cache directory;
+  `cache_dir`), so a restarted process reuses them; the directory is pruned to `CACHE_CAP` bytes, oldest
   files first, each time a model sets it up.
 """
 from __future__ import annotations
@@ -36,7 +36,12 @@ def wanted(mode: str, device: str) -> bool:
 
 
 def cache_dir(scratch_dir: str) -> Path:
-    return Path(scratch_dir or ".").expanduser() / "torch-compile"
+    """<scratch_dir>/torch-compile; without a scratch dir the user's cache directory
+    ($XDG_CACHE_HOME or ~/.cache)/edgert/torch-compile, as the KV disk tier does."""
+    if scratch_dir:
+        return Path(scratch_dir).expanduser() / "torch-compile"
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "edgert" / \
+        "torch-compile"
 
 
 def use_cache_dir(path: Path, cap: int = CACHE_CAP) -> None:
