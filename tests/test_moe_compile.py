@@ -96,6 +96,12 @@ def test_cache_dir_is_pruned_oldest_first(tmp_path):
     assert sorted(p.name for p in (d / "sub").iterdir()) == ["f3", "f4"]
 
 
+def test_cache_dir_is_under_the_scratch_dir_else_the_users_cache(tmp_path, monkeypatch):
+    assert C.cache_dir(str(tmp_path)) == tmp_path / "torch-compile"
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert C.cache_dir("") == tmp_path / "xdg" / "edgert" / "torch-compile"
+
+
 @pytest.mark.skipif(os.environ.get("EDGERT_TEST_COMPILE") != "1",
                     reason="compiles with inductor: minutes on a 2-core CPU; "
                            "set EDGERT_TEST_COMPILE=1")

@@ -5,7 +5,9 @@ Each run prefills a 64-token prompt (untimed), then decodes `--tokens` greedy to
 rows of one repeat alternate (the starting row rotates) so load on a shared machine hits
 them alike. Printed: tokens/s (median over repeats, and each repeat), the compiled row's
 compile time (its first call, apart from decode time: a warm-up run pays it), and
-whether every row produced the same tokens as the "before" row (they must).
+whether every row produced the same tokens as the "before" row (they must), and the fixed
+cost per layer per token (issue 22's probe): the step's time minus its FLOPs at the
+throughput of one large matrix-vector product measured in the same run, over the layers.
 """
 from __future__ import annotations
 
@@ -34,6 +36,41 @@ def _decode(lm, tokens: int) -> tuple[float, list[int]]:
             tok = int(s.feed([tok]).argmax())
             out.append(tok)
         return tokens / (time.perf_counter() - t0), out
+
+
+def flops_per_token(lm) -> float:
+    """Multiply-adds x 2 of one decode token's matrix products: every dense weight the step
+    multiplies (q/k/v/o, routers and their hints, dense MLPs, shared experts, lm_head) and
+    top-k experts per sparse layer; attention over the context is left out (small here)."""
+    c = lm.cfg
+    dense = sum(t.numel() for n, t in lm.w.items() if t.dim() == 2
+                and n != "model.embed_tokens.weight" and not n.startswith("edgert.qkv."))
+    ffn, hidden = lm.layout.ffn_hidden
+    return 2.0 * (dense + len(c.moe_layers) * c.top_k * 3 * ffn * hidden)
+
+
+def gemv_flops(threads: int, n: int = 4096, k: int = 2048, calls: int = 50) -> float:
+    """FLOP/s of one large matrix-vector product (a decode step's kind of product, too big
+    for per-call overhead to matter) with `threads` torch threads."""
+    import torch
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        x, w = torch.randn(1, k), torch.randn(n, k)
+        for _ in range(5):
+            torch.nn.functional.linear(x, w)
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            torch.nn.functional.linear(x, w)
+        return 2.0 * n * k * calls / (time.perf_counter() - t0)
+    finally:
+        torch.set_num_threads(before)
+
+
+def fixed_cost_per_layer(tok_s: float, flops: float, flops_s: float, layers: int) -> float:
+    """Seconds per layer per token that are not arithmetic: the step's time minus its
+    FLOPs at the measured throughput, over the layers (the projection's layer overhead)."""
+    return max(0.0, 1.0 / tok_s - flops / flops_s) / layers
 
 
 def main(args) -> int:
@@ -72,15 +109,22 @@ def main(args) -> int:
                 t, toks[r] = _decode(models[r], args.tokens)
                 tps[r].append(t)
             same &= all(toks[r] == toks["before"] for r in rows)
+        lm = models["before"]
+        flops, layers = flops_per_token(lm), lm.cfg.num_layers
         for lm in models.values():
             lm.close()
+        thr = gemv_flops(cfg.decode_threads)
         med = {r: statistics.median(v) for r, v in tps.items()}
-        result["rows"][f"{round(100 * b)}%"] = {"tok_s": tps, "median": med,
-                                               "compile_s": compile_s, "same_tokens": same}
-        print(f"  budget {round(100 * b)}% of experts; same tokens in every row: {same}")
+        fixed = {r: fixed_cost_per_layer(med[r], flops, thr, layers) for r in rows}
+        result["rows"][f"{round(100 * b)}%"] = {
+            "tok_s": tps, "median": med, "compile_s": compile_s, "same_tokens": same,
+            "flops_per_token": flops, "gemv_flops_s": thr, "fixed_s_per_layer": fixed}
+        print(f"  budget {round(100 * b)}% of experts; same tokens in every row: {same}; "
+              f"{flops / 1e6:.1f} MFLOP/token, products at {thr / 1e9:.1f} GFLOP/s")
         for r in rows:
             ratio = med[r] / med["before"]
             runs = ", ".join(f"{t:.0f}" for t in tps[r])
-            print(f"    {r:9s} {med[r]:7.1f} tok/s  ({ratio:.2f}x before; runs {runs})")
+            print(f"    {r:9s} {med[r]:7.1f} tok/s  ({ratio:.2f}x before; runs {runs}); "
+                  f"fixed cost {fixed[r] * 1e3:.3f} ms/layer/token")
     write_json(result, args.json)
     return 0

@@ -3,10 +3,11 @@
 
 - ``off``: eager. ``on``: compiled (inductor; on CUDA ``mode="reduce-overhead"``, CUDA
   graphs). ``auto``: compiled on CUDA, eager on the CPU. NOTE: on this project's CPU dev
-  machine (2 shared cores, g++) inductor took 160 s cold and 54 s with a warm cache to
-  compile one small expert function (tools/profile_moe_decode.py --compile measures it on a
-  model), minutes of start-up for a step that is a few ms: it pays only for a long-lived
-  service, which can say ``on``.
+  machine (2 shared cores, g++) a fresh process took 160 s (cold cache) and 54 s (warm) to
+  compile one small function, and the compiled expert step decoded no faster than eager
+  (`edgert bench moe-step`, docs/benchmarks.md): dynamo's per-call guards on the step's many
+  weight tensors cost about what the fused kernels save at this size. ``on`` is there to
+  measure it, and for CUDA, where each op is also a kernel launch.
 - Compilation happens at the first call; its time is measured and reported apart
   (`Compiled.compile_s`), never counted as decode time by callers that read it.
 - Any failure (no C++ compiler, an unsupported op, a backend error) logs one line with the
