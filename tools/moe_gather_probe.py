@@ -4,6 +4,8 @@
   per-expert  one product per expert over the slot's own bytes (gate and up as one view)
   gather-bmm  gpt-fast's way: the k experts' weights gathered into one [k, ...] tensor (a copy
               of every selected expert), then two batched products
+and, for the fused projections of engines/moe_step.py: q/k/v (GQA: k and v half of q) as
+three products or one, gate/up as two products or one.
 
     PYTHONPATH=$PWD python tools/moe_gather_probe.py [--hidden 128 --ffn 256 --k 2]
 
@@ -47,7 +49,16 @@ def main() -> None:
         y = torch.bmm(down, (F.silu(g) * u)[:, :, None])[:, :, 0]
         return (y * w[:, None]).sum(0, keepdim=True)
 
-    fns = {"per-expert": per_expert, "gather-bmm": gather_bmm}
+    # one product over q/k/v (gate/up) stored back to back vs one per matrix
+    qkv = torch.randn(2 * H, H) * 0.05
+    q, k_, v = qkv[:H], qkv[H:3 * H // 2], qkv[3 * H // 2:]
+    gu = views[0][0]
+    fns = {"per-expert": per_expert, "gather-bmm": gather_bmm,
+           "qkv-3": lambda ids: (F.linear(x, q), F.linear(x, k_), F.linear(x, v)),
+           "qkv-fused": lambda ids: F.linear(x, qkv).split((H, H // 2, H // 2), dim=-1),
+           "gate-up-2": lambda ids: F.silu(F.linear(x, gu[:Fd])) * F.linear(x, gu[Fd:]),
+           "gate-up-fused": lambda ids: (lambda a: F.silu(a[0]) * a[1])(
+               F.linear(x, gu).chunk(2, dim=-1))}
     times = {n: [] for n in fns}
     picks = [[(i * 5 + j * 7) % a.experts for j in range(k)] for i in range(a.calls)]
     picks = [sorted(set(p)) if len(set(p)) == k else list(range(k)) for p in picks]
@@ -59,7 +70,7 @@ def main() -> None:
                 f(p)
             times[n].append((time.perf_counter() - t0) / a.calls * 1e6)
     for n, t in times.items():
-        print(f"{n:11s} {statistics.median(t):8.1f} us/call  (rounds: "
+        print(f"{n:13s} {statistics.median(t):8.1f} us/call  (rounds: "
               f"{', '.join(f'{v:.0f}' for v in t)})")
     diff = (per_expert(picks[0]) - gather_bmm(picks[0])).abs().max().item()
     print(f"max |difference| {diff:.2e}")
