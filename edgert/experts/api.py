@@ -145,7 +145,8 @@ class ExpertLayout:
             return ExpertWeights(*(Int4Linear(out[f"{p}.q"], out[f"{p}.sz"], self.group_size)
                                    for p in ("gate", "up", "down")))
         g, u = self.tensors["gate"], self.tensors["up"]
-        if u["offset"] == g["offset"] + out["gate"].nbytes:
+        if len(g["shape"]) == 2 and g["shape"] == u["shape"] and \
+                u["offset"] == g["offset"] + out["gate"].nbytes:
             rows = 2 * g["shape"][0]
             out["gate_up"] = torch.from_numpy(
                 buf[g["offset"]:u["offset"] + out["up"].nbytes].view(np_storage(g["dtype"]))
