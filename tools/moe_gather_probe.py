@@ -24,6 +24,11 @@ import torch.nn.functional as F
 from edgert.engines.moe_step import expert_terms
 
 
+def _silu_mul(a: torch.Tensor) -> torch.Tensor:
+    g, u = a.chunk(2, dim=-1)
+    return F.silu(g) * u
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--hidden", type=int, default=128)
@@ -57,8 +62,7 @@ def main() -> None:
            "qkv-3": lambda ids: (F.linear(x, q), F.linear(x, k_), F.linear(x, v)),
            "qkv-fused": lambda ids: F.linear(x, qkv).split((H, H // 2, H // 2), dim=-1),
            "gate-up-2": lambda ids: F.silu(F.linear(x, gu[:Fd])) * F.linear(x, gu[Fd:]),
-           "gate-up-fused": lambda ids: (lambda a: F.silu(a[0]) * a[1])(
-               F.linear(x, gu).chunk(2, dim=-1))}
+           "gate-up-fused": lambda ids: _silu_mul(F.linear(x, gu))}
     times = {n: [] for n in fns}
     picks = [[(i * 5 + j * 7) % a.experts for j in range(k)] for i in range(a.calls)]
     picks = [sorted(set(p)) if len(set(p)) == k else list(range(k)) for p in picks]

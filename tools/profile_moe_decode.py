@@ -11,7 +11,6 @@ import argparse
 import cProfile
 import pstats
 import time
-
 from dataclasses import replace
 
 import torch
