@@ -26,6 +26,7 @@ PROVIDERS = ("tensorrt", "cuda", "cpu")
 DEVICES = ("cpu", "cuda")
 DTYPES = ("float32", "float16", "bfloat16")
 READ_MODES = ("direct", "buffered")
+COMPILE_MODES = ("auto", "on", "off")   # torch.compile of the MoE step (engines/compile.py)
 _UNITS = {"": 1, "B": 1, "KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30, "TiB": 1 << 40,
           "KB": 10**3, "MB": 10**6, "GB": 10**9}
 
@@ -138,6 +139,7 @@ class DeviceConfig:
     threads: int = 2              # cores edgert may use (engines' compute threads at most)
     decode_threads: int = 1       # torch threads of a small step (engines/threads.py)
     dtype: str = "float32"
+    compile: str = "auto"         # torch.compile of the MoE decode step: auto | on | off
     server: str = ""
     kv_cache: KvCache = field(default_factory=KvCache)
     perf: Perf | None = None      # figures for the projection (`perf:`)
@@ -244,6 +246,7 @@ class ConfigDoc(_Section):
     threads: PosInt | None = None           # None: every core (os.cpu_count())
     decode_threads: PosInt = 1
     dtype: Literal[DTYPES] = "float32"
+    compile: Literal[COMPILE_MODES] = "auto"
     server: str | None = ""
     kv_cache: KvCacheDoc | None = None
     perf: PerfDoc | None = None
@@ -275,7 +278,9 @@ def _value_at(doc, path: str):
 
 
 _CHOICES = {"providers": PROVIDERS, "device": DEVICES, "dtype": DTYPES,
-            "storage.read_mode": READ_MODES}
+            "compile": COMPILE_MODES, "storage.read_mode": READ_MODES}
+
+
 def _sections() -> dict[str, type]:
     """Key path -> the Struct of that section, read off ConfigDoc (so a new one is not
     forgotten)."""
@@ -332,7 +337,8 @@ def _build(doc, source: str) -> DeviceConfig:
                         storage=Storage(*_fields(d.storage or StorageDoc())),
                         providers=d.providers, device=d.device,
                         threads=d.threads or os.cpu_count() or 1,
-                        decode_threads=d.decode_threads, dtype=d.dtype, server=d.server or "",
+                        decode_threads=d.decode_threads, dtype=d.dtype, compile=d.compile,
+                        server=d.server or "",
                         kv_cache=_kv_cache(d.kv_cache), perf=_perf(d.perf),
                         service=_service(d.service), updates=_updates(d.updates, source),
                         source=source)

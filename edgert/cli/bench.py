@@ -13,7 +13,7 @@ TASKS_PACK = "models/out/tasks.edgepack"     # the demo's task pack (tools/demo.
 def register(sub) -> None:
     p = sub.add_parser("bench", help="measure edgert against named baselines")
     benches = p.add_subparsers(dest="bench", required=True)
-    for add in (_switch, _moe, _kv, _control, _soak, _fleet, _contention, _update):
+    for add in (_switch, _moe, _moe_step, _kv, _control, _soak, _fleet, _contention, _update):
         add(benches)
 
 
@@ -120,6 +120,20 @@ def _fleet(sub) -> None:
     p.add_argument("--skip", action="append", default=[], choices=("predict", "kv", "ops"),
                    help="leave a part out")
     p.set_defaults(func=partial(_run, "edgert.bench.fleet"))
+
+
+def _moe_step(sub) -> None:
+    p = sub.add_parser("moe-step", help="MoE decode step: before issue 22, fused, compiled")
+    p.add_argument("--pack", default="models/out/moe-demo.edgepack",
+                   help="an MoE pack (default: the demo model's)")
+    p.add_argument("--config", help="device config (default: cpu-dev)")
+    p.add_argument("--quick", action="store_true", help="32 steps, one repeat, no compile")
+    p.add_argument("--tokens", type=int, help="decode steps per run (default 128)")
+    p.add_argument("--repeats", type=int, help="default 3")
+    p.add_argument("--budgets", default="1.0,0.5", help="expert budgets (fractions)")
+    p.add_argument("--no-compile", action="store_true", help="skip the compiled rows")
+    p.add_argument("--json", metavar="OUT", help="write the raw figures here")
+    p.set_defaults(func=partial(_run, "edgert.bench.moe_step"))
 
 
 def _contention(sub) -> None:

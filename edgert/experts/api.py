@@ -28,6 +28,9 @@ class ExpertWeights:
     gate: torch.Tensor  # [ffn, hidden]
     up: torch.Tensor    # [ffn, hidden]
     down: torch.Tensor  # [hidden, ffn]
+    # gate and up as one [2*ffn, hidden] view where the bytes hold them back to back (every
+    # exact pack: hf_import._expert_layout), so the decode step does one product, not two
+    gate_up: torch.Tensor | None = None
 
 
 def lowbit_copy(reader, scheme: str, asked: str | None = None):
@@ -141,6 +144,13 @@ class ExpertLayout:
         if self.scheme == "int4":
             return ExpertWeights(*(Int4Linear(out[f"{p}.q"], out[f"{p}.sz"], self.group_size)
                                    for p in ("gate", "up", "down")))
+        g, u = self.tensors["gate"], self.tensors["up"]
+        if len(g["shape"]) == 2 and g["shape"] == u["shape"] and \
+                u["offset"] == g["offset"] + out["gate"].nbytes:
+            rows = 2 * g["shape"][0]
+            out["gate_up"] = torch.from_numpy(
+                buf[g["offset"]:u["offset"] + out["up"].nbytes].view(np_storage(g["dtype"]))
+            ).view(out["gate"].dtype).view(rows, g["shape"][1])
         return ExpertWeights(**out)
 
 

@@ -47,13 +47,15 @@ from edgert.kv.prefix import extra_keys, model_fingerprint
 
 from edgert.engines.moe_layers import (MoeConfig, Rotary, apply_rope, attention, causal_mask,
                                        layer_norm, rms_norm, rms_normalize, route, swiglu)
+from edgert.engines.compile import for_model as compiled_for
+from edgert.engines.moe_step import expert_terms, split_qkv
 from edgert.engines.sampling import check_sampling, sample
 from edgert.engines.threads import use_torch_threads
 from edgert.engines.tokenizer import tokenizer_for
 
 from .base import LoadedModel
 from .generation import GenerateResult, Generation, _Progress
-from .moe_weights import HINT as _HINT, HINT_BIAS as _HINT_BIAS, load_dense_weights
+from .moe_weights import HINT as _HINT, HINT_BIAS as _HINT_BIAS, QKV as _QKV, load_dense_weights
 
 log = logging.getLogger(__name__)
 
@@ -133,6 +135,12 @@ class MoeLM(LoadedModel):
         self.tokenizer = tokenizer_for(reader.sections, reader.config)
         self._next_moe = {l: next((m for m in self.cfg.moe_layers if m > l), None)
                           for l in range(self.cfg.num_layers)}
+        # the step of engines/moe_step.py (False: the step before it, separate q/k/v and
+        # gate/up products; the per-expert loop stays for the low-bit kernels). Read per step:
+        # `edgert bench moe-step` flips it to measure both in one process
+        self.fast_decode = True
+        self._expert_terms = compiled_for(expert_terms, f"{name}: expert step", rt.config,
+                                          self.device.type)
         self.counters = {"prefill_tokens": 0, "decode_tokens": 0, "prefill_s": 0.0, "decode_s": 0.0}
 
     # --- loading --------------------------------------------------------------------------
@@ -271,8 +279,12 @@ class MoeLM(LoadedModel):
         """Queries [H, T, D], keys and values [Hk, T, D] of x [T, hidden], with the family's
         q/k norms (OLMoE: over the whole projection, then clip_qkv; Qwen3-MoE: per head)."""
         c, w = self.cfg, self.w
-        q, k, v = (F.linear(x, w[f"{p}{n}_proj.weight"], w.get(f"{p}{n}_proj.bias"))
-                   for n in "qkv")
+        fused = w.get(_QKV.format(p.split(".")[2])) if self.fast_decode else None
+        if fused is not None:           # one product over q, k, v stored back to back
+            q, k, v = split_qkv(F.linear(x, fused), c.num_heads, c.num_kv_heads, c.head_dim)
+        else:
+            q, k, v = (F.linear(x, w[f"{p}{n}_proj.weight"], w.get(f"{p}{n}_proj.bias"))
+                       for n in "qkv")
         if c.qk_norm == "full":
             q = rms_norm(q, w[p + "q_norm.weight"], c.rms_eps)
             k = rms_norm(k, w[p + "k_norm.weight"], c.rms_eps)
@@ -295,7 +307,9 @@ class MoeLM(LoadedModel):
         use = self.provider.route(layer, probs, topk)                  # [T, k] ids to compute with
         rows = use.tolist()
         experts = sorted({e for row in rows for e in row})
-        if x.shape[0] == 1:
+        if x.shape[0] == 1 and self.fast_decode and self.layout.scheme is None:
+            out = self._moe_decode(layer, x, rows[0], weights[0], experts)
+        elif x.shape[0] == 1:
             out = self._moe_one_token(layer, x, rows[0], weights[0], experts)
         else:
             out = self._moe_tokens(layer, x, use.to(x.device), weights, experts)
@@ -355,6 +369,27 @@ class MoeLM(LoadedModel):
                       if hasattr(w, f)}) for w in (ew.gate, ew.up, ew.down)]
         return [t if t.dtype == dtype else t.to(dtype)
                 for t in (self._on_device(ew.gate), self._on_device(ew.up), self._on_device(ew.down))]
+
+    def _moe_decode(self, layer, x, row: list[int], weights, experts) -> torch.Tensor:
+        """Decode step over exact experts (engines/moe_step.py): per pinned group one call of
+        `expert_terms` on the slots' own bytes (gate and up as one product); the same terms
+        in the same order as `_moe_one_token`."""
+        out = None
+        for ids in self._groups(experts):
+            held = self.provider.acquire(layer, ids)
+            try:
+                js = [j for e in ids for j, r in enumerate(row) if r == e]   # ascending id
+                mats = [self._fused_expert(held[row[j]], x.dtype) for j in js]
+                coef = weights[js] if len(js) != len(row) or js != sorted(js) else weights
+                out = self._expert_terms(x, mats, coef, out)
+            finally:
+                self.provider.release(layer, ids)
+        return out
+
+    def _fused_expert(self, ew, dtype) -> tuple:
+        if ew.gate_up is not None and ew.gate_up.dtype == dtype:
+            return self._on_device(ew.gate_up), self._on_device(ew.down)
+        return tuple(self._expert(ew, dtype))
 
     def _moe_one_token(self, layer, x, row: list[int], weights, experts) -> torch.Tensor:
         """Decode step: the same sums, in the same order, as `_moe_tokens` on one row."""
@@ -510,6 +545,7 @@ class MoeLM(LoadedModel):
             return {"name": self.name, "kind": self.kind, "device": str(self.device),
                     "experts": self.provider.stats(), "kv": self.kv.stats(),
                     "weights_bytes": self._weight_bytes, **c, "memory": self.memory(),
+                    "compile": getattr(self._expert_terms, "stats", lambda: None)(),
                     "decode_tokens_per_s": c["decode_tokens"] / c["decode_s"]
                     if c["decode_s"] else 0.0}
 

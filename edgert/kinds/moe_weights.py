@@ -21,6 +21,7 @@ from edgert.pack.families import dense_tensors, family_of
 
 HINT = "edgert.hint_router.{}"  # per sparse layer: its router with its norm weight folded in
 HINT_BIAS = "edgert.hint_router_bias.{}"  # LayerNorm families: the router applied to the bias
+QKV = "edgert.qkv.{}"  # per layer: q, k, v projections as one view, where stored back to back
 STAGING_BLOCKS = 16  # blocks read at once into arena staging when the pack's dtype differs
 
 
@@ -32,7 +33,7 @@ def load_dense_weights(arena, reader, cfg, dtype: torch.dtype, label: str, own):
     specs = reader.task("model")
     check_tensor_set(reader, specs)
     item = torch.empty((), dtype=dtype).element_size()
-    shapes = {name: tuple(spec.shape) for name, spec in specs.items()}
+    shapes = {name: tuple(spec.shape) for name, spec in sorted(specs.items(), key=_qkv_order)}
     for l in cfg.moe_layers:
         shapes[HINT.format(l)] = (cfg.num_experts, cfg.hidden_size)
         if cfg.norm == "layer":
@@ -66,6 +67,7 @@ def load_dense_weights(arena, reader, cfg, dtype: torch.dtype, label: str, own):
     for name, shape in shapes.items():
         w[name] = _as_tensor(mem[offsets[name]:offsets[name] + math.prod(shape) * item],
                              dtype).view(shape)
+    _fuse_qkv(w, mem, offsets, shapes, cfg, dtype, item)
     for l in cfg.moe_layers:
         # The hint for layer l applies l's router to l's post-attention norm of a state:
         # gate(norm_w * x_hat + norm_b) = (gate * norm_w) x_hat + gate norm_b, one matrix
@@ -77,6 +79,35 @@ def load_dense_weights(arena, reader, cfg, dtype: torch.dtype, label: str, own):
         if cfg.norm == "layer":
             w[HINT_BIAS.format(l)].copy_(gate @ w[p + "post_attention_layernorm.bias"])
     return w, lease.nbytes
+
+
+def _qkv_order(item) -> tuple:
+    """Extent order: a layer's q, k, v projections next to each other, in that order (the
+    pack lists tensors by name: k_proj, o_proj, q_proj, v_proj), so `_fuse_qkv` can view them
+    as one; everything else by name."""
+    name = item[0]
+    for i, n in enumerate("qkv"):
+        if name.endswith(f".self_attn.{n}_proj.weight"):
+            return name.removesuffix(f"{n}_proj.weight") + "q_proj.weight", i
+    return name, 0
+
+
+def _fuse_qkv(w, mem, offsets, shapes, cfg, dtype, item) -> None:
+    """Per layer, q/k/v_proj as one [q+k+v rows, hidden] view where their bytes lie back to
+    back (sizes that are whole 4 KiB pages) and they have no biases: one product, not three,
+    over the same bytes (no copy)."""
+    for l in range(cfg.num_layers):
+        p = f"model.layers.{l}.self_attn."
+        names = [f"{p}{n}_proj.weight" for n in "qkv"]
+        if any(f"{p}{n}_proj.bias" in shapes for n in "qkv") or \
+                any(n not in offsets for n in names):
+            continue
+        ends = [offsets[n] + math.prod(shapes[n]) * item for n in names]
+        if offsets[names[1]] != ends[0] or offsets[names[2]] != ends[1]:
+            continue
+        rows = sum(shapes[n][0] for n in names)
+        w[QKV.format(l)] = _as_tensor(mem[offsets[names[0]]:ends[2]], dtype).view(
+            rows, shapes[names[0]][1])
 
 
 def check_tensor_set(reader, specs) -> None:
