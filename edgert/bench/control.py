@@ -105,10 +105,10 @@ class Child:
             raise EdgertError(f"{' '.join(cmd[:4])}...: expected {ready!r}, got {line!r}")
         self.first = line
 
-    def readline(self) -> str:
-        r, _, _ = select.select([self.proc.stdout], [], [], WAIT)
+    def readline(self, timeout: float = WAIT) -> str:
+        r, _, _ = select.select([self.proc.stdout], [], [], timeout)
         if not r:
-            raise EdgertError("a benchmark child process went silent")
+            raise EdgertError(f"a benchmark child process went silent for {timeout:.0f} s")
         return self.proc.stdout.readline()
 
     def close(self) -> None:

@@ -171,7 +171,9 @@ def soak_round(svc: Served, c, workers: list[Child], n: int, k: int) -> dict:
         w.proc.stdin.write(f"go {n} {1000 * k + i}\n")
         w.proc.stdin.flush()
     t0 = time.perf_counter()
-    got = [json.loads(w.readline()) for w in workers]
+    # NOTE: a worker answers once per round: allow the round its length (a second per
+    # request is generous; 8 x 500 full rounds took ~120 s on this 2-core machine)
+    got = [json.loads(w.readline(WAIT + n)) for w in workers]
     seconds = time.perf_counter() - t0
     ms = {op: [v for g in got for v in g["ms"][op]] for op in OPS}
     errors: dict = {}
