@@ -142,12 +142,12 @@ class Runtime:
         """Send what the server is still owed (bounded), close every model, then unpin the
         arena for the GPU. Idempotent."""
         self._closed = True
+        if self.updater is not None:
+            self.updater.close()    # no update of a loaded pack in flight while models close
         with self._lock:
             live = list(self._models.values())
         for m in live:
             m.close()               # NOTE: first: a KV writer's last chunks go to the link
-        if self.updater is not None:
-            self.updater.close()
         if self.fleet is not None:
             self.fleet.close()
         self.arena.close()

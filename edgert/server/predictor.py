@@ -79,14 +79,6 @@ def profile_probs(st: dict, t: float) -> dict:
     return _norm(_around(st["profile"], hour_of_week(t), WEEK))
 
 
-def daily_probs(st: dict, t: float) -> dict:
-    return _norm(_around(st.get("day", {}), hour_of_week(t) % DAY, DAY))
-
-
-def trans_probs(st: dict, current: str | None) -> dict:
-    return _norm(dict(st["trans"].get(current, {}))) if current is not None else {}
-
-
 def _signals(st: dict, current: str | None, h: int) -> dict[str, dict]:
     """Each signal's probabilities at hour of the week ``h``, the active task left out (a
     hint never names it). Unnormalised counts: ``_mix`` normalises each once."""
