@@ -47,7 +47,7 @@ from edgert.kv.prefix import extra_keys, model_fingerprint
 
 from edgert.engines.moe_layers import (MoeConfig, Rotary, apply_rope, attention, causal_mask,
                                        layer_norm, rms_norm, rms_normalize, route, swiglu)
-from edgert.engines.compile import for_model as compiled_for
+from edgert.engines.compile import for_model as compiled_for, wanted as compile_wanted
 from edgert.engines.moe_step import expert_terms, split_qkv
 from edgert.engines.sampling import check_sampling, sample
 from edgert.engines.threads import use_torch_threads
@@ -55,6 +55,7 @@ from edgert.engines.tokenizer import tokenizer_for
 
 from .base import LoadedModel
 from .generation import GenerateResult, Generation, _Progress
+from .moe_decode import GraphStep
 from .moe_weights import HINT as _HINT, HINT_BIAS as _HINT_BIAS, QKV as _QKV, load_dense_weights
 
 log = logging.getLogger(__name__)
@@ -139,8 +140,19 @@ class MoeLM(LoadedModel):
         # gate/up products; the per-expert loop stays for the low-bit kernels). Read per step:
         # `edgert bench moe-step` flips it to measure both in one process
         self.fast_decode = True
-        self._expert_terms = compiled_for(expert_terms, f"{name}: expert step", rt.config,
-                                          self.device.type)
+        # `compile: on` (or auto on CUDA): on the CPU the whole decode step is compiled ahead
+        # of time (kinds/moe_decode.py; `graph_decode = False` turns it off per step, as
+        # `edgert bench moe-step` does to measure both); on CUDA the expert terms
+        self._compile_info: dict = {}
+        self._graph = None
+        self.graph_decode = True
+        self._expert_terms = expert_terms
+        if compile_wanted(rt.config.compile, self.device.type):
+            if self.device.type == "cpu":
+                self._graph = GraphStep.build(self)
+            else:
+                self._expert_terms = compiled_for(expert_terms, f"{name}: expert step",
+                                                  rt.config, self.device.type)
         self.counters = {"prefill_tokens": 0, "decode_tokens": 0, "prefill_s": 0.0, "decode_s": 0.0}
 
     # --- loading --------------------------------------------------------------------------
@@ -206,8 +218,12 @@ class MoeLM(LoadedModel):
             for i in range(0, len(rest), self.chunk_tokens):
                 part = rest[i:i + self.chunk_tokens]
                 last = i + len(part) == len(rest)
-                out = self._forward(seq, part, None if all_logits else
-                                    slice(-1, None) if last else slice(0, 0))
+                if self._graph is not None and self.graph_decode and len(part) == 1 \
+                        and seq.length and not all_logits:
+                    out = self._graph.run(seq, part[0])
+                else:
+                    out = self._forward(seq, part, None if all_logits else
+                                        slice(-1, None) if last else slice(0, 0))
                 if all_logits or last:
                     outs.append(out)
             if len(rest) > 1 or length == 0:
@@ -545,7 +561,8 @@ class MoeLM(LoadedModel):
             return {"name": self.name, "kind": self.kind, "device": str(self.device),
                     "experts": self.provider.stats(), "kv": self.kv.stats(),
                     "weights_bytes": self._weight_bytes, **c, "memory": self.memory(),
-                    "compile": getattr(self._expert_terms, "stats", lambda: None)(),
+                    "compile": dict(self._compile_info) or
+                    getattr(self._expert_terms, "stats", lambda: None)(),
                     "decode_tokens_per_s": c["decode_tokens"] / c["decode_s"]
                     if c["decode_s"] else 0.0}
 

@@ -262,6 +262,11 @@ class PagePool:
         """[arena pages, 2*16*kv_heads*head_dim]: row `pid` is layer `layer`'s K and V of
         page `pid` (a strided view over the whole arena; only rows of held pages mean
         anything). One `index_select` over it gathers a sequence's K/V of that layer."""
+        return self.all_rows()[:, layer]
+
+    def all_rows(self) -> torch.Tensor:
+        """[arena pages, layers, 2*16*kv_heads*head_dim]: `layer_rows` of every layer (one
+        strided view; the compiled decode step picks its layer inside the graph)."""
         if self._rows is None:
             arena = self._pool.arena
             # NOTE: pages are arena extents addressed by their first 4 KiB page, so a view
@@ -276,7 +281,7 @@ class PagePool:
             rows = arena.pages - -(-self._kv_elems * self.item // PAGE) + 1
             self._rows = torch.as_strided(base, (max(rows, 0), self.page_shape[0], per_layer),
                                           (PAGE // self.item, per_layer, 1))
-        return self._rows[:, layer]
+        return self._rows
 
     # --- the arena takes idle pages back -------------------------------------------------
     def reclaimable(self) -> list[tuple[int, int, float]] | None:
