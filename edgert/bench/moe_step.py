@@ -1,5 +1,7 @@
-"""`edgert bench moe-step`: the MoE decode step before issue 22, the fused step, and the
-fused step compiled (`compile: on`), side by side in one process, at each expert budget.
+"""`edgert bench moe-step`: the MoE decode step before issue 22, the fused eager step, and the
+step compiled ahead of time (`compile: on`: kinds/moe_decode.py), side by side in one
+process, at each expert budget; then a restarted process's time to its first tokens with
+the compiled step's cache warm, against eager.
 
 Each run prefills a 64-token prompt (untimed), then decodes `--tokens` greedy tokens; the
 rows of one repeat alternate (the starting row rotates) so load on a shared machine hits
@@ -11,7 +13,11 @@ throughput of one large matrix-vector product measured in the same run, over the
 """
 from __future__ import annotations
 
+import json
+import os
 import statistics
+import subprocess
+import sys
 import time
 from dataclasses import replace
 
@@ -73,6 +79,49 @@ def fixed_cost_per_layer(tok_s: float, flops: float, flops_s: float, layers: int
     return max(0.0, 1.0 / tok_s - flops / flops_s) / layers
 
 
+# a fresh process: import, runtime, load (the compiled step's graphs from the cache), a
+# 64-token prompt and two tokens (the second one decoded); seconds from its start
+_CHILD = """
+import json, sys, time
+t0 = time.perf_counter()
+from dataclasses import replace
+import edgert
+from edgert.config import resolve
+a = json.loads(sys.argv[1])
+rt = edgert.Runtime(replace(resolve(a["config"]), compile=a["mode"]))
+t1 = time.perf_counter()
+lm = rt.load(a["pack"], expert_budget=a["budget"])
+t2 = time.perf_counter()
+lm.generate(list(range(32, 96)), max_new_tokens=2)
+t3 = time.perf_counter()
+print(json.dumps({"load_s": t2 - t1, "total_s": t3 - t0, "compile": lm.stats()["compile"]}))
+"""
+
+
+def first_tokens(config: str, pack: str, budget: float, mode: str) -> dict:
+    """A restarted process's time to its first two tokens (`_CHILD`)."""
+    arg = json.dumps({"config": config, "pack": pack, "budget": budget, "mode": mode})
+    p = subprocess.run([sys.executable, "-c", _CHILD, arg], capture_output=True, text=True,
+                       check=False, timeout=600,
+                       env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    if p.returncode:
+        raise RuntimeError(f"first-token child failed: {(p.stderr.strip() or '?').splitlines()[-1]}")
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def restart(config: str, pack: str, budget: float, repeats: int) -> dict:
+    """Eager against compiled with a warm cache (the warm-up above filled it), alternated."""
+    runs = {"off": [], "on": []}
+    for k in range(repeats):
+        for mode in (("off", "on") if k % 2 == 0 else ("on", "off")):
+            runs[mode].append(first_tokens(config, pack, budget, mode))
+    med = {m: statistics.median(r["total_s"] for r in v) for m, v in runs.items()}
+    print(f"  restarted process, warm compile cache ({round(100 * budget)}%): first tokens "
+          f"eager {med['off']:.2f} s, compiled {med['on']:.2f} s = {med['on'] / med['off']:.2f}x "
+          f"(graphs loaded in {statistics.median(r['compile']['compile_s'] for r in runs['on']) * 1e3:.0f} ms)")
+    return {"runs": runs, "median_s": med, "ratio": med["on"] / med["off"]}
+
+
 def main(args) -> int:
     import torch
 
@@ -126,5 +175,8 @@ def main(args) -> int:
             runs = ", ".join(f"{t:.0f}" for t in tps[r])
             print(f"    {r:9s} {med[r]:7.1f} tok/s  ({ratio:.2f}x before; runs {runs}); "
                   f"fixed cost {fixed[r] * 1e3:.3f} ms/layer/token")
+    if "compiled" in rows:
+        result["restart"] = restart(args.config or "cpu-dev", args.pack, budgets[-1],
+                                    args.repeats)
     write_json(result, args.json)
     return 0

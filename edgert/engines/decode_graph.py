@@ -48,7 +48,7 @@ from edgert.engines.moe_layers import (MoeConfig, apply_rope, attention, layer_n
 log = logging.getLogger(__name__)
 
 PAGE_TOKENS = 16      # tokens per KV page (edgert.kv.paged)
-FORMAT = 2            # bump when the graphs' inputs or math change: old packages are ignored
+FORMAT = 3            # bump when the graphs' inputs or math change: old packages are ignored
 
 
 @dataclass(frozen=True)
@@ -115,7 +115,7 @@ class _Attn(torch.nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         # the past: layer l's K and V of page i are row pages[i] of kv[:, l] (16 tokens of K,
         # then 16 of V), read by index in one gather, never beyond the sequence's pages
-        rows = kv.select(1, meta[2]).index_select(0, pages)                 # [P, 2*16*Hk*D]
+        rows = kv[pages, meta[2:3]]          # [P, 2*16*Hk*D]: only the sequence's pages
         rows = rows.view(-1, 2, PAGE_TOKENS, Hk, D)
         past = torch.arange(rows.shape[0] * PAGE_TOKENS)
         valid = (past < meta[0]) & (past >= meta[1])
@@ -227,14 +227,14 @@ class DecodeGraphs:
 
     @staticmethod
     def _get(path: Path, hits: list, export):
-        from torch._inductor import aoti_compile_and_package, aoti_load_package
         if path.is_file():
             try:
-                runner = aoti_load_package(str(path)).loader
+                runner = _load(path)
                 hits.append(True)
                 return runner
             except Exception as e:  # noqa: BLE001 -- a stale or torn package: build again
                 log.info("compiled decode graph %s unusable (%s); building it again", path, e)
+        from torch._inductor import aoti_compile_and_package
         hits.append(False)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.pt2")
@@ -244,7 +244,7 @@ class DecodeGraphs:
             os.replace(tmp, path)       # NOTE: whole or absent, for a process beside us
         finally:
             tmp.unlink(missing_ok=True)
-        return aoti_load_package(str(path)).loader
+        return _load(path)
 
     def attn(self, args: list) -> list:
         return self._attn.run(args)
@@ -254,6 +254,18 @@ class DecodeGraphs:
 
     def head(self, args: list) -> torch.Tensor:
         return self._head.run(args)[0]
+
+
+def _load(path: Path):
+    """The package's C++ runner. NOTE: torch's own `aoti_load_package` wraps the same loader
+    but first imports inductor (1.4 s here, twice what a restarted process spends loading its
+    model); the loader itself takes a few ms."""
+    try:
+        loader = torch._C._aoti.AOTIModelPackageLoader
+    except AttributeError:                       # another torch: the public way
+        from torch._inductor import aoti_load_package
+        return aoti_load_package(str(path)).loader
+    return loader(str(path), "model", False, 1, -1)
 
 
 def _export_attn(shape: StepShape, example: list):
