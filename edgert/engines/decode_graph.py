@@ -48,7 +48,7 @@ from edgert.engines.moe_layers import (MoeConfig, apply_rope, attention, layer_n
 log = logging.getLogger(__name__)
 
 PAGE_TOKENS = 16      # tokens per KV page (edgert.kv.paged)
-FORMAT = 3            # bump when the graphs' inputs or math change: old packages are ignored
+FORMAT = 4            # bump when the graphs' inputs or math change: old packages are ignored
 
 
 @dataclass(frozen=True)
@@ -140,7 +140,7 @@ class _Attn(torch.nn.Module):
         hw = take()
         hb = take() if c.norm == "layer" else None
         hint = F.softmax(F.linear(x_hat, hw, hb).float(), dim=-1)
-        return h, a, probs, weights, topk, k[:, 0], v[:, 0], hint
+        return h, a, probs, weights[0], topk[0], k[:, 0], v[:, 0], hint
 
 
 class _Experts(torch.nn.Module):

@@ -38,6 +38,7 @@ class GraphStep:
         self.shared = [_shared_weights(lm, l) for l in range(c.num_layers)]
         self.inv_freq = lm.rotary.inv_freq
         self.head_w = _head_weights(lm)
+        self.hinted = [lm._next_moe[l] for l in range(c.num_layers)]   # its next sparse layer
         self.per_expert = {"fused": 2, "split": 3, "int8": 6, "int4": 6}[shape.experts]
         self.tokens = 0
 
@@ -85,14 +86,14 @@ class GraphStep:
         meta = torch.tensor([[length, 0 if w is None else max(0, length - w + 1), l]
                              for l, w in enumerate(self.windows)], dtype=torch.long)
         h = torch.nn.functional.embedding(torch.tensor([token]), lm.w["model.embed_tokens.weight"])
-        freq = self.inv_freq
+        freq, rows, hinted = self.inv_freq, self.kv_rows, self.hinted
         ks, vs = [], []
-        for l in range(c.num_layers):
+        for l, m in enumerate(meta.unbind(0)):
             h, a, probs, weights, topk, k, v, hint = self.graphs.attn(
-                [h, self.kv_rows, past, meta[l], freq, *self.weights[l]])
+                [h, rows, past, m, freq, *self.weights[l]])
             ks.append(k)
             vs.append(v)
-            nxt = lm._next_moe[l]
+            nxt = hinted[l]
             if nxt is not None and lm._wants_hint(nxt):
                 provider.hint(nxt, hint)
             h = self._experts(l, h, a, probs, weights, topk)
@@ -104,19 +105,19 @@ class GraphStep:
 
     def _experts(self, l, h, a, probs, weights, topk) -> torch.Tensor:
         lm, provider = self.lm, self.lm.provider
-        use = provider.route(l, probs, topk)
-        row = use[0].tolist()
+        use = provider.route(l, probs, topk)                  # topk, weights: [k]
+        row = use.tolist()
         experts = sorted(set(row))
         group = getattr(provider, "max_acquire", 1) or len(experts)
         if group < len(experts):          # the cache cannot pin them together: eager terms
             p = f"model.layers.{l}.{lm.cfg.moe_prefix}."
-            return h + lm._shared(a, p, lm._moe_one_token(l, a, row, weights[0], experts))
+            return h + lm._shared(a, p, lm._moe_one_token(l, a, row, weights, experts))
         # the graph gave the top-k in ascending id; a substitution may have changed that
         if use is topk and len(experts) == len(row):
-            coef = weights[0]
+            coef = weights
         else:
             js = [j for e in experts for j, r in enumerate(row) if r == e]
-            coef, row = weights[0][js], [row[j] for j in js]
+            coef, row = weights[js], [row[j] for j in js]
         held = provider.acquire(l, experts)
         try:
             mats = []
