@@ -329,6 +329,9 @@ def _build(doc, source: str) -> DeviceConfig:
         raise ConfigError("memory.weights is no longer used: every model shares the arena "
                           "(memory.total - memory.engine); remove the key (docs/internals.md)")
     _refuse_non_finite(doc)
+    if isinstance(doc, dict) and isinstance(doc.get("compile"), bool):
+        # NOTE: YAML 1.1 reads a bare `compile: on` / `off` as a boolean
+        doc = {**doc, "compile": "on" if doc["compile"] else "off"}
     try:
         d = msgspec.convert(doc, ConfigDoc)
     except msgspec.ValidationError as e:

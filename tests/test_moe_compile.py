@@ -43,6 +43,9 @@ def test_config_key_takes_three_values_and_refuses_others_in_one_line():
     with pytest.raises(ConfigError, match=r"^<dict>: compile: expected one of auto, on, off, "
                                           r"got 'yes'$"):
         DeviceConfig.from_dict({**doc, "compile": "yes"})
+    # YAML reads a bare on / off as a boolean: the key takes it as meant
+    assert DeviceConfig.from_dict({**doc, "compile": True}).compile == "on"
+    assert DeviceConfig.from_dict({**doc, "compile": False}).compile == "off"
     assert not C.wanted("auto", "cpu") and C.wanted("auto", "cuda") and C.wanted("on", "cpu")
     assert not C.wanted("off", "cuda")
 
