@@ -100,6 +100,18 @@ def phimoe_config(**over):
 _NEW_FAMILIES = ("qwen3_moe", "olmoe", "phimoe")
 
 
+def packed_models(makers: dict, tmp_path_factory) -> dict:
+    """name -> (pack, transformers reference) for each config maker: saved, then packed."""
+    from edgert.pack.hf_import import pack_hf
+    out = {}
+    for name, make in makers.items():
+        d = save(make(), tmp_path_factory.mktemp(name) / "ckpt")
+        pack = d.parent / "model.edgepack"
+        pack_hf(d, pack, progress=False)
+        out[name] = (pack, reference(d))
+    return out
+
+
 def save(config, out: Path, seed: int = 0, dtype=torch.float32, **save_kw) -> Path:
     """Build a random model from `config`, save it with save_pretrained; its directory."""
     from transformers import AutoModelForCausalLM

@@ -10,8 +10,8 @@ pytest.importorskip("transformers")
 from edgert.errors import BudgetExceeded
 from edgert.experts.api import ExpertLayout
 from edgert.pack.hf_import import pack_hf
-from moe_models import (HAS_CACHE, OnDemandExperts, mixtral_config, olmoe_config, phimoe_config,
-                        prompt, qwen3_config, qwen_config, ref_greedy, ref_logits, reference,
+from moe_models import (HAS_CACHE, OnDemandExperts, mixtral_config, olmoe_config, packed_models,
+                        phimoe_config, prompt, qwen3_config, qwen_config, ref_greedy, ref_logits,
                         runtime, save)
 
 torch.set_num_threads(1)
@@ -47,13 +47,7 @@ FUSED_QKV = {"mixtral_window_tied", "qwen3_moe"}
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    out = {}
-    for name, make in MODELS.items():
-        d = save(make(), tmp_path_factory.mktemp(name) / "ckpt")
-        pack = d.parent / "model.edgepack"
-        pack_hf(d, pack, progress=False)
-        out[name] = (pack, reference(d))
-    return out
+    return packed_models(MODELS, tmp_path_factory)
 
 
 def budgets():

@@ -1,4 +1,4 @@
-"""The MoE decode step compiled ahead of time: three graphs per model, built once with
+"""The MoE decode step compiled ahead of time: two graphs per model, built once with
 `torch.export` and AOTInductor, kept on disk, called through their C++ runner.
 
 Why ahead of time. On the project's CPU a torch op issued from Python costs 3-9 us however
@@ -16,7 +16,6 @@ The graphs, each shared by every layer (same shapes; a layer's weights are input
   K/V, the output projection and residual, the post-attention norm, the router (routing
   weights, top-k ids, probabilities) and the next sparse layer's router on this state (the
   prefetch hint). Returns the new K/V; the caller stores every layer's at once.
-- `head` (small): the final norm and the output projection: logits.
 - `experts`: the token's k routed experts (gate and up as one product where stored back to
   back), each term rounded and added in the caller's order (ascending expert id, as the eager
   step), Qwen2-MoE's gated shared expert, and the residual.
@@ -48,7 +47,7 @@ from edgert.engines.moe_layers import (MoeConfig, apply_rope, attention, layer_n
 log = logging.getLogger(__name__)
 
 PAGE_TOKENS = 16      # tokens per KV page (edgert.kv.paged)
-FORMAT = 4            # bump when the graphs' inputs or math change: old packages are ignored
+FORMAT = 5            # bump when the graphs' inputs or math change: old packages are ignored
 
 
 @dataclass(frozen=True)
@@ -173,21 +172,6 @@ class _Experts(torch.nn.Module):
         return h + out
 
 
-class _Head(torch.nn.Module):
-    """Inputs: h [1, hidden] (the last layer's output); the final norm's weight (and bias);
-    the output projection (and its bias). Output: logits [1, vocab]."""
-
-    def __init__(self, s: StepShape, head_bias: bool):
-        super().__init__()
-        self.s, self.head_bias = s, head_bias
-
-    def forward(self, h, w: list):
-        c = self.s.cfg
-        n = 2 if c.norm == "layer" else 1
-        x = _norm(c, h, w[:n])
-        return F.linear(x, w[n], w[n + 1] if self.head_bias else None)
-
-
 def _linears(s: StepShape, m, dtype):
     if s.experts == "split":
         return [t.to(dtype) for t in m]
@@ -208,7 +192,7 @@ class DecodeGraphs:
     Raises whatever export or compilation raised; the caller falls back to eager."""
 
     def __init__(self, shape: StepShape, attn_example: list, experts_example: list,
-                 head_example: list, cache_dir: Path):
+                 cache_dir: Path):
         self.shape = shape
         t0 = time.perf_counter()
         key = shape.key()
@@ -218,10 +202,6 @@ class DecodeGraphs:
         self._experts = self._get(cache_dir / f"decode-experts-{key}.pt2", hits,
                                   lambda: torch.export.export(_Experts(shape),
                                                               tuple(experts_example)))
-        bias = len(head_example) - (3 if shape.cfg.norm == "layer" else 2) == 2
-        self._head = self._get(cache_dir / f"decode-head{int(bias)}-{key}.pt2", hits,
-                               lambda: torch.export.export(_Head(shape, bias),
-                                                           (head_example[0], head_example[1:])))
         self.cached = all(hits)
         self.compile_s = time.perf_counter() - t0
 
@@ -251,9 +231,6 @@ class DecodeGraphs:
 
     def experts(self, args: list) -> torch.Tensor:
         return self._experts.run(args)[0]
-
-    def head(self, args: list) -> torch.Tensor:
-        return self._head.run(args)[0]
 
 
 def _load(path: Path):

@@ -37,7 +37,6 @@ class GraphStep:
         self.weights = [_attn_weights(lm, l, shape) for l in range(c.num_layers)]
         self.shared = [_shared_weights(lm, l) for l in range(c.num_layers)]
         self.inv_freq = lm.rotary.inv_freq
-        self.head_w = _head_weights(lm)
         self.hinted = [lm._next_moe[l] for l in range(c.num_layers)]   # its next sparse layer
         self.per_expert = {"fused": 2, "split": 3, "int8": 6, "int4": 6}[shape.experts]
         self.tokens = 0
@@ -58,8 +57,7 @@ class GraphStep:
             d = cache_dir(lm.rt.config.storage.scratch_dir)
             use_cache_dir(d)
             graphs = DecodeGraphs(shape, _attn_example(lm, shape), _experts_example(lm, shape),
-                                  [torch.zeros(1, lm.cfg.hidden_size, dtype=lm.dtype),
-                                   *_head_weights(lm)], d)
+                                  d)
         except Exception as e:  # noqa: BLE001 -- any failure to compile means eager
             reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
             info.update(compiled=False, failed=reason)
@@ -75,7 +73,7 @@ class GraphStep:
     # --- one token --------------------------------------------------------------------------
     def run(self, seq, token: int) -> torch.Tensor:
         """Feed one token after what `seq` holds (at least one token); logits [1, vocab]."""
-        lm, c = self.lm, self.lm.cfg
+        lm = self.lm
         kv, provider = lm.kv, lm.provider
         kv.reserve(seq, 1)                                # BudgetExceeded before any write
         length = seq.length
@@ -101,7 +99,7 @@ class GraphStep:
         kv.write_tails(seq, h)
         kv.advance(seq, [token])
         self.tokens += 1
-        return self.graphs.head([h, *self.head_w])
+        return lm._logits(h)            # NOTE: eager: a third graph cost a third more compile
 
     def _experts(self, l, h, a, probs, weights, topk) -> torch.Tensor:
         lm, provider = self.lm, self.lm.provider
@@ -210,15 +208,6 @@ def _attn_weights(lm, l: int, s: StepShape) -> list:
     out.append(w[HINT.format(h)])
     if c.norm == "layer":
         out.append(w[HINT_BIAS.format(h)])
-    return out
-
-
-def _head_weights(lm) -> list:
-    w = lm.w
-    out = [w["model.norm.weight"]] + ([w["model.norm.bias"]] if lm.cfg.norm == "layer" else [])
-    out.append(w["lm_head.weight"])
-    if "lm_head.bias" in w:
-        out.append(w["lm_head.bias"])
     return out
 
 
