@@ -10,7 +10,7 @@ pytest.importorskip("transformers")
 
 from edgert import BudgetExceeded
 from edgert.experts.api import ExpertLayout, ExpertWeights
-from edgert.experts.mixed import precision_band
+from edgert.experts.mixed import precision_band, token_bands
 from edgert.pack import PackReader
 from edgert.pack.hf_import import pack_hf
 from edgert.pack.quant import QuantOptionError
@@ -51,6 +51,21 @@ def test_band_equals_the_rule_one_expert_at_a_time():
             assert got[t].tolist() == _band_one_at_a_time(probs[t].tolist(), topk[t].tolist(),
                                                           alpha)
     assert precision_band(probs[:, :2], topk, 1.0).all()     # every expert selected
+
+
+def test_token_bands_split_a_row_by_band_in_the_rows_path_order():
+    g = torch.Generator().manual_seed(1)
+    for alpha in (0.0, 0.5, 1e30):
+        probs = torch.softmax(torch.randn(1, 16, generator=g) * 2, dim=-1)
+        topk = probs.topk(4, dim=-1).indices
+        band = precision_band(probs, topk, alpha)
+        row = topk[0].tolist()
+        want = _band_one_at_a_time(probs[0].tolist(), row, alpha)
+        got = token_bands(band, topk)
+        assert [h for h, _, _ in got] == [h for h in (True, False) if h in want]
+        for high, sel, order in got:
+            assert sel == [j for j in range(4) if want[j] == high]            # column order
+            assert order == sorted((row[j], j) for j in sel)                # ascending id
 
 
 @pytest.mark.parametrize("family", ["mixtral", "qwen2_moe"])

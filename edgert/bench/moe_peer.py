@@ -8,17 +8,22 @@ cores llama.cpp decoding this model with 2 threads ran at 0.9 tok/s beside a bus
 and at 40 with 1), each contender in a fresh process (moe_peer_run.py), alternated over
 the repeats; figures: decode tok/s, time to first token, peak resident memory.
 (a) Fully resident: every expert in edgert's arena; llama.cpp with its file mapped.
-(b) Under one memory budget: edgert with its experts at 25% of the float experts' bytes;
-    llama.cpp in a memory cgroup, page cache included (it maps its model file, so the kernel
-    keeps what fits and reads the rest again, its own expert cache), limited to either
-    figure of that edgert run: B_budget, the peak of what edgert's budget governs (arena:
-    dense weights, expert slots, KV pages; plus charged engine memory; edgert's own torch
-    heap is outside it, while the cgroup counts llama.cpp's compute buffers: a bias against
-    llama.cpp), and B_process, what edgert's whole process added to its resident memory at
-    its peak (interpreter-level allocations of torch included: a bias for llama.cpp). The cgroup is
-    made under this process's own memory cgroup (v2: ``memory.max``; v1:
-    ``memory.limit_in_bytes``) and removed after; where none can be made the budget rows are
-    skipped with the reason printed.
+(b) Under one memory budget: edgert with its experts at 25% of the float experts' bytes,
+    run once outside any cgroup to set the two limits below; then, at each limit, edgert's
+    same 25% run and llama.cpp each in a memory cgroup of that limit, page cache included
+    (llama.cpp maps its model file, so the kernel keeps what fits and reads the rest again,
+    its own expert cache; edgert reads with O_DIRECT into its arena): one budget
+    definition, the cgroup's, for both sides. The limits are the two readings of edgert's
+    uncontained run: B_budget, the peak of what edgert's budget governs (arena: dense
+    weights, expert slots, KV pages; plus charged engine memory; torch's heap is outside it,
+    so edgert itself may not fit there), and B_process, what edgert's whole process added
+    to its resident memory after its imports, at its peak. Each process joins its cgroup after its imports
+    (the interpreter and torch/llama.cpp libraries were resident before), so the limit
+    bounds what loading and decoding add. The cgroup is made under this process's own
+    memory cgroup (v2: ``memory.max``; v1: ``memory.limit_in_bytes``) and removed after;
+    where none can be made the budget rows are skipped with the reason printed.
+Without llama-cpp-python the edgert side still runs (resident, 25%, 25% in each cgroup) and
+the llama.cpp rows say why they are missing.
 Needs the optional extra ``peers`` (llama-cpp-python, gguf); never the test suite.
 """
 from __future__ import annotations
@@ -148,41 +153,56 @@ def run_peer(model: Path, pack: str, low_packs: dict, cfg_arg, threads: int,
              decode_threads: int, prompt: list[int], tokens: int, repeats: int) -> dict:
     try:
         import llama_cpp  # noqa: F401
+        no_llama = None
     except ImportError as e:
-        print(f"--peer llama.cpp needs llama-cpp-python (pip install 'edgert[peers]'): {e}")
-        return {"skipped": str(e)}
-    ggufs = ensure_gguf(model)
+        no_llama = f"no llama-cpp-python (pip install 'edgert[peers]'): {e}"
+        print(f"--peer llama.cpp: {no_llama}; edgert's side runs alone", flush=True)
+    ggufs = ensure_gguf(model) if no_llama is None else {}
     packs = {"exact": pack, "int8": low_packs.get("int8"), "int4": low_packs.get("mixed")}
     common = {"prompt": prompt, "tokens": tokens, "threads": threads,
               "decode_threads": decode_threads}
-    out = {}
+    out = {"llama_skipped": no_llama} if no_llama else {}
     for prec, q in PAIRS:
         if packs[prec] is None:
             continue
         ed = {**common, "side": "edgert", "path": packs[prec], "config": cfg_arg,
               "precision": prec}
-        ll = {**common, "side": "llama", "path": ggufs[q], "n_ctx": N_CTX}
+        ll = {**common, "side": "llama", "path": ggufs.get(q), "n_ctx": N_CTX}
         frac = _budget_fraction(packs, prec)
-        runs = {"edgert resident": [], "llama.cpp resident": [], "edgert 25%": [],
-                "llama.cpp, B_budget": [], "llama.cpp, B_process": []}
+        runs = {name: [] for name in ROWS}
         note = None
         for r in range(repeats):
             order = [("edgert resident", {**ed, "budget": 1.0}),
                      ("llama.cpp resident", ll), ("edgert 25%", {**ed, "budget": frac})]
-            for name, a in order[r % 3:] + order[:r % 3]:
+            order = order[r % 3:] + order[:r % 3]
+            for name, a in order:
+                if a["side"] == "llama" and no_llama:
+                    continue
                 runs[name].append(_run(a))
             e = runs["edgert 25%"][-1]
             if "error" in e:
                 continue
-            for name, b in (("llama.cpp, B_budget", e["budgeted_peak"]),
-                            ("llama.cpp, B_process", _added(e))):
-                res, note = _in_cgroup(ll, b)
-                if res is not None:
-                    runs[name].append(res)
+            for tag, limit in (("B_budget", e["budgeted_peak"]), ("B_process", _added(e))):
+                sides = [(f"edgert 25%, {tag}", {**ed, "budget": frac}),
+                         (f"llama.cpp, {tag}", ll)]
+                for name, a in sides[r % 2:] + sides[:r % 2]:   # who goes first alternates
+                    if a["side"] == "llama" and no_llama:
+                        continue
+                    res, note = _in_cgroup(a, limit)
+                    if res is not None:
+                        runs[name].append(res)
         out[f"{prec} vs {q}"] = {"runs": runs, "budget_fraction": frac, "cgroup_note": note,
-                                 "gguf_bytes": os.path.getsize(ggufs[q])}
+                                 "llama_note": no_llama,
+                                 "gguf_bytes": os.path.getsize(ggufs[q]) if q in ggufs else None}
         _print_pair(prec, q, out[f"{prec} vs {q}"])
     return out
+
+
+ROWS = ("edgert resident", "llama.cpp resident", "edgert 25%", "edgert 25%, B_budget",
+        "llama.cpp, B_budget", "edgert 25%, B_process", "llama.cpp, B_process")
+PAIRED = (("edgert resident", "llama.cpp resident"),
+          ("edgert 25%, B_budget", "llama.cpp, B_budget"),
+          ("edgert 25%, B_process", "llama.cpp, B_process"))
 
 
 def _in_cgroup(args: dict, limit: int) -> tuple[dict | None, str | None]:
@@ -213,32 +233,37 @@ def _med(runs: list[dict], key: str):
 
 def _print_pair(prec: str, q: str, d: dict) -> None:
     runs = d["runs"]
-    print(f"\nedgert {prec} experts vs llama.cpp {q} (GGUF {d['gguf_bytes'] / 1e6:.1f} MB), "
-          f"medians of {len(runs['edgert resident'])} fresh processes each:")
+    gguf = f"GGUF {d['gguf_bytes'] / 1e6:.1f} MB" if d["gguf_bytes"] else "no GGUF written"
+    print(f"\nedgert {prec} experts vs llama.cpp {q} ({gguf}), medians of "
+          f"{len(runs['edgert resident'])} fresh processes each; a row ', B_x' ran in a "
+          f"memory cgroup limited to B_x (page cache included):")
     print(f"  {'contender':22s} {'tok/s':>8s} {'TTFT ms':>8s} {'peak RSS MB':>12s} "
           f"{'added MB':>9s}  agreement with edgert resident")
     ref = next((r["tokens"] for r in runs["edgert resident"] if "error" not in r), None)
     for name, rs in runs.items():
         ok = [r for r in rs if "error" not in r]
         if not ok:
-            why = rs[0]["error"] if rs else (d["cgroup_note"] or "not run")
+            why = rs[0]["error"] if rs else (d["llama_note"] if name.startswith("llama")
+                                             and d["llama_note"] else
+                                             d["cgroup_note"] or "not run")
             if rs and "limit" in rs[0]:
                 why += (f" (limit {rs[0]['limit'] / 1e6:.1f} MB, OOM kills "
-                        f"{sum(r.get('oom_kills', 0) for r in rs)})")
+                        f"{sum(r.get('oom_kills', 0) for r in rs)}, {len(rs)} of {len(rs)})")
             print(f"  {name:22s} {why}")
             continue
         agree = np.mean([np.mean(np.asarray(r["tokens"]) == np.asarray(ref)) for r in ok]) \
             if ref else float("nan")
         added = np.median([r["peak_rss"] - r["rss_before"] for r in ok])
         extra = ""
-        if name.startswith("llama.cpp, B_"):
+        if ", B_" in name:
+            failed = len(rs) - len(ok)
             extra = (f"  (limit {ok[0]['limit'] / 1e6:.1f} MB, cgroup {ok[0]['cgroup']} peak "
                      f"{(_med(ok, 'cgroup_peak') or 0) / 1e6:.1f} MB, OOM kills "
-                     f"{sum(r['oom_kills'] for r in ok)})")
+                     f"{sum(r.get('oom_kills', 0) for r in rs)}"
+                     + (f", {failed} of {len(rs)} runs failed" if failed else "") + ")")
         print(f"  {name:22s} {_med(ok, 'tok_s'):8.1f} {1e3 * _med(ok, 'ttft_s'):8.1f} "
               f"{_med(ok, 'peak_rss') / 1e6:12.1f} {added / 1e6:9.1f}  {agree:.3f}{extra}")
-    for a, b in (("edgert resident", "llama.cpp resident"), ("edgert 25%", "llama.cpp, B_budget"),
-                 ("edgert 25%", "llama.cpp, B_process")):
+    for a, b in PAIRED:
         x, y = _med(runs[a], "tok_s"), _med(runs[b], "tok_s")
         if x and y:
             print(f"  {a} / {b}: {x / y:.2f}x decode tok/s")

@@ -7,13 +7,14 @@ Threads as edgert's device config has them: ``threads`` for a prompt, ``decode_t
 a decode step (llama.cpp's ``n_threads_batch`` and ``n_threads``). Both sides do the same
 work per token: one forward step of one token, then the argmax of
 its logits. Figures: load seconds, time to first token (prefill + first argmax), decode
-tok/s over the remaining tokens, the process's resident memory before loading and its peak
-(VmHWM: anonymous and file-mapped pages, so llama.cpp's mapped model counts), the tokens.
-With ``cgroup`` (a memory cgroup directory made by the parent) the process joins it after
-its imports, so the cgroup's limit bounds what loading and decoding add (the model file's
-page cache included), not the interpreter that was already resident. edgert also reports
-``budgeted_peak``: the peak of what its budget governs (arena: dense weights, expert slots,
-KV pages; plus the engine memory it charged).
+tok/s over the remaining tokens, the process's resident memory after its imports (torch,
+llama_cpp) and before loading, and its peak (VmHWM: anonymous and file-mapped pages, so
+llama.cpp's mapped model counts), the tokens. With ``cgroup`` (a memory cgroup directory
+made by the parent) the process joins it at that same point, so the cgroup's limit bounds
+what loading and decoding add (the model file's page cache included), not the interpreter
+and libraries that were already resident, and ``peak_rss - rss_before`` measures the same
+span. edgert also reports ``budgeted_peak``: the peak of what its budget governs (arena:
+dense weights, expert slots, KV pages; plus the engine memory it charged).
 """
 from __future__ import annotations
 
@@ -39,18 +40,21 @@ def _drop_cache(path: str) -> None:
         os.close(fd)
 
 
-def _join(cgroup: str | None) -> None:
+def _enter(cgroup: str | None) -> int:
+    """Join ``cgroup`` (if any); the resident memory just before: the run's baseline."""
+    base = _status("VmRSS")
     if cgroup:
         with open(os.path.join(cgroup, "cgroup.procs"), "w") as f:
             f.write(str(os.getpid()))
+    return base
 
 
 def _llama(a: dict):
-    """(load s, step function) for llama.cpp through llama-cpp-python."""
+    """(baseline RSS, load s, step function) for llama.cpp through llama-cpp-python."""
     import numpy as np
     from llama_cpp import Llama
     _drop_cache(a["path"])
-    _join(a.get("cgroup"))
+    base = _enter(a.get("cgroup"))
     t = time.perf_counter()
     llm = Llama(model_path=a["path"], n_ctx=a["n_ctx"], n_batch=a["n_ctx"],
                 n_threads=a["decode_threads"], n_threads_batch=a["threads"], use_mmap=True,
@@ -63,11 +67,11 @@ def _llama(a: dict):
         llm.eval(ids)    # NOTE: without logits_all the wrapper keeps no scores: read the C buffer
         return int(np.argmax(np.ctypeslib.as_array(llm._ctx.get_logits_ith(-1),
                                                    shape=(n_vocab,))))
-    return load, step
+    return base, load, step
 
 
 def _edgert(a: dict):
-    """(load s, step function) for edgert: precision and expert budget as asked."""
+    """(baseline RSS, load s, step function) for edgert: precision and expert budget as asked."""
     import torch
 
     from edgert import Runtime
@@ -76,7 +80,7 @@ def _edgert(a: dict):
     torch.set_num_threads(a["threads"])
     rt = Runtime(cfg)
     _drop_cache(a["path"])
-    _join(a.get("cgroup"))
+    base = _enter(a.get("cgroup"))
     t = time.perf_counter()
     lm = rt.load(a["path"], precision=a["precision"], expert_budget=a["budget"],
                  prefix_cache=False)
@@ -88,12 +92,11 @@ def _edgert(a: dict):
     step.keep = (rt, lm, seq)            # alive until the process ends
     step.budgeted = lambda: rt.arena.stats()["peak_bytes"] + \
         rt.arena.stats()["engine"]["peak"]
-    return load, step
+    return base, load, step
 
 
 def run(a: dict) -> dict:
-    base = _status("VmRSS")
-    load, step = (_llama if a["side"] == "llama" else _edgert)(a)
+    base, load, step = (_llama if a["side"] == "llama" else _edgert)(a)
     t = time.perf_counter()
     tok = step(list(a["prompt"]))
     ttft = time.perf_counter() - t

@@ -60,8 +60,9 @@ def _moe(sub) -> None:
                         "--tokens, --repeats) and redo only the traces and projections")
     p.add_argument("--peer", choices=["llama.cpp"],
                    help="instead of the contenders: edgert against llama.cpp on the same model "
-                        "(GGUF f32/Q8_0/Q4_0 vs exact/int8/int4), resident and under the memory "
-                        "of edgert's 25%% run (bench/moe_peer.py; needs the 'peers' extra)")
+                        "(GGUF f32/Q8_0/Q4_0 vs exact/int8/int4), resident and both in a memory "
+                        "cgroup limited to edgert's 25%% run (bench/moe_peer.py; llama.cpp's "
+                        "side needs the 'peers' extra, edgert's runs without it)")
     p.set_defaults(func=partial(_run, "edgert.bench.moe"))
 
 

@@ -32,6 +32,20 @@ def precision_band(probs: torch.Tensor, topk: torch.Tensor, alpha: float) -> tor
     return probs.float().gather(-1, topk) >= (1.0 + alpha) * s
 
 
+def token_bands(band: torch.Tensor, topk: torch.Tensor) -> list[tuple[bool, list[int], list]]:
+    """One token's selected experts by band, as Python lists (the decode step iterates these
+    instead of indexing tensors per expert): [(high, columns of `topk` in the band in
+    column order, [(expert, column)] by ascending expert id)], the top band first, empty
+    bands left out. band, topk [1, k]."""
+    hi, row = band[0].tolist(), topk[0].tolist()
+    out = []
+    for high in (True, False):
+        sel = [j for j, h in enumerate(hi) if h == high]
+        if sel:
+            out.append((high, sel, sorted((row[j], j) for j in sel)))
+    return out
+
+
 def split_budget(total_bytes: int, exact_slot: int, low_slot: int, n_experts: int,
                  top_k: int) -> tuple[int, int]:
     """(full-precision slots, int4 slots) for `total_bytes`: EXACT_SHARE of the bytes to the

@@ -36,7 +36,7 @@ from edgert.errors import BudgetExceeded, ConfigError, EdgertError, InputMismatc
 from edgert.experts.api import ExpertLayout, lowbit_copy, slots_for_budget
 from edgert.experts.cache import ExpertCache
 from edgert.experts.mixed import (DEFAULT_PRECISION_ALPHA, MixedExperts, precision_band,
-                                  split_budget)
+                                  split_budget, token_bands)
 from edgert.experts.policies import PolicyName
 from edgert.kv.cache import KVCache
 from edgert.pack.lowbit import PRECISIONS
@@ -347,8 +347,9 @@ class MoeLM(LoadedModel):
         band = precision_band(probs, topk, mixed.alpha)                # [T, k]
         n_high = int(band.sum())
         mixed.note(n_high, band.numel() - n_high)
-        one = x.shape[0] == 1            # decode: a sum of terms, no scatter
-        out = None if one else torch.zeros_like(x)
+        if x.shape[0] == 1:
+            return self._moe_mixed_token(layer, x, probs, weights, topk, band)
+        out = torch.zeros_like(x)
         for high in (True, False):
             tok, slot = torch.where(band == high)
             if tok.numel() == 0:
@@ -361,11 +362,24 @@ class MoeLM(LoadedModel):
                     m = ids == e
                     t = tok[m]
                     y = swiglu(x[t], *self._expert(held[e], x.dtype))
-                    term = (y * weights[t, slot[m], None]).to(x.dtype)
-                    if one:
-                        out = term if out is None else out + term
-                    else:
-                        out.index_add_(0, t, term)
+                    out.index_add_(0, t, (y * weights[t, slot[m], None]).to(x.dtype))
+                finally:
+                    cache.release(layer, [e])
+        return out
+
+    def _moe_mixed_token(self, layer, x, probs, weights, topk, band) -> torch.Tensor:
+        """Decode: a sum of terms over Python lists (`token_bands`), the same terms in the
+        same order as the rows path: top band first, each band by ascending expert id."""
+        out, w = None, weights[0]
+        for high, sel, order in token_bands(band, topk):
+            cache = self.provider.provider(high)
+            cache.route(layer, probs.expand(len(sel), -1), topk[0, sel][:, None])
+            for e, j in order:
+                held = cache.acquire(layer, [e])
+                try:
+                    y = swiglu(x, *self._expert(held[e], x.dtype))
+                    term = (y * w[j]).to(x.dtype)
+                    out = term if out is None else out + term
                 finally:
                     cache.release(layer, [e])
         return out
