@@ -586,6 +586,7 @@ class MoeLM(LoadedModel):
         with self._lock:
             super().close()
             self._gpu_views.clear()
+            self._graph = None          # its views of the arena go with the weights
             self.w = {}
 
 
