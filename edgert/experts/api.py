@@ -119,6 +119,17 @@ class ExpertLayout:
         return n, k * 2 if self.scheme == "int4" else k
 
     @property
+    def gate_up_adjacent(self) -> bool:
+        """Whether gate and up lie back to back with one shape (exact copies only): the
+        decode step then applies them as one [2*ffn, hidden] product (`views`' gate_up)."""
+        if self.scheme is not None:
+            return False
+        g, u = self.tensors["gate"], self.tensors["up"]
+        n = int(np.prod(g["shape"])) * np_storage(g["dtype"]).itemsize
+        return len(g["shape"]) == 2 and g["shape"] == u["shape"] and \
+            g["dtype"] == u["dtype"] and u["offset"] == g["offset"] + n
+
+    @property
     def dtype(self) -> torch.dtype | None:
         """The experts' float dtype (None for a low-bit copy: the kernels take any)."""
         return None if self.scheme else torch_dtype(self.tensors["gate"]["dtype"])
@@ -145,8 +156,7 @@ class ExpertLayout:
             return ExpertWeights(*(Int4Linear(out[f"{p}.q"], out[f"{p}.sz"], self.group_size)
                                    for p in ("gate", "up", "down")))
         g, u = self.tensors["gate"], self.tensors["up"]
-        if len(g["shape"]) == 2 and g["shape"] == u["shape"] and \
-                u["offset"] == g["offset"] + out["gate"].nbytes:
+        if self.gate_up_adjacent:
             rows = 2 * g["shape"][0]
             out["gate_up"] = torch.from_numpy(
                 buf[g["offset"]:u["offset"] + out["up"].nbytes].view(np_storage(g["dtype"]))

@@ -149,7 +149,11 @@ class MoeLM(LoadedModel):
         self._expert_terms = expert_terms
         if compile_wanted(rt.config.compile, self.device.type):
             if self.device.type == "cpu":
-                self._graph = GraphStep.build(self)
+                try:                # a compile can take a minute: an interrupt gives all back
+                    self._graph = GraphStep.build(self)
+                except BaseException:
+                    self.close()
+                    raise
             else:
                 self._expert_terms = compiled_for(expert_terms, f"{name}: expert step",
                                                   rt.config, self.device.type)

@@ -38,7 +38,6 @@ class GraphStep:
         self.shared = [_shared_weights(lm, l) for l in range(c.num_layers)]
         self.inv_freq = lm.rotary.inv_freq
         self.hinted = [lm._next_moe[l] for l in range(c.num_layers)]   # its next sparse layer
-        self.per_expert = {"fused": 2, "split": 3, "int8": 6, "int4": 6}[shape.experts]
         self.tokens = 0
 
     # --- construction ---------------------------------------------------------------------
@@ -162,23 +161,12 @@ def step_shape(lm) -> StepShape:
     qkv_bias = p0 + "q_proj.bias" in w
     lay = lm.layout
     if lay.scheme is None:
-        exp = "fused" if _adjacent(lay) else "split"
+        exp = "fused" if lay.gate_up_adjacent else "split"
     else:
         exp = lay.scheme
     ffn, _ = lay.ffn_hidden
     return StepShape(c, str(lm.dtype).removeprefix("torch."), "fused" if all(fused) else "split",
                      qkv_bias, p0 + "o_proj.bias" in w, exp, lay.group_size, ffn)
-
-
-def _adjacent(lay) -> bool:
-    t = lay.tensors
-    g, u = t["gate"], t["up"]
-    n = g["shape"][0] * g["shape"][1]
-    return g["dtype"] == u["dtype"] and u["offset"] == g["offset"] + n * _itemsize(g["dtype"])
-
-
-def _itemsize(dtype: str) -> int:
-    return torch.empty((), dtype=getattr(torch, dtype)).element_size()
 
 
 def _attn_weights(lm, l: int, s: StepShape) -> list:
